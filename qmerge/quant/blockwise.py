@@ -1,0 +1,230 @@
+"""Blockwise 4-bit (NF4/FP4) and 8-bit dynamic quantization, bit-exact with bitsandbytes 0.50 on CPU.
+
+Pure tensor code: no file I/O, no bitsandbytes import. The reference implementations it matches are
+bitsandbytes' default backend (`backends/default/ops.py`: quantize_4bit, dequantize_4bit) and its CPU
+kernels (`csrc/cpu_ops.cpp`: quantize_cpu for the 8-bit map used by double quantization).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from math import prod
+
+import torch
+
+from .codebooks import BLOCKSIZES_4BIT, NESTED_BLOCKSIZE, code_4bit, dynamic_map
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class QuantState:
+    """What bitsandbytes keeps beside a packed 4-bit weight (its QuantState, flattened).
+
+    absmax is fp32[blocks] without double quant, uint8[blocks] with it (then nested_* are set).
+    """
+
+    absmax: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    code: torch.Tensor
+    offset: torch.Tensor | None = None  # fp32 scalar: mean of absmax, subtracted before double quant
+    nested_absmax: torch.Tensor | None = None  # fp32[ceil(blocks / 256)]
+    nested_code: torch.Tensor | None = None  # fp32[256], the signed dynamic map
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if blocksize not in BLOCKSIZES_4BIT:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES_4BIT}, got {blocksize}")
+
+
+def _sorted_code(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Midpoints between sorted code values and the sort order (identity for NF4, a remap for FP4)."""
+    code = code_4bit(quant_type)
+    order = torch.argsort(code, stable=True)
+    midpoints = (code[order[:-1]] + code[order[1:]]) / 2
+    return midpoints, order
+
+
+def quantize_4bit_codes(
+    A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize A blockwise to 4-bit codes: returns (packed uint8[(n+1)//2, 1], absmax fp32[blocks]).
+
+    Same arithmetic as bitsandbytes' default quantize_4bit: fp32 input, scale by the reciprocal of the
+    block absmax (true division for a last partial block), clamp to [-1, 1], round to the nearest code
+    with ties to the lower one (bucketize on midpoints), element 2i in the HIGH nibble.
+    """
+    _check_blocksize(blocksize)
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if A.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"4-bit quantization takes float32/float16/bfloat16, got {A.dtype}")
+    flat = A.reshape(-1).float()
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = flat[:full].reshape(full // blocksize, blocksize)
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        am = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    midpoints, order = _sorted_code(quant_type)
+    q = torch.bucketize(scaled, midpoints, out_int32=True)
+    if quant_type != "nf4":
+        q = order.to(torch.int32)[q]
+    q8 = q.to(torch.uint8)
+    packed = ((q8[::2] << 4) | q8[1::2]).unsqueeze(1)
+    return packed, absmax
+
+
+_LUT_SIZE = 65536
+
+
+@lru_cache(maxsize=4)
+def _lut_8bit(code_key: tuple[float, ...]) -> torch.Tensor:
+    """int64[65536]: nearest code index for each of 65536 evenly spaced values in [-1, 1].
+
+    Same table as bitsandbytes' build_quantize_lut (csrc/cpu_ops.cpp): bin i stands for
+    -1 + 2i/65535 in fp32 and takes the first code whose upper midpoint is not below it.
+    """
+    code = torch.tensor(code_key, dtype=torch.float32)
+    i = torch.arange(_LUT_SIZE, dtype=torch.float32)
+    val = -1.0 + (2.0 * i) / float(_LUT_SIZE - 1)
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    return torch.searchsorted(midpoints, val, side="left")
+
+
+def quantize_blockwise_8bit(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization against a sorted 256-entry code: (uint8 codes, fp32 absmax[blocks]).
+
+    Same as bitsandbytes 0.50's CPU quantize_cpu: multiply by the fp32 reciprocal of the block absmax,
+    clamp to [-1, 1], map to one of 65536 bins with (v + 1) * 0.5 * 65535 + 0.5 (the last multiply-add
+    fused, as GCC contracts it under target("avx2,fma")), then read the bin's code from a lookup table.
+    An all-zero block gets absmax 0 and codes 0.
+    """
+    flat = A.reshape(-1).float()
+    n = flat.numel()
+    nblocks = -(n // -blocksize)
+    blocks = torch.nn.functional.pad(flat, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+    absmax = blocks.abs().amax(dim=-1)  # zero padding cannot raise |max|
+    inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
+    v = torch.clamp(blocks * inv.view(-1, 1), -1, 1)
+    half = (v + 1.0) * 0.5
+    # fma(half, 65535, 0.5): the exact product fits in fp64, so one rounding to fp32 reproduces it.
+    bins = (half.double() * float(_LUT_SIZE - 1) + 0.5).float().to(torch.int64)
+    lut = _lut_8bit(tuple(code.float().tolist()))
+    q = torch.where((absmax == 0).view(-1, 1), torch.zeros_like(bins), lut[bins])
+    q = q.reshape(-1)[:n].to(torch.uint8)
+    return q.reshape(A.shape), absmax
+
+
+def dequantize_blockwise_8bit(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+) -> torch.Tensor:
+    """Inverse of quantize_blockwise_8bit: fp32 values code[q] * absmax[block], shape of q."""
+    flat = code.float()[q.reshape(-1).long()]
+    n = flat.numel()
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (flat * scale).reshape(q.shape)
+
+
+def quantize_4bit(
+    A: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize A as bitsandbytes.functional.quantize_4bit(A, blocksize, compress_statistics, quant_type).
+
+    Returns the packed uint8[(n+1)//2, 1] codes and their QuantState (dtype = A.dtype).
+    """
+    packed, absmax = quantize_4bit_codes(A, blocksize, quant_type)
+    common = dict(shape=tuple(A.shape), dtype=A.dtype, blocksize=blocksize, quant_type=quant_type)
+    if not double_quant:
+        return packed, QuantState(absmax=absmax, code=code_4bit(quant_type), **common)
+    offset = absmax.mean()
+    nested_code = dynamic_map()
+    qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+    # The saved map keeps code[0] = -0.9929...; only the search inside quantize_cpu uses -1.0.
+    state = QuantState(
+        absmax=qabsmax,
+        code=code_4bit(quant_type),
+        offset=offset,
+        nested_absmax=nested_absmax,
+        nested_code=nested_code,
+        **common,
+    )
+    return packed, state
+
+
+def dequantize_absmax(state: QuantState) -> torch.Tensor:
+    """The per-block fp32 scales of a QuantState, undoing double quantization when present."""
+    if not state.double_quant:
+        return state.absmax.float()
+    absmax = dequantize_blockwise_8bit(
+        state.absmax, state.nested_absmax, state.nested_code, state.nested_blocksize
+    )
+    return absmax + state.offset.float()
+
+
+def _byte_table(code: torch.Tensor) -> torch.Tensor:
+    """fp32[256, 2]: the two code values held by each byte (high nibble first)."""
+    byte = torch.arange(256)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize packed 4-bit codes to a tensor of state.shape.
+
+    Each value is code[nibble] * absmax[block] computed in fp32 and cast once to `dtype` (default
+    state.dtype), exactly as bitsandbytes.functional.dequantize_4bit. Pass dtype=torch.float32 for the
+    unrounded fp32 product.
+    """
+    n = state.numel
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)
+    nbytes = (n + 1) // 2
+    if packed.numel() < nbytes:
+        raise ValueError(f"packed 4-bit data holds {packed.numel()} bytes, shape {state.shape} needs {nbytes}")
+    values = _byte_table(state.code.float())[packed.reshape(-1)[:nbytes].long()].reshape(-1)[:n]
+    absmax = dequantize_absmax(state)
+    blocks = -(n // -state.blocksize)
+    if absmax.numel() < blocks:
+        raise ValueError(f"absmax has {absmax.numel()} blocks, shape {state.shape} needs {blocks}")
+    full = (n // state.blocksize) * state.blocksize
+    out = torch.empty(n, dtype=torch.float32)
+    out[:full] = (values[:full].view(-1, state.blocksize) * absmax[: full // state.blocksize].view(-1, 1)).view(
+        -1
+    )
+    if full < n:
+        out[full:] = values[full:] * absmax[blocks - 1]
+    return out.reshape(state.shape).to(dtype or state.dtype)
+
+
+def bits_per_param(state: QuantState) -> float:
+    """Effective storage bits per parameter: 4 for the codes plus the scale overhead."""
+    n = state.numel
+    bits = 8 * ((n + 1) // 2)
+    bits += state.absmax.numel() * state.absmax.element_size() * 8
+    if state.double_quant:
+        bits += state.nested_absmax.numel() * 32 + 32  # nested scales + the offset
+    return bits / n
