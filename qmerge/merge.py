@@ -6,7 +6,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +14,14 @@ import torch
 
 from . import __version__
 from .io.output import OutputFile, atomic_dir, describe_files
-from .io.safetensors_io import DTYPE_NAMES, PlannedTensor, StreamingSafetensorsWriter, read_header, safetensors_order
-from .plan import MergedTensor, Progress, QLoRACheckpoint, QuantSettings, open_checkpoint
+from .io.safetensors_io import (
+    DTYPE_NAMES,
+    PlannedTensor,
+    StreamingSafetensorsWriter,
+    read_header,
+    safetensors_order,
+)
+from .plan import Progress, QLoRACheckpoint, QuantSettings, open_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -50,7 +56,17 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ValueError(f"cannot read size {text!r}; use e.g. 2GB, 500MB or a number of bytes")
     unit = (m[2] or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     return int(float(m[1]) * scale[unit])
 
 
@@ -77,13 +93,42 @@ def _shards(entries: list[PlannedTensor], max_shard_size: int) -> list[list[Plan
     return shards
 
 
+def write_sharded(
+    out_dir: Path,
+    entries: list[PlannedTensor],
+    max_shard_size: int,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+) -> list[str]:
+    """Write `tensors` (arriving in `entries` order) into safetensors shards, plus an index when sharded."""
+    shards = _shards(entries, max_shard_size)
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard_name, shard in zip(names, shards, strict=True):
+        writer = StreamingSafetensorsWriter(out_dir / shard_name, shard, {"format": "pt"})
+        try:
+            for _ in shard:
+                writer.write(*next(tensors))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    if len(shards) > 1:
+        weight_map = {e.name: n for n, shard in zip(names, shards, strict=True) for e in shard}
+        index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8"
+        )
+    return names
+
+
 def write_tensors(
     ckpt: QLoRACheckpoint,
     out_dir: Path,
     dtype: torch.dtype,
     max_shard_size: int = DEFAULT_MAX_SHARD,
     progress: Progress | None = None,
-    on_tensor: Callable[[MergedTensor], None] | None = None,
 ) -> int:
     """Stream the checkpoint's merged tensors into safetensors shards in out_dir; returns how many were merged."""
     plan = ckpt.plan()
@@ -91,28 +136,16 @@ def write_tensors(
     for name, shape in plan.shapes.items():
         stored = dtype if plan.floating[name] else ckpt.base.store.dtype(name)
         entries.append(PlannedTensor(name, DTYPE_NAMES[stored], tuple(shape)))
-    ordered = safetensors_order(entries)
-    shards = _shards(ordered, max_shard_size)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] if len(shards) > 1 else ["model.safetensors"]
-    tensors = ckpt.iter_tensors([e.name for e in ordered], progress)
+    ordered = safetensors_order(entries)  # same layout as safetensors.torch.save_file
     merged = 0
-    for shard_name, shard in zip(names, shards):
-        writer = StreamingSafetensorsWriter(out_dir / shard_name, shard, {"format": "pt"})
-        try:
-            for e in shard:
-                t = next(tensors)
-                if on_tensor is not None:
-                    on_tensor(t)
-                merged += t.merged
-                writer.write(t.name, t.value.to(dtype) if plan.floating[t.name] else t.value)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-    if len(shards) > 1:
-        weight_map = {e.name: n for n, shard in zip(names, shards) for e in shard}
-        index = {"metadata": {"total_size": sum(e.nbytes for e in ordered)}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+    def cast() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal merged
+        for t in ckpt.iter_tensors([e.name for e in ordered], progress):
+            merged += t.merged
+            yield t.name, t.value.to(dtype) if plan.floating[t.name] else t.value
+
+    write_sharded(out_dir, ordered, max_shard_size, cast())
     return merged
 
 
@@ -122,7 +155,9 @@ def provenance(ckpt: QLoRACheckpoint, settings: dict) -> dict:
     for f in ckpt.base.store.files:
         # Hashing a multi-GB base would cost more than the merge: hash its safetensors header (names,
         # shapes, offsets) and record its size instead.
-        inputs["base"]["files"].append({"name": f.name, "bytes": f.stat().st_size, "header_sha256": _header_sha(f)})
+        inputs["base"]["files"].append(
+            {"name": f.name, "bytes": f.stat().st_size, "header_sha256": _header_sha(f)}
+        )
     if ckpt.adapter is not None:
         inputs["adapter"] = {
             "path": str(ckpt.adapter.path.resolve()),
@@ -135,7 +170,11 @@ def provenance(ckpt: QLoRACheckpoint, settings: dict) -> dict:
         "settings": {
             **settings,
             "merge_base": ckpt.merge_base,
-            "base_quantization": {"quant_type": q.quant_type, "blocksize": q.blocksize, "double_quant": q.double_quant}
+            "base_quantization": {
+                "quant_type": q.quant_type,
+                "blocksize": q.blocksize,
+                "double_quant": q.double_quant,
+            }
             if not ckpt.base.is_4bit
             else "read from the 4-bit base",
         },
@@ -157,7 +196,13 @@ def copy_side_files(ckpt: QLoRACheckpoint, out_dir: Path) -> None:
     for p in ckpt.base.iter_side_files():
         shutil.copy2(p, out_dir / p.name)
     if ckpt.adapter is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja"):
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tokenizer.model",
+            "chat_template.jinja",
+        ):
             p = ckpt.adapter.path / name
             if p.is_file():
                 shutil.copy2(p, out_dir / name)

@@ -76,7 +76,9 @@ def resolve_base_path(adapter: Adapter, base: Path | None) -> Path:
     raise InputError(f"{adapter.path}: the adapter names no base model; pass it with --base DIR.")
 
 
-def quant_settings_for(base: ModelDir, adapter: Adapter | None, override: QuantSettings | None) -> QuantSettings:
+def quant_settings_for(
+    base: ModelDir, adapter: Adapter | None, override: QuantSettings | None
+) -> QuantSettings:
     """The quantization training used: --quant-* options, else qmerge's training record, else QLoRA defaults."""
     if override is not None:
         return override
@@ -153,10 +155,16 @@ class QLoRACheckpoint:
             found += self._module_problems(mod, names)
         for target, key in ad.layout.replace.items():
             if target not in names:
-                found.append(Problem("error", f"adapter tensor {key} replaces {target}, which the base does not have."))
+                found.append(
+                    Problem("error", f"adapter tensor {key} replaces {target}, which the base does not have.")
+                )
         lora_targets = {m.module + (".weight") for m in ad.layout.lora.values()}
         if ad.settings.lora_alpha == 0 and lora_targets:
-            found.append(Problem("warning", "lora_alpha is 0: every LoRA scaling is zero and the adapter changes nothing."))
+            found.append(
+                Problem(
+                    "warning", "lora_alpha is 0: every LoRA scaling is zero and the adapter changes nothing."
+                )
+            )
         return found
 
     def _module_problems(self, mod: LoraModule, names: set[str]) -> list[Problem]:
@@ -174,9 +182,7 @@ class QLoRACheckpoint:
         shape = self.plan_shape(weight)
         a_shape, b_shape = ad.store.shape(mod.lora_A), ad.store.shape(mod.lora_B)
         r, _alpha = module_rank_alpha(ad.settings, mod.module)
-        if mod.kind == "embedding":
-            expected_a, expected_b = (a_shape[0], shape[0]), (shape[1], a_shape[0])
-        elif ad.settings.fan_in_fan_out:
+        if mod.kind == "embedding" or ad.settings.fan_in_fan_out:
             expected_a, expected_b = (a_shape[0], shape[0]), (shape[1], a_shape[0])
         else:
             expected_a, expected_b = (a_shape[0], shape[1]), (shape[0], a_shape[0])
@@ -199,12 +205,25 @@ class QLoRACheckpoint:
         if mod.magnitude is not None:
             if mod.kind == "embedding":
                 out.append(Problem("error", f"{mod.module}: DoRA on embeddings is not supported."))
-            elif tuple(ad.store.shape(mod.magnitude)) != (shape[1] if ad.settings.fan_in_fan_out else shape[0],):
-                out.append(Problem("error", f"{mod.module}: DoRA magnitude has shape {list(ad.store.shape(mod.magnitude))}."))
+            elif tuple(ad.store.shape(mod.magnitude)) != (
+                shape[1] if ad.settings.fan_in_fan_out else shape[0],
+            ):
+                out.append(
+                    Problem(
+                        "error",
+                        f"{mod.module}: DoRA magnitude has shape {list(ad.store.shape(mod.magnitude))}.",
+                    )
+                )
         elif ad.settings.use_dora and mod.kind == "linear":
-            out.append(Problem("error", f"{mod.module}: use_dora is set but the adapter has no lora_magnitude_vector."))
+            out.append(
+                Problem(
+                    "error", f"{mod.module}: use_dora is set but the adapter has no lora_magnitude_vector."
+                )
+            )
         if mod.lora_B_bias is not None and mod.module + ".bias" not in names:
-            out.append(Problem("error", f"{mod.module}: the adapter has a LoRA bias but the base layer has no bias."))
+            out.append(
+                Problem("error", f"{mod.module}: the adapter has a LoRA bias but the base layer has no bias.")
+            )
         return out
 
     def plan_shape(self, name: str) -> tuple[int, ...]:
@@ -217,7 +236,10 @@ class QLoRACheckpoint:
         errors = [p.message for p in self.problems() if p.severity == "error"]
         if errors:
             head = f"{self.adapter.path} does not fit base {self.base.path}:"
-            raise MismatchError("\n  ".join([head, *errors[:20]]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""))
+            raise MismatchError(
+                "\n  ".join([head, *errors[:20]])
+                + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
+            )
 
     # ---- tensors ----------------------------------------------------------------------------------
     def base_weight(self, name: str) -> tuple[torch.Tensor, bool]:
@@ -240,7 +262,9 @@ class QLoRACheckpoint:
             return dequantize_4bit(packed, state).float(), True
         return tensor.float(), quantized
 
-    def iter_tensors(self, order: list[str] | None = None, progress: Progress | None = None) -> Iterator[MergedTensor]:
+    def iter_tensors(
+        self, order: list[str] | None = None, progress: Progress | None = None
+    ) -> Iterator[MergedTensor]:
         """Yield every tensor of the merged model one at a time, in `order` (default: sorted names)."""
         names = order if order is not None else sorted(self.plan().shapes)
         ad = self.adapter
@@ -256,7 +280,9 @@ class QLoRACheckpoint:
     def _adapter_tensor(self, key: str) -> torch.Tensor:
         t = self.adapter.get(key).float()
         if not torch.isfinite(t).all():
-            raise InputError(f"{self.adapter.path}: adapter tensor {key} contains NaN or Inf; the adapter is broken.")
+            raise InputError(
+                f"{self.adapter.path}: adapter tensor {key} contains NaN or Inf; the adapter is broken."
+            )
         return t
 
     def _tensor(self, name: str, lora: LoraModule | None, bias_of: LoraModule | None) -> MergedTensor:
@@ -272,7 +298,9 @@ class QLoRACheckpoint:
         if lora is not None:
             value = self._apply_lora(value, lora)
         if bias_of is not None:
-            value = value + self._adapter_tensor(bias_of.lora_B_bias) * module_scaling(ad.settings, bias_of.module)
+            value = value + self._adapter_tensor(bias_of.lora_B_bias) * module_scaling(
+                ad.settings, bias_of.module
+            )
         return MergedTensor(name, value, base, quantized, merged=True)
 
     def _apply_lora(self, weight: torch.Tensor, mod: LoraModule) -> torch.Tensor:
@@ -307,14 +335,22 @@ def open_checkpoint(
     return ckpt
 
 
-def open_source(path: Path, base_path: Path | None = None, quant: QuantSettings | None = None,
-                merge_base: str = "dequantized", allow_pickle: bool = False) -> QLoRACheckpoint:
+def open_source(
+    path: Path,
+    base_path: Path | None = None,
+    quant: QuantSettings | None = None,
+    merge_base: str = "dequantized",
+    allow_pickle: bool = False,
+) -> QLoRACheckpoint:
     """A QLoRA checkpoint (adapter dir) or an already merged / plain model directory, as a tensor source."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").exists() and not (path / "adapter_config.json").exists():
         if base_path is not None:
-            raise InputError(f"{path} is a model directory, not an adapter; --base applies only to an adapter.")
+            raise InputError(
+                f"{path} is a model directory, not an adapter; --base applies only to an adapter."
+            )
         base = ModelDir(path, allow_pickle)
-        return QLoRACheckpoint(None, base, quant or QuantSettings(), "original" if not base.is_4bit else "dequantized")
+        return QLoRACheckpoint(
+            None, base, quant or QuantSettings(), "original" if not base.is_4bit else "dequantized"
+        )
     return open_checkpoint(path, base_path, quant, merge_base, allow_pickle)
-

@@ -122,9 +122,12 @@ def build_base(out_dir: Path, spec: TinySpec = TinySpec(), dtype: torch.dtype = 
             elif name.endswith(".bias"):
                 p.copy_(0.02 * torch.randn_like(p))
     model = model.to(dtype)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3, max_new_tokens=16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, max_new_tokens=16
+    )
     model.save_pretrained(str(out_dir))
     (out_dir / "README.md").write_text(
-        f"Tiny {spec.arch} model made by qmerge.tiny.build_base: {json.dumps(spec.__dict__)}\n", encoding="utf-8"
+        f"Tiny {spec.arch} model made by qmerge.tiny.build_base: {json.dumps(spec.__dict__)}\n",
+        encoding="utf-8",
     )
     return out_dir

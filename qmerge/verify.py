@@ -22,6 +22,7 @@ import torch
 from .errors import DependencyError, InputError, UnsupportedError
 from .io.adapter import Adapter
 from .io.checkpoint import ModelDir
+from .native import quiet_native_stderr
 from .plan import QuantSettings, quant_settings_for, resolve_base_path
 
 DEFAULT_TEXT = (
@@ -113,7 +114,9 @@ def gate(metrics: Metrics, t: Thresholds) -> list[str]:
     if t.min_top1 is not None and metrics.top1_agreement < t.min_top1:
         failures.append(f"top-1 agreement {metrics.top1_agreement:.4f} < --min-top1 {t.min_top1:g}")
     if t.max_abs_diff is not None and metrics.max_abs_logit_diff > t.max_abs_diff:
-        failures.append(f"max |logit diff| {metrics.max_abs_logit_diff:.3g} > --max-abs-diff {t.max_abs_diff:g}")
+        failures.append(
+            f"max |logit diff| {metrics.max_abs_logit_diff:.3g} > --max-abs-diff {t.max_abs_diff:g}"
+        )
     return failures
 
 
@@ -131,7 +134,9 @@ def load_tokenizer(*dirs: Path):
     return None
 
 
-def make_tokens(tokenizer, vocab_size: int, text: str | None, seq_len: int = 128, max_seqs: int = 8) -> torch.Tensor:
+def make_tokens(
+    tokenizer, vocab_size: int, text: str | None, seq_len: int = 128, max_seqs: int = 8
+) -> torch.Tensor:
     """Token id sequences [n, seq_len] from text (or the built-in text), or seeded random ids without a tokenizer."""
     if tokenizer is None:
         g = torch.Generator().manual_seed(0)
@@ -174,7 +179,9 @@ def _bnb_config(q: QuantSettings, compute=torch.float32):
     from transformers import BitsAndBytesConfig
 
     if q.blocksize != 64:
-        raise UnsupportedError("transformers always quantizes with blocksize 64; a base trained otherwise cannot be reproduced.")
+        raise UnsupportedError(
+            "transformers always quantizes with blocksize 64; a base trained otherwise cannot be reproduced."
+        )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
@@ -191,11 +198,19 @@ def load_4bit_base(base: ModelDir, quant: QuantSettings):
         if base.is_4bit:
             return AutoModelForCausalLM.from_pretrained(str(base.path), device_map="cpu")
         return AutoModelForCausalLM.from_pretrained(
-            str(base.path), quantization_config=_bnb_config(quant), dtype=quant.dtype or "auto", device_map="cpu"
+            str(base.path),
+            quantization_config=_bnb_config(quant),
+            dtype=quant.dtype or "auto",
+            device_map="cpu",
         )
 
 
-def reference_model(adapter_path: Path, base_path: Path | None, quant: QuantSettings | None = None, merge_base: str = "dequantized"):
+def reference_model(
+    adapter_path: Path,
+    base_path: Path | None,
+    quant: QuantSettings | None = None,
+    merge_base: str = "dequantized",
+):
     """The unmerged QLoRA model in fp32, built by transformers, bitsandbytes and PEFT."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -235,9 +250,13 @@ def candidate_kind(path: Path) -> str:
                 return "gguf"
         raise InputError(f"{path}: not a GGUF file and not a model directory.")
     if not (path / "config.json").exists():
-        raise InputError(f"{path}: no config.json; --candidate takes a merged directory, an NF4 export or a GGUF file.")
+        raise InputError(
+            f"{path}: no config.json; --candidate takes a merged directory, an NF4 export or a GGUF file."
+        )
     if (path / "adapter_config.json").exists():
-        raise InputError(f"{path}: is an adapter; --candidate takes a merged model, an NF4 export or a GGUF file.")
+        raise InputError(
+            f"{path}: is an adapter; --candidate takes a merged model, an NF4 export or a GGUF file."
+        )
     cfg = ModelDir(path).quantization_config
     return "nf4" if cfg else "merged"
 
@@ -264,9 +283,11 @@ def gguf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
     try:
         import llama_cpp
     except ImportError as e:
-        raise DependencyError("checking a GGUF file needs llama-cpp-python: pip install 'qmerge[gguf]'.") from e
+        raise DependencyError(
+            "checking a GGUF file needs llama-cpp-python: pip install 'qmerge[gguf]'."
+        ) from e
     seq = tokens.shape[1]
-    with _suppress_native_stderr():
+    with quiet_native_stderr():
         llm = llama_cpp.Llama(
             model_path=str(path),
             n_ctx=max(seq, 16),
@@ -287,23 +308,6 @@ def gguf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
     finally:
         llm.close()
     return torch.stack(outs)
-
-
-@contextlib.contextmanager
-def _suppress_native_stderr():
-    """llama.cpp writes its load log to fd 2 from C; keep it off the terminal unless QMERGE_DEBUG is set."""
-    if os.environ.get("QMERGE_DEBUG"):
-        yield
-        return
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(devnull)
-        os.close(saved)
 
 
 def check(
@@ -330,6 +334,8 @@ def check(
     naive_metrics = None
     if naive:
         q = quant_settings_for(base_dir, ad, quant)
-        naive_metrics = compare_logits(reference, _forward(naive_merged_model(ad, base_dir, q), tokens), tokens)
+        naive_metrics = compare_logits(
+            reference, _forward(naive_merged_model(ad, base_dir, q), tokens), tokens
+        )
     failures = gate(metrics, thresholds)
     return CheckReport(not failures, metrics, thresholds, str(candidate), kind, failures, naive_metrics)

@@ -165,5 +165,7 @@ def layout_adapter(keys: list[str], where: Path) -> AdapterLayout:
         layout.replace[rest.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = key
     for mod in layout.lora.values():
         if mod.lora_A is None or mod.lora_B is None:
-            raise InputError(f"{where}: module {mod.module!r} has only one of lora_A/lora_B; the adapter is incomplete.")
+            raise InputError(
+                f"{where}: module {mod.module!r} has only one of lora_A/lora_B; the adapter is incomplete."
+            )
     return layout

@@ -186,7 +186,9 @@ class ModelDir:
                 if part not in self.store:
                     raise InputError(f"{self.path}: 4-bit weight {name!r} lacks tensor {part!r}.")
             if entry.nested_offset is not None and name + ".nested_absmax" not in self.store:
-                raise InputError(f"{self.path}: 4-bit weight {name!r} is double-quantized but lacks nested_absmax.")
+                raise InputError(
+                    f"{self.path}: 4-bit weight {name!r} is double-quantized but lacks nested_absmax."
+                )
             found[name] = entry
         return found
 

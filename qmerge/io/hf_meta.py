@@ -19,7 +19,9 @@ def _meta_model(config: dict):
     try:
         hf_config = AutoConfig.for_model(model_type, **cfg)
     except (KeyError, ValueError) as e:
-        raise UnsupportedError(f"model_type {model_type!r} is not known to the installed transformers ({e}).") from e
+        raise UnsupportedError(
+            f"model_type {model_type!r} is not known to the installed transformers ({e})."
+        ) from e
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf_config)
 
@@ -58,4 +60,6 @@ def quantized_linears(config: dict, skip_modules: list[str] | None = None) -> fr
     """
     import json
 
-    return _quantized_linears(json.dumps(config, sort_keys=True), tuple(skip_modules) if skip_modules else None)
+    return _quantized_linears(
+        json.dumps(config, sort_keys=True), tuple(skip_modules) if skip_modules else None
+    )

@@ -46,7 +46,9 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _translate(e: OSError, where: Path) -> OutputError:
     if e.errno == errno.ENOSPC:
-        return OutputError(f"{where}: disk full while writing the output; nothing was left behind. Free space and retry.")
+        return OutputError(
+            f"{where}: disk full while writing the output; nothing was left behind. Free space and retry."
+        )
     return OutputError(f"{where}: cannot write the output ({e.strerror or e}).")
 
 

@@ -69,7 +69,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise InputError(f"{path}: not a safetensors file (only {size} bytes). Re-save or re-download it.")
+                raise InputError(
+                    f"{path}: not a safetensors file (only {size} bytes). Re-save or re-download it."
+                )
             (n,) = struct.unpack("<Q", raw)
             if n > _MAX_HEADER or 8 + n > size:
                 raise InputError(
@@ -90,7 +92,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     infos: dict[str, TensorInfo] = {}
     for name, entry in meta.items():
         try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            dtype, shape, (start, end) = (
+                entry["dtype"],
+                tuple(int(d) for d in entry["shape"]),
+                entry["data_offsets"],
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path}: corrupt header entry for tensor {name!r}.") from e
         if dtype not in DTYPES:
@@ -173,19 +179,25 @@ class StreamingSafetensorsWriter:
             header["__metadata__"] = metadata
         offset = 0
         for e in self.entries:
-            header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+            header[e.name] = {
+                "dtype": e.dtype,
+                "shape": list(e.shape),
+                "data_offsets": [offset, offset + e.nbytes],
+            }
             offset += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment
         try:
-            self._f = open(self.path, "wb")
+            self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close()/abort()
             self._f.write(struct.pack("<Q", len(raw)) + raw)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror}).") from e
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self.entries):
-            raise RuntimeError(f"{self.path}: got tensor {name!r} after the planned {len(self.entries)} tensors")
+            raise RuntimeError(
+                f"{self.path}: got tensor {name!r} after the planned {len(self.entries)} tensors"
+            )
         e = self.entries[self._next]
         if name != e.name:
             raise RuntimeError(f"{self.path}: expected tensor {e.name!r} next, got {name!r}")

@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+def lora_delta(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
     """scaling * B @ A in fp32: A [r, in], B [out, r] -> [out, in] (transposed with fan_in_fan_out)."""
     delta = (lora_B.float() @ lora_A.float()) * scaling
     return delta.T if fan_in_fan_out else delta
 
 
-def embedding_delta(lora_embedding_A: torch.Tensor, lora_embedding_B: torch.Tensor, scaling: float) -> torch.Tensor:
+def embedding_delta(
+    lora_embedding_A: torch.Tensor, lora_embedding_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """scaling * (B @ A).T in fp32: A [r, num_embeddings], B [dim, r] -> [num_embeddings, dim]."""
     return (lora_embedding_B.float() @ lora_embedding_A.float()).T * scaling
 

@@ -40,7 +40,9 @@ def module_rank_alpha(settings: LoraSettings, module: str) -> tuple[int, float]:
     """(r, alpha) of one module after rank_pattern and alpha_pattern."""
     r_key = get_pattern_key(settings.rank_pattern.keys(), module)
     a_key = get_pattern_key(settings.alpha_pattern.keys(), module)
-    return int(settings.rank_pattern.get(r_key, settings.r)), float(settings.alpha_pattern.get(a_key, settings.lora_alpha))
+    return int(settings.rank_pattern.get(r_key, settings.r)), float(
+        settings.alpha_pattern.get(a_key, settings.lora_alpha)
+    )
 
 
 def module_scaling(settings: LoraSettings, module: str) -> float:

@@ -192,7 +192,9 @@ def _byte_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit(
+    packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Dequantize packed 4-bit codes to a tensor of state.shape.
 
     Each value is code[nibble] * absmax[block] computed in fp32 and cast once to `dtype` (default
@@ -204,7 +206,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         packed = packed.view(torch.uint8)
     nbytes = (n + 1) // 2
     if packed.numel() < nbytes:
-        raise ValueError(f"packed 4-bit data holds {packed.numel()} bytes, shape {state.shape} needs {nbytes}")
+        raise ValueError(
+            f"packed 4-bit data holds {packed.numel()} bytes, shape {state.shape} needs {nbytes}"
+        )
     values = _byte_table(state.code.float())[packed.reshape(-1)[:nbytes].long()].reshape(-1)[:n]
     absmax = dequantize_absmax(state)
     blocks = -(n // -state.blocksize)
@@ -212,9 +216,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         raise ValueError(f"absmax has {absmax.numel()} blocks, shape {state.shape} needs {blocks}")
     full = (n // state.blocksize) * state.blocksize
     out = torch.empty(n, dtype=torch.float32)
-    out[:full] = (values[:full].view(-1, state.blocksize) * absmax[: full // state.blocksize].view(-1, 1)).view(
-        -1
-    )
+    out[:full] = (
+        values[:full].view(-1, state.blocksize) * absmax[: full // state.blocksize].view(-1, 1)
+    ).view(-1)
     if full < n:
         out[full:] = values[full:] * absmax[blocks - 1]
     return out.reshape(state.shape).to(dtype or state.dtype)

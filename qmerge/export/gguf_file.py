@@ -1,0 +1,436 @@
+"""GGUF for llama.cpp, written directly from the merged tensors with the gguf package (gguf-py).
+
+Mapping follows llama.cpp's convert_hf_to_gguf.py: tensor names from gguf.get_tensor_name_map, Q/K rows
+of llama-family models permuted from HF's rotate-half RoPE layout to llama.cpp's adjacent pairs (Qwen2 is
+not permuted: llama.cpp runs it with NEOX RoPE), 1-D tensors kept in F32, tied embeddings written once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DependencyError, InputError, UnsupportedError
+from ..native import quiet_native_stderr
+
+# HF architecture -> (gguf architecture, permute Q/K rows)
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+}
+DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
+K_QUANTS = (
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "iq4_nl",
+    "iq4_xs",
+)
+
+
+def supported_types() -> str:
+    return ", ".join(DIRECT_TYPES + K_QUANTS)
+
+
+@dataclass(frozen=True)
+class GGUFModelInfo:
+    """What the writer needs from config.json."""
+
+    hf_arch: str
+    arch: str
+    permute_qk: bool
+    n_layers: int
+    n_head: int
+    n_head_kv: int
+    hidden: int
+    head_dim: int
+    n_ff: int
+    n_ctx: int
+    rope_theta: float
+    rope_scaling: dict | None
+    rms_eps: float
+    vocab_size: int
+    tied: bool
+
+
+def model_info(config: dict) -> GGUFModelInfo:
+    archs = config.get("architectures") or []
+    hf_arch = archs[0] if archs else None
+    if hf_arch not in ARCHITECTURES:
+        raise UnsupportedError(
+            f"GGUF export supports {', '.join(ARCHITECTURES)}; this model is {hf_arch or config.get('model_type')}."
+        )
+    arch, permute = ARCHITECTURES[hf_arch]
+    n_head = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    rope = config.get("rope_parameters") or {}
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    scaling = config.get("rope_scaling") or (
+        {k: v for k, v in rope.items() if k != "rope_theta"} if rope else None
+    )
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    return GGUFModelInfo(
+        hf_arch=hf_arch,
+        arch=arch,
+        permute_qk=permute,
+        n_layers=int(config["num_hidden_layers"]),
+        n_head=n_head,
+        n_head_kv=int(config.get("num_key_value_heads") or n_head),
+        hidden=hidden,
+        head_dim=int(config.get("head_dim") or hidden // n_head),
+        n_ff=int(config["intermediate_size"]),
+        n_ctx=int(config.get("max_position_embeddings", 2048)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        vocab_size=int(config["vocab_size"]),
+        tied=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotate-half row order -> llama.cpp adjacent pairs (same as convert_hf_to_gguf LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope_metadata(w, info: GGUFModelInfo) -> None:
+    import gguf
+
+    s = info.rope_scaling
+    if not s:
+        return
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(s["factor"]))
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(s["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(s["original_max_position_embeddings"]))
+    elif kind == "llama3":
+        pass  # carried by the rope_freqs tensor (see llama3_rope_freqs)
+    else:
+        raise UnsupportedError(
+            f"RoPE scaling {kind!r} is not supported for GGUF export (linear, yarn, llama3 are)."
+        )
+
+
+def llama3_rope_freqs(info: GGUFModelInfo) -> np.ndarray | None:
+    """The rope_freqs factors llama.cpp needs for Llama 3.1 style scaling (as convert_hf_to_gguf computes)."""
+    import math
+
+    s = info.rope_scaling
+    if not s or s.get("rope_type", s.get("type")) != "llama3":
+        return None
+    base, dim = info.rope_theta, info.head_dim
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = s.get("factor", 8.0)
+    low, high = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    factors = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+# ---- tokenizer --------------------------------------------------------------------------------------
+
+
+def _bpe_pre(tokenizer_json: dict) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json, from its pre_tokenizer (a small known table)."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    text = json.dumps(pre)
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp), not "gpt2"
+    if "\\\\p{N}{1,3}" in text and "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in text:
+        return "llama-bpe"
+    if "\\\\p{N}" in text and "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in text:
+        return "qwen2"
+    return "default"
+
+
+def add_tokenizer(w, model_dir: Path, vocab_size: int) -> str:
+    """Write the vocabulary, merges/scores, special tokens and chat template. Returns the tokenizer kind."""
+    import gguf
+
+    tj_path, sp_path = model_dir / "tokenizer.json", model_dir / "tokenizer.model"
+    if sp_path.exists():
+        kind = _add_sentencepiece(w, sp_path, vocab_size)
+    elif tj_path.exists():
+        kind = _add_bpe(w, model_dir, tj_path, vocab_size)
+    else:
+        raise InputError(
+            f"{model_dir}: no tokenizer.json or tokenizer.model; llama.cpp needs the vocabulary in the GGUF."
+        )
+    special = gguf.SpecialVocab(model_dir, load_merges=(kind == "gpt2"), n_vocab=vocab_size)
+    special.add_to_gguf(w)
+    if special.chat_template is None and (model_dir / "chat_template.jinja").exists():
+        w.add_chat_template((model_dir / "chat_template.jinja").read_text(encoding="utf-8"))
+    return kind
+
+
+def _add_bpe(w, model_dir: Path, tj_path: Path, vocab_size: int) -> str:
+    import gguf
+    from transformers import AutoTokenizer
+
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    if (tj.get("model") or {}).get("type") != "BPE":
+        raise UnsupportedError(
+            f"{tj_path}: tokenizer model {(tj.get('model') or {}).get('type')} is not supported for GGUF (BPE and SentencePiece are)."
+        )
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    vocab = tok.get_vocab()
+    if len(vocab) > vocab_size:
+        raise InputError(
+            f"{tj_path}: the tokenizer has {len(vocab)} tokens but the model only {vocab_size} embeddings."
+        )
+    by_id = {i: t for t, i in vocab.items()}
+    added = {t.content: t for t in tok.added_tokens_decoder.values()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif t in added:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL if added[t].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(t)
+            types.append(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_bpe_pre(tj))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    return "gpt2"
+
+
+def _add_sentencepiece(w, sp_path: Path, vocab_size: int) -> str:
+    import gguf
+
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError as e:
+        raise DependencyError("exporting a SentencePiece tokenizer needs the sentencepiece package.") from e
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(sp_path))
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        if i >= sp.vocab_size():
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(sp.IdToPiece(i))
+        scores.append(sp.GetScore(i))
+        if sp.IsUnknown(i):
+            types.append(gguf.TokenType.UNKNOWN)
+        elif sp.IsControl(i):
+            types.append(gguf.TokenType.CONTROL)
+        elif sp.IsUnused(i):
+            types.append(gguf.TokenType.UNUSED)
+        elif sp.IsByte(i):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    return "llama"
+
+
+# ---- tensors ----------------------------------------------------------------------------------------
+
+
+def _ggml_type(gguf_type: str, shape: tuple[int, ...]):
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) < 2 or gguf_type == "f32":
+        return T.F32
+    if gguf_type == "f16":
+        return T.F16
+    if gguf_type == "bf16":
+        return T.BF16
+    # q8_0 needs rows that are whole 32-value blocks; llama.cpp's converter falls back the same way.
+    return T.Q8_0 if shape[-1] % 32 == 0 else T.F16
+
+
+def encode(t: torch.Tensor, qtype) -> np.ndarray:
+    """A torch tensor in the bytes GGUF stores for `qtype` (F32, F16, BF16 or Q8_0)."""
+    import gguf
+
+    data = t.float().contiguous().numpy()
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return data
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, qtype)
+
+
+def _nbytes(shape: tuple[int, ...], qtype) -> int:
+    import gguf
+
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * type_size
+
+
+class TensorMapper:
+    """HF tensor names -> GGUF names and the transform each needs."""
+
+    def __init__(self, info: GGUFModelInfo):
+        import gguf
+
+        self.info = info
+        arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[info.arch]
+        self.map = gguf.get_tensor_name_map(arch, info.n_layers)
+
+    def name(self, hf_name: str) -> str | None:
+        """The GGUF name, or None for tensors llama.cpp does not use (rotary inv_freq buffers)."""
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            return None
+        if hf_name == "lm_head.weight" and self.info.tied:
+            return None
+        new = self.map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise UnsupportedError(f"tensor {hf_name} has no GGUF counterpart for {self.info.hf_arch}.")
+        return new
+
+    def transform(self, hf_name: str, t: torch.Tensor) -> torch.Tensor:
+        if self.info.permute_qk:
+            if ".self_attn.q_proj." in hf_name:
+                return permute_qk(t, self.info.n_head)
+            if ".self_attn.k_proj." in hf_name:
+                return permute_qk(t, self.info.n_head_kv)
+        return t
+
+
+def write_gguf(
+    path: Path,
+    config: dict,
+    model_dir: Path,
+    shapes: dict[str, tuple[int, ...]],
+    tensors: Callable[[list[str]], Iterator[tuple[str, torch.Tensor]]],
+    gguf_type: str,
+    name: str = "model",
+) -> dict:
+    """Stream tensors into a GGUF file of a direct type (f32, f16, bf16, q8_0). Returns a summary."""
+    import gguf
+
+    info = model_info(config)
+    mapper = TensorMapper(info)
+    w = gguf.GGUFWriter(str(path), info.arch)
+    w.add_name(name)
+    w.add_context_length(info.n_ctx)
+    w.add_embedding_length(info.hidden)
+    w.add_block_count(info.n_layers)
+    w.add_feed_forward_length(info.n_ff)
+    w.add_head_count(info.n_head)
+    w.add_head_count_kv(info.n_head_kv)
+    w.add_rope_dimension_count(info.head_dim)
+    if info.head_dim != info.hidden // info.n_head:
+        w.add_key_length(info.head_dim)
+        w.add_value_length(info.head_dim)
+    w.add_rope_freq_base(info.rope_theta)
+    w.add_layer_norm_rms_eps(info.rms_eps)
+    w.add_vocab_size(info.vocab_size)
+    _rope_metadata(w, info)
+    ftype = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[gguf_type]
+    w.add_file_type(ftype)
+    if gguf_type == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokenizer = add_tokenizer(w, model_dir, info.vocab_size)
+
+    order, types = [], {}
+    rope_freqs = llama3_rope_freqs(info)
+    if rope_freqs is not None:
+        w.add_tensor_info(
+            gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+            rope_freqs.shape,
+            np.float32,
+            rope_freqs.nbytes,
+        )
+    for hf in sorted(shapes):
+        new = mapper.name(hf)
+        if new is None:
+            continue
+        shape = tuple(shapes[hf])
+        qtype = _ggml_type(gguf_type, shape)
+        types[hf] = qtype
+        order.append(hf)
+        w.add_tensor_info(
+            new,
+            shape,
+            np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16,
+            _nbytes(shape, qtype),
+            raw_dtype=qtype,
+        )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    if rope_freqs is not None:
+        w.write_tensor_data(rope_freqs)
+    counts: dict[str, int] = {}
+    for hf, t in tensors(order):
+        data = encode(mapper.transform(hf, t), types[hf])
+        w.write_tensor_data(data)
+        counts[types[hf].name] = counts.get(types[hf].name, 0) + 1
+    w.close()
+    return {"gguf_architecture": info.arch, "tensor_types": counts, "tokenizer": tokenizer}
+
+
+def quantize_with_llama_cpp(src: Path, dst: Path, gguf_type: str) -> None:
+    """K-quants and legacy quants through llama.cpp's own quantizer (llama-cpp-python)."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise DependencyError(
+            f"--gguf-type {gguf_type} uses llama.cpp's quantizer: pip install 'qmerge[gguf]'."
+        ) from e
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}", None)
+    if ftype is None:
+        raise UnsupportedError(f"the installed llama-cpp-python has no {gguf_type} quantizer.")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = max(1, min(8, os.cpu_count() or 1))
+    with quiet_native_stderr():
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not dst.exists():
+        raise UnsupportedError(f"llama.cpp could not quantize to {gguf_type} (return code {rc}).")
