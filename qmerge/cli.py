@@ -15,7 +15,7 @@ from rich.table import Table
 from . import __version__
 from .errors import QmergeError
 
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False)
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DRIFT = 1, 2, 3

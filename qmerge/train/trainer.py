@@ -1,0 +1,214 @@
+"""QLoRA training on transformers + PEFT + accelerate: NF4 base with double quant, all-linear LoRA.
+
+Runs unchanged under `accelerate launch` on several GPUs (each process loads the 4-bit base on its own
+device). Checkpoints are PEFT adapters plus qmerge_training.json, the record of the base and of how it
+was quantized, which `qmerge merge/check/export` read to reproduce the weights training saw.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import InputError
+from .config import TrainConfig, config_to_json
+from .data import JsonlDataset, pad_collate
+
+TRAINING_RECORD = "qmerge_training.json"
+
+
+def _device_setup(cfg: TrainConfig) -> tuple[torch.dtype, str, object, bool]:
+    """(compute dtype, optimizer, device_map, on_cuda)."""
+    cuda = torch.cuda.is_available()
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    compute = names[cfg.compute_dtype] if cfg.compute_dtype else (torch.bfloat16 if cuda else torch.float32)
+    optim = cfg.optim or ("paged_adamw_32bit" if cuda else "adamw_torch")
+    if cuda:
+        from accelerate import PartialState
+
+        device_map = {"": PartialState().local_process_index}
+    else:
+        device_map = "cpu"
+    return compute, optim, device_map, cuda
+
+
+def disable_cpu_repack(model) -> int:
+    """Stop bitsandbytes from repacking Linear4bit weights in place during CPU evaluation.
+
+    On CPUs with AVX512-BF16, Linear4bit.forward in eval mode converts its weight to a CPU layout
+    (absmax in bf16, double quant dropped); training would then continue on different weights than the
+    NF4 ones qmerge reproduces. Returns how many layers were switched.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_qlora_model(cfg: TrainConfig, compute: torch.dtype, device_map):
+    """The base in 4-bit NF4 (double quant) with LoRA on all linear layers, ready for k-bit training."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(cfg.base), quantization_config=bnb, device_map=device_map, dtype="auto"
+    )
+    disable_cpu_repack(model)
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    target = cfg.target_modules
+    targets = target if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.peft_config["default"].base_model_name_or_path = str(Path(cfg.base).resolve())
+    return model
+
+
+def training_record(cfg: TrainConfig, base_dtype: str | None) -> dict:
+    """What merge/check need to reproduce the weights training saw."""
+    return {
+        "qmerge_version": __version__,
+        "base": str(Path(cfg.base).resolve()),
+        "quantization": {
+            "quant_type": cfg.quant_type,
+            "blocksize": 64,
+            "double_quant": cfg.double_quant,
+            "dtype": base_dtype,
+        },
+        "config": config_to_json(cfg),
+    }
+
+
+def _record_callback(record: dict):
+    """A callback that writes qmerge_training.json into every checkpoint-N the trainer saves."""
+    from transformers import TrainerCallback
+
+    class SaveRecord(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                (ckpt / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    return SaveRecord()
+
+
+def train(cfg: TrainConfig, log: Callable[..., None] | None = print) -> dict:
+    """Fine-tune cfg.base on cfg.data with QLoRA; save checkpoints and the final adapter to cfg.output."""
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    for p, what in ((cfg.base, "base model directory"), (cfg.data, "training data")):
+        if not Path(p).exists():
+            raise InputError(f"{p}: the {what} does not exist.")
+    if not (Path(cfg.base) / "config.json").exists():
+        raise InputError(f"{cfg.base}: no config.json; --base must be a Hugging Face model directory.")
+    hf_logging.set_verbosity_error()
+    compute, optim, device_map, cuda = _device_setup(cfg)
+    if not cuda and log:
+        log(
+            f"no CUDA device: training on CPU in {str(compute).replace('torch.', '')} with {optim} "
+            "(paged optimizers need CUDA)."
+        )
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.base))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_ds = JsonlDataset(cfg.data, tokenizer, cfg.max_seq_length)
+    eval_ds = JsonlDataset(cfg.eval_data, tokenizer, cfg.max_seq_length) if cfg.eval_data else None
+    model = load_qlora_model(cfg, compute, device_map)
+    base_cfg = json.loads((Path(cfg.base) / "config.json").read_text(encoding="utf-8"))
+    record = training_record(cfg, base_cfg.get("dtype") or base_cfg.get("torch_dtype"))
+    args = TrainingArguments(
+        output_dir=str(cfg.output),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=cfg.eval_steps or cfg.save_steps,
+        optim=optim,
+        bf16=cuda and compute == torch.bfloat16,
+        fp16=cuda and compute == torch.float16,
+        use_cpu=not cuda,
+        seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_pin_memory=cuda,
+        disable_tqdm=log is None,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=pad_collate(tokenizer.pad_token_id),
+        callbacks=[_record_callback(record)],
+    )
+    if log is None:  # --json: keep stdout for the one JSON object
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    resume = cfg.resume_from_checkpoint
+    if resume == "latest":
+        resume = True
+    result = trainer.train(resume_from_checkpoint=resume)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    out = Path(cfg.output)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    (out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "output": str(out),
+        "train_loss": float(result.training_loss),
+        "eval_loss": float(eval_loss) if eval_loss is not None else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "steps": int(trainer.state.global_step),
+        "seconds": round(time.perf_counter() - start, 2),
+        "optimizer": optim,
+        "compute_dtype": str(compute).replace("torch.", ""),
+    }
+
+
+def remove_checkpoints(output: Path) -> None:
+    """Delete trainer checkpoint-N folders (keeps the final adapter)."""
+    for p in Path(output).glob("checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
