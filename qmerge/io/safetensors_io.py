@@ -205,7 +205,7 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(
                 f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {e.dtype} {list(e.shape)}"
             )
-        data = tensor.contiguous().view(torch.uint8).numpy() if tensor.numel() else b""
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
         try:
             self._f.write(memoryview(data))
         except OSError as err:

@@ -1,0 +1,43 @@
+"""Reference computations done directly with transformers, bitsandbytes and PEFT (never qmerge's merge)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TOKENS = torch.tensor([[1, 17, 45, 99, 120, 7, 250, 33, 64, 81, 200, 5, 9, 300, 150, 42]])
+
+
+def reference_unmerged(adapter: Path, base: Path, tokens: torch.Tensor = TOKENS, original: bool = False) -> torch.Tensor:
+    """fp32 logits of base + adapter unmerged: 4-bit base quantized by bitsandbytes and dequantized by it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if original:
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    else:
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        kw = {} if (Path(base) / "config.json").read_text().find("quantization_config") >= 0 else {"quantization_config": cfg}
+        model = AutoModelForCausalLM.from_pretrained(str(base), device_map="cpu", **kw)
+        model = model.dequantize().float()
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()
+
+
+def logits_of(model_dir: Path, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()
+
+
+def kl_top1(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float]:
+    r = torch.log_softmax(ref.double(), -1)
+    c = torch.log_softmax(cand.double(), -1)
+    kl = float((r.exp() * (r - c)).sum(-1).mean())
+    top1 = float((ref.argmax(-1) == cand.argmax(-1)).double().mean())
+    return kl, top1

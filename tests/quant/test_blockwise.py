@@ -1,0 +1,126 @@
+"""The codec against bitsandbytes 0.50 itself: same codes, same scale bytes, same dequantized values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import bitsandbytes.functional as F
+import pytest
+import torch
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qmerge.quant.blockwise import (
+    bits_per_param,
+    dequantize_4bit,
+    dequantize_absmax,
+    dequantize_blockwise_8bit,
+    quantize_4bit,
+    quantize_blockwise_8bit,
+)
+from qmerge.quant.codebooks import BLOCKSIZES_4BIT, code_4bit, dynamic_map
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def test_codebooks_equal_bitsandbytes():
+    for qt in ("nf4", "fp4"):
+        assert torch.equal(code_4bit(qt), F.get_4bit_type(qt, device="cpu"))
+    assert torch.equal(dynamic_map(), F.create_dynamic_map())
+
+
+@st.composite
+def cases(draw):
+    rows = draw(st.integers(1, 24))
+    cols = draw(st.integers(1, 200))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([1e-4, 0.02, 1.0, 30.0]))
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(rows, cols, generator=g) * scale
+    if draw(st.booleans()):
+        A[0, : min(cols, 70)] = 0  # an all-zero block
+    return A, draw(st.sampled_from(DTYPES)), draw(st.sampled_from(BLOCKSIZES_4BIT)), draw(st.sampled_from(["nf4", "fp4"])), draw(st.booleans())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_quantize_4bit_bit_exact(case):
+    A, dtype, bs, qt, dq = case
+    A = A.to(dtype)
+    p_ref, s_ref = F.quantize_4bit(A, blocksize=bs, compress_statistics=dq, quant_type=qt)
+    p, s = quantize_4bit(A, bs, qt, dq)
+    assert torch.equal(p, p_ref), "packed codes differ"
+    assert torch.equal(s.absmax, s_ref.absmax), "absmax bytes differ"
+    assert s.dtype == s_ref.dtype and tuple(s.shape) == tuple(s_ref.shape)
+    if dq:
+        assert torch.equal(s.nested_absmax, s_ref.state2.absmax)
+        assert torch.equal(s.offset, s_ref.offset)
+        assert torch.equal(s.nested_code, s_ref.state2.code)
+    # dequantize: against bitsandbytes' own dequantize_4bit where its CPU kernel covers the shape
+    # (rows whole blocks, width a multiple of 16), else against its pure-torch default backend.
+    mine = dequantize_4bit(p, s)
+    if A.shape[-1] % 16 == 0 and A.shape[-1] % bs == 0:
+        ref = F.dequantize_4bit(p_ref, s_ref)
+    else:
+        absmax = (F.dequantize_blockwise(s_ref.absmax, s_ref.state2) + s_ref.offset) if dq else s_ref.absmax
+        ref = _dequantize_4bit_compute(p_ref.reshape(-1), absmax, F.get_4bit_type(qt, device="cpu"), bs, s_ref.shape, dtype)
+    assert torch.equal(_bits(mine), _bits(ref))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 3000), st.integers(0, 2**31 - 1), st.sampled_from([1e-6, 1e-3, 1.0, 100.0]))
+def test_quantize_blockwise_8bit_bit_exact(n, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, generator=g) * scale
+    q_ref, st_ref = F.quantize_blockwise(A, blocksize=256)
+    q, absmax = quantize_blockwise_8bit(A, dynamic_map(), 256)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(absmax, st_ref.absmax)
+    assert torch.equal(dequantize_blockwise_8bit(q, absmax, st_ref.code, 256), F.dequantize_blockwise(q_ref, st_ref))
+
+
+def test_double_quant_dequantized_scales_match():
+    A = torch.randn(300, 257) * 0.05
+    p_ref, s_ref = F.quantize_4bit(A, blocksize=64, compress_statistics=True, quant_type="nf4")
+    _, s = quantize_4bit(A, 64, "nf4", True)
+    expected = F.dequantize_blockwise(s_ref.absmax, s_ref.state2) + s_ref.offset
+    assert torch.equal(dequantize_absmax(s), expected)
+
+
+def test_fp32_product_before_cast():
+    """dtype=float32 gives code*absmax unrounded; the default casts once to the state dtype (as bitsandbytes)."""
+    A = (torch.randn(64, 128) * 0.02).bfloat16()
+    p, s = quantize_4bit(A, 64, "nf4", True)
+    full = dequantize_4bit(p, s, torch.float32)
+    assert full.dtype == torch.float32
+    assert torch.equal(full.bfloat16(), dequantize_4bit(p, s))
+
+
+@pytest.mark.parametrize("dq,expected", [(True, 4 + 8 / 64 + 32 / (64 * 256)), (False, 4 + 32 / 64)])
+def test_bits_per_param_large_tensor(dq, expected):
+    # 64 * 256 * 4 blocks of 64: nested blocks are whole, so the overhead is exactly the textbook one
+    # (0.127 bit/param with double quant, 0.5 without), plus one 32-bit offset per tensor.
+    A = torch.randn(256, 256)  # 1024 blocks of 64 = 4 whole nested blocks of 256
+    _, s = quantize_4bit(A, 64, "nf4", dq)
+    n = A.numel()
+    offset = 32 / n if dq else 0.0
+    assert bits_per_param(s) == pytest.approx(expected + offset, abs=1e-9)
+
+
+def test_codec_works_without_bitsandbytes():
+    """The codec must not need bitsandbytes at run time (a machine without its native library)."""
+    code = (
+        "import sys; sys.modules['bitsandbytes'] = None\n"
+        "import torch\n"
+        "from qmerge.quant.blockwise import quantize_4bit, dequantize_4bit\n"
+        "p, s = quantize_4bit(torch.randn(8, 64), 64, 'nf4', True)\n"
+        "print(dequantize_4bit(p, s).shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "torch.Size([8, 64])" in out.stdout

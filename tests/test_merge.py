@@ -1,0 +1,203 @@
+"""Merges against PEFT's unmerged forward (tolerances from the merge issue), and output guarantees."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.helpers import TOKENS, kl_top1, logits_of, reference_unmerged
+from qmerge.errors import InputError, MismatchError, OutputError
+from qmerge.merge import merge
+
+# fp32 merge vs fp32 unmerged: only float summation order differs (B@A once vs per token).
+FP32_TOL = 1e-4
+ADAPTERS = ["adapter-qlora", "adapter-rslora-patterns", "adapter-dora"]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_fp32_merge_equals_unmerged(tmp_path, fixtures, base16, adapter):
+    out = tmp_path / "m"
+    merge(fixtures / adapter, out, base=base16, dtype="fp32")
+    diff = (logits_of(out) - reference_unmerged(fixtures / adapter, base16)).abs().max()
+    assert diff <= FP32_TOL
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_bf16_merge_keeps_top1_and_kl(tmp_path, fixtures, base16, adapter):
+    out = tmp_path / "m"
+    merge(fixtures / adapter, out, base=base16, dtype="bf16")
+    kl, top1 = kl_top1(reference_unmerged(fixtures / adapter, base16), logits_of(out))
+    assert top1 >= 0.99 and kl <= 1e-3
+
+
+def test_4bit_base_gives_the_same_merge_as_16bit_base(tmp_path, fixtures, base16, base4):
+    """Reproducing NF4 from the 16-bit base is bit-exact with reading transformers' 4-bit checkpoint."""
+    merge(fixtures / "adapter-qlora", tmp_path / "a", base=base16, dtype="fp32")
+    merge(fixtures / "adapter-qlora", tmp_path / "b", base=base4, dtype="fp32")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merge_base_original_matches_peft_on_16bit(tmp_path, fixtures, base16):
+    merge(fixtures / "adapter-qlora", tmp_path / "m", base=base16, dtype="fp32", merge_base="original")
+    ref = reference_unmerged(fixtures / "adapter-qlora", base16, original=True)
+    assert (logits_of(tmp_path / "m") - ref).abs().max() <= FP32_TOL
+
+
+def test_sharded_output_loads_and_matches(tmp_path, fixtures, base16):
+    out = tmp_path / "m"
+    report = merge(fixtures / "adapter-dora", out, base=base16, dtype="fp32", max_shard_size="60KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert {f.path for f in report.files} >= set(index["weight_map"].values())
+    assert (logits_of(out) - reference_unmerged(fixtures / "adapter-dora", base16)).abs().max() <= FP32_TOL
+
+
+def test_output_directory_contents(tmp_path, fixtures, base16):
+    out = tmp_path / "m"
+    report = merge(fixtures / "adapter-qlora", out, base=base16)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
+    for f in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "qmerge_provenance.json"):
+        assert (out / f).exists(), f
+    prov = json.loads((out / "qmerge_provenance.json").read_text())
+    assert prov["settings"]["merge_base"] == "dequantized" and prov["inputs"]["adapter"]["files"]
+    assert report.num_tensors_merged == 14
+    import hashlib
+
+    for f in report.files:
+        assert hashlib.sha256((out / f.path).read_bytes()).hexdigest() == f.sha256
+
+
+def test_embedding_lora_and_lora_bias(tmp_path, base16):
+    """LoRA on embeddings (with the saved base layer) and LoRA biases, against PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    m = AutoModelForCausalLM.from_pretrained(str(base16), dtype=torch.float32)
+    p = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))
+    p.save_pretrained(str(tmp_path / "emb"))
+    merge(tmp_path / "emb", tmp_path / "m1", base=base16, dtype="fp32")
+    assert (logits_of(tmp_path / "m1") - reference_unmerged(tmp_path / "emb", base16)).abs().max() <= FP32_TOL
+    # LoRA bias needs a base layer with a bias: a tiny Qwen2 (q/k/v biases)
+    from qmerge.tiny import TinySpec, build_base
+
+    qbase = build_base(tmp_path / "qwen", TinySpec(arch="qwen2"))
+    torch.manual_seed(4)
+    q = get_peft_model(AutoModelForCausalLM.from_pretrained(str(qbase), dtype=torch.float32),
+                       LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True, init_lora_weights=False))
+    with torch.no_grad():
+        for n, prm in q.named_parameters():
+            if "lora_B" in n and n.endswith("bias"):
+                prm.normal_(0, 0.1)
+    q.save_pretrained(str(tmp_path / "bias"))
+    merge(tmp_path / "bias", tmp_path / "m2", base=qbase, dtype="fp32")
+    assert (logits_of(tmp_path / "m2") - reference_unmerged(tmp_path / "bias", qbase)).abs().max() <= FP32_TOL
+    del Qwen2Config, Qwen2ForCausalLM
+
+
+def test_naive_merge_drifts_an_order_of_magnitude_more(tmp_path, fixtures, base16):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    adapter = fixtures / "adapter-qlora"
+    merge(adapter, tmp_path / "m", base=base16, dtype="bf16")
+    ref = reference_unmerged(adapter, base16)
+    ours = (logits_of(tmp_path / "m") - ref).abs().max()
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base16), quantization_config=bnb, device_map="cpu"),
+                                      str(adapter)).merge_and_unload().dequantize().float()
+    with torch.no_grad():
+        theirs = (naive(input_ids=TOKENS).logits - ref).abs().max()
+    assert theirs >= 10 * ours
+
+
+# ---- bad input and output guarantees ----------------------------------------------------------------
+
+
+def test_adapter_for_another_base(tmp_path, fixtures):
+    from qmerge.tiny import TinySpec, build_base
+
+    other = build_base(tmp_path / "other", TinySpec(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(MismatchError, match="another base"):
+        merge(fixtures / "adapter-qlora", tmp_path / "m", base=other)
+    assert not (tmp_path / "m").exists()
+
+
+def test_missing_adapter_tensor(copy_of, tmp_path, base16):
+    d = copy_of("adapter-qlora")
+    t = load_file(d / "adapter_model.safetensors")
+    del t["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    save_file(t, d / "adapter_model.safetensors")
+    with pytest.raises(InputError, match="only one of lora_A/lora_B"):
+        merge(d, tmp_path / "m", base=base16)
+
+
+def test_nan_in_adapter_leaves_no_output(copy_of, tmp_path, base16):
+    d = copy_of("adapter-qlora")
+    t = load_file(d / "adapter_model.safetensors")
+    key = sorted(k for k in t if "lora_A" in k)[-1]  # late in the stream: some shards already written
+    t[key][0, 0] = float("nan")
+    save_file(t, d / "adapter_model.safetensors")
+    with pytest.raises(InputError, match="NaN"):
+        merge(d, tmp_path / "m", base=base16)
+    assert not (tmp_path / "m").exists()
+    assert not list(tmp_path.glob(".m.qmerge-tmp-*"))
+
+
+def test_existing_output_needs_force(tmp_path, fixtures, base16):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "keep").write_text("x")
+    with pytest.raises(OutputError, match="--force"):
+        merge(fixtures / "adapter-qlora", tmp_path / "m", base=base16)
+    assert (tmp_path / "m" / "keep").exists()
+    merge(fixtures / "adapter-qlora", tmp_path / "m", base=base16, force=True)
+    assert not (tmp_path / "m" / "keep").exists() and (tmp_path / "m" / "config.json").exists()
+
+
+def test_disk_full_and_interrupt_leave_nothing(tmp_path, fixtures, base16, monkeypatch):
+    import qmerge.io.safetensors_io as sio
+
+    real = sio.StreamingSafetensorsWriter.write
+    calls = {"n": 0}
+
+    def failing(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(sio.StreamingSafetensorsWriter, "write", failing)
+    with pytest.raises(OutputError, match="disk full"):
+        merge(fixtures / "adapter-qlora", tmp_path / "m", base=base16)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
+
+    def interrupt(self, name, tensor):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sio.StreamingSafetensorsWriter, "write", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        merge(fixtures / "adapter-qlora", tmp_path / "m", base=base16)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
+
+
+def test_inputs_are_not_modified(tmp_path, fixtures, base16):
+    import hashlib
+
+    def digest(d: Path) -> str:
+        h = hashlib.sha256()
+        for p in sorted(d.rglob("*")):
+            if p.is_file():
+                h.update(p.name.encode() + p.read_bytes())
+        return h.hexdigest()
+
+    before = digest(fixtures)
+    merge(fixtures / "adapter-dora", tmp_path / "m", base=base16)
+    assert digest(fixtures) == before
