@@ -16,7 +16,7 @@ from . import __version__
 from .errors import QmergeError
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DRIFT = 1, 2, 3
 

@@ -88,22 +88,32 @@ def _assumed_quant(q: QuantSettings, ckpt: QLoRACheckpoint) -> dict:
 def _model_problems(model: ModelDir) -> list[Problem]:
     found = []
     qcfg = model.quantization_config or {}
+    entries = list(model.quantized.values())
     if model.is_4bit and qcfg.get("bnb_4bit_use_double_quant"):
-        plain = [e.name for e in model.quantized.values() if e.nested_offset is None]
+        plain = [e.name for e in entries if e.nested_offset is None]
         if plain:
             found.append(
                 Problem(
                     "warning",
                     f"{len(plain)} 4-bit layers (e.g. {plain[0]}) are not double-quantized although "
                     "quantization_config asks for it: this checkpoint was probably saved after a forward pass on "
-                    "CPU, which repacks bitsandbytes weights (absmax in bf16, double quant dropped). Re-save the "
-                    "base from its 16-bit original.",
+                    "CPU, which repacks bitsandbytes weights. Re-save the base from its 16-bit original.",
                 )
             )
+    repacked = [e for e in entries if e.nested_offset is not None and e.nested_dtype != torch.float32]
+    if repacked:
+        dtype = str(repacked[0].nested_dtype).replace("torch.", "")
+        found.append(
+            Problem(
+                "warning",
+                f"{len(repacked)} 4-bit layers (e.g. {repacked[0].name}) carry nested_dtype {dtype}: this checkpoint "
+                "was saved after a forward pass on CPU, which repacks bitsandbytes weights (absmax rounded to bf16). "
+                "Its 4-bit weights differ slightly from the ones training saw; re-save the base from its 16-bit "
+                "original.",
+            )
+        )
     odd = [
-        e.name
-        for e in model.quantized.values()
-        if model.store.dtype(e.name + ".absmax") not in (torch.uint8, torch.float32)
+        e.name for e in entries if model.store.dtype(e.name + ".absmax") not in (torch.uint8, torch.float32)
     ]
     if odd:
         found.append(
@@ -131,15 +141,16 @@ def _modules(ckpt: QLoRACheckpoint) -> list[dict]:
         if mod is not None:
             rank = ad.store.shape(mod.lora_A)[0]
             scaling = module_scaling(ad.settings, module)
-        out.append(
-            {
-                "name": module,
-                "shape": list(shape),
-                "quantized": name in quantized,
-                "lora_rank": rank,
-                "scaling": scaling,
-            }
-        )
+        row = {
+            "name": module,
+            "shape": list(shape),
+            "quantized": name in quantized,
+            "lora_rank": rank,
+            "scaling": scaling,
+        }
+        if ad is not None and name in ad.layout.replace:
+            row["replaced_by_adapter"] = True  # modules_to_save (or a saved base layer) replaces the weight
+        out.append(row)
     return out
 
 

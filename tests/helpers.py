@@ -9,7 +9,9 @@ import torch
 TOKENS = torch.tensor([[1, 17, 45, 99, 120, 7, 250, 33, 64, 81, 200, 5, 9, 300, 150, 42]])
 
 
-def reference_unmerged(adapter: Path, base: Path, tokens: torch.Tensor = TOKENS, original: bool = False) -> torch.Tensor:
+def reference_unmerged(
+    adapter: Path, base: Path, tokens: torch.Tensor = TOKENS, original: bool = False
+) -> torch.Tensor:
     """fp32 logits of base + adapter unmerged: 4-bit base quantized by bitsandbytes and dequantized by it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -17,9 +19,17 @@ def reference_unmerged(adapter: Path, base: Path, tokens: torch.Tensor = TOKENS,
     if original:
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     else:
-        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)
-        kw = {} if (Path(base) / "config.json").read_text().find("quantization_config") >= 0 else {"quantization_config": cfg}
+        cfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        kw = (
+            {}
+            if (Path(base) / "config.json").read_text().find("quantization_config") >= 0
+            else {"quantization_config": cfg}
+        )
         model = AutoModelForCausalLM.from_pretrained(str(base), device_map="cpu", **kw)
         model = model.dequantize().float()
     model = PeftModel.from_pretrained(model, str(adapter)).eval()

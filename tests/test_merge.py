@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import TOKENS, kl_top1, logits_of, reference_unmerged
 from qmerge.errors import InputError, MismatchError, OutputError
 from qmerge.merge import merge
+from tests.helpers import TOKENS, kl_top1, logits_of, reference_unmerged
 
 # fp32 merge vs fp32 unmerged: only float summation order differs (B@A once vs per token).
 FP32_TOL = 1e-4
@@ -81,7 +81,9 @@ def test_embedding_lora_and_lora_bias(tmp_path, base16):
 
     torch.manual_seed(3)
     m = AutoModelForCausalLM.from_pretrained(str(base16), dtype=torch.float32)
-    p = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))
+    p = get_peft_model(
+        m, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    )
     p.save_pretrained(str(tmp_path / "emb"))
     merge(tmp_path / "emb", tmp_path / "m1", base=base16, dtype="fp32")
     assert (logits_of(tmp_path / "m1") - reference_unmerged(tmp_path / "emb", base16)).abs().max() <= FP32_TOL
@@ -90,8 +92,12 @@ def test_embedding_lora_and_lora_bias(tmp_path, base16):
 
     qbase = build_base(tmp_path / "qwen", TinySpec(arch="qwen2"))
     torch.manual_seed(4)
-    q = get_peft_model(AutoModelForCausalLM.from_pretrained(str(qbase), dtype=torch.float32),
-                       LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True, init_lora_weights=False))
+    q = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(qbase), dtype=torch.float32),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True, init_lora_weights=False
+        ),
+    )
     with torch.no_grad():
         for n, prm in q.named_parameters():
             if "lora_B" in n and n.endswith("bias"):
@@ -110,10 +116,21 @@ def test_naive_merge_drifts_an_order_of_magnitude_more(tmp_path, fixtures, base1
     merge(adapter, tmp_path / "m", base=base16, dtype="bf16")
     ref = reference_unmerged(adapter, base16)
     ours = (logits_of(tmp_path / "m") - ref).abs().max()
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    naive = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base16), quantization_config=bnb, device_map="cpu"),
-                                      str(adapter)).merge_and_unload().dequantize().float()
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    naive = (
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(base16), quantization_config=bnb, device_map="cpu"),
+            str(adapter),
+        )
+        .merge_and_unload()
+        .dequantize()
+        .float()
+    )
     with torch.no_grad():
         theirs = (naive(input_ids=TOKENS).logits - ref).abs().max()
     assert theirs >= 10 * ours
@@ -125,7 +142,10 @@ def test_naive_merge_drifts_an_order_of_magnitude_more(tmp_path, fixtures, base1
 def test_adapter_for_another_base(tmp_path, fixtures):
     from qmerge.tiny import TinySpec, build_base
 
-    other = build_base(tmp_path / "other", TinySpec(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2))
+    other = build_base(
+        tmp_path / "other",
+        TinySpec(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2),
+    )
     with pytest.raises(MismatchError, match="another base"):
         merge(fixtures / "adapter-qlora", tmp_path / "m", base=other)
     assert not (tmp_path / "m").exists()

@@ -130,6 +130,7 @@ class QuantEntry:
     shape: tuple[int, ...]
     nested_offset: float | None
     nested_blocksize: int
+    nested_dtype: torch.dtype = torch.float32
 
 
 class ModelDir:
@@ -179,6 +180,7 @@ class ModelDir:
                     shape=tuple(int(d) for d in state["shape"]),
                     nested_offset=state.get("nested_offset"),
                     nested_blocksize=int(state.get("nested_blocksize", 256)),
+                    nested_dtype=torch_dtype_of(state.get("nested_dtype"), torch.float32),
                 )
             except (KeyError, ValueError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise InputError(f"{self.path}: corrupt bitsandbytes quant state {key!r} ({e}).") from e
@@ -220,6 +222,7 @@ class ModelDir:
             nested_absmax=self.store.get(name + ".nested_absmax").float() if nested else None,
             nested_code=self.store.get(name + ".nested_quant_map").float() if nested else None,
             nested_blocksize=e.nested_blocksize,
+            nested_dtype=e.nested_dtype,
         )
         return self.store.get(name), state
 

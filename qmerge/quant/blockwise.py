@@ -35,6 +35,7 @@ class QuantState:
     nested_absmax: torch.Tensor | None = None  # fp32[ceil(blocks / 256)]
     nested_code: torch.Tensor | None = None  # fp32[256], the signed dynamic map
     nested_blocksize: int = NESTED_BLOCKSIZE
+    nested_dtype: torch.dtype = torch.float32  # bfloat16 in checkpoints saved after a CPU forward (bnb 0.50)
 
     @property
     def double_quant(self) -> bool:
@@ -183,6 +184,11 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
     absmax = dequantize_blockwise_8bit(
         state.absmax, state.nested_absmax, state.nested_code, state.nested_blocksize
     )
+    if state.nested_dtype != torch.float32:
+        # bitsandbytes dequantizes into the nested dtype, adds the offset in place (fp32 math, rounded
+        # back to that dtype), then converts to fp32.
+        absmax = absmax.to(state.nested_dtype)
+        return (absmax.float() + state.offset.float()).to(state.nested_dtype).float()
     return absmax + state.offset.float()
 
 

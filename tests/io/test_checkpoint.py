@@ -38,7 +38,9 @@ def test_weight_names_hide_companions(base4, base16):
 def test_sharded_directory(tmp_path, base16):
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(str(base16)).save_pretrained(str(tmp_path / "s"), max_shard_size="100KB")
+    AutoModelForCausalLM.from_pretrained(str(base16)).save_pretrained(
+        str(tmp_path / "s"), max_shard_size="100KB"
+    )
     assert (tmp_path / "s" / "model.safetensors.index.json").exists()
     sharded, single = ModelDir(tmp_path / "s"), ModelDir(base16)
     assert len(sharded.store.files) > 1
@@ -51,7 +53,9 @@ def test_missing_config_and_missing_shard(tmp_path, base16):
         ModelDir(tmp_path)
     d = tmp_path / "m"
     shutil.copytree(base16, d)
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00002.safetensors"}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "model-00002.safetensors"}})
+    )
     with pytest.raises(InputError, match="model-00002.safetensors"):
         ModelDir(d)
 

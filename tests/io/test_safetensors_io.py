@@ -19,7 +19,9 @@ from qmerge.io.safetensors_io import (
 
 
 def _write(path, tensors, metadata=None):
-    entries = safetensors_order([PlannedTensor(k, DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in tensors.items()])
+    entries = safetensors_order(
+        [PlannedTensor(k, DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
+    )
     w = StreamingSafetensorsWriter(path, entries, metadata)
     for e in entries:
         w.write(e.name, tensors[e.name])
@@ -27,7 +29,13 @@ def _write(path, tensors, metadata=None):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st_.lists(st_.tuples(st_.sampled_from(list(DTYPE_NAMES)[:9]), st_.lists(st_.integers(0, 5), max_size=3)), min_size=1, max_size=6))
+@given(
+    st_.lists(
+        st_.tuples(st_.sampled_from(list(DTYPE_NAMES)[:9]), st_.lists(st_.integers(0, 5), max_size=3)),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_same_bytes_as_save_file(tmp_path_factory, spec):
     d = tmp_path_factory.mktemp("st")
     tensors = {}

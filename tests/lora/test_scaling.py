@@ -8,8 +8,13 @@ from peft.utils.other import get_pattern_key as peft_get_pattern_key
 from qmerge.io.adapter import Adapter
 from qmerge.lora.scaling import get_pattern_key, module_scaling
 
-NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "model.layers.11.mlp.up_proj",
-         "model.layers.1.mlp.down_proj", "lm_head"]
+NAMES = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.1.mlp.up_proj",
+    "model.layers.11.mlp.up_proj",
+    "model.layers.1.mlp.down_proj",
+    "lm_head",
+]
 PATTERNS = ["q_proj", "layers.1.mlp.up_proj", "mlp.down_proj", "layers\\.1\\d\\.mlp\\..*", "proj"]
 
 
@@ -23,8 +28,9 @@ def test_scaling_matches_peft_layers(fixtures, adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(fixtures / "tiny-llama-bf16")),
-                                      str(fixtures / adapter))
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(fixtures / "tiny-llama-bf16")), str(fixtures / adapter)
+    )
     ad = Adapter(fixtures / adapter)
     seen = 0
     for name, module in model.base_model.model.named_modules():

@@ -45,7 +45,13 @@ def cases(draw):
     A = torch.randn(rows, cols, generator=g) * scale
     if draw(st.booleans()):
         A[0, : min(cols, 70)] = 0  # an all-zero block
-    return A, draw(st.sampled_from(DTYPES)), draw(st.sampled_from(BLOCKSIZES_4BIT)), draw(st.sampled_from(["nf4", "fp4"])), draw(st.booleans())
+    return (
+        A,
+        draw(st.sampled_from(DTYPES)),
+        draw(st.sampled_from(BLOCKSIZES_4BIT)),
+        draw(st.sampled_from(["nf4", "fp4"])),
+        draw(st.booleans()),
+    )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -69,7 +75,9 @@ def test_quantize_4bit_bit_exact(case):
         ref = F.dequantize_4bit(p_ref, s_ref)
     else:
         absmax = (F.dequantize_blockwise(s_ref.absmax, s_ref.state2) + s_ref.offset) if dq else s_ref.absmax
-        ref = _dequantize_4bit_compute(p_ref.reshape(-1), absmax, F.get_4bit_type(qt, device="cpu"), bs, s_ref.shape, dtype)
+        ref = _dequantize_4bit_compute(
+            p_ref.reshape(-1), absmax, F.get_4bit_type(qt, device="cpu"), bs, s_ref.shape, dtype
+        )
     assert torch.equal(_bits(mine), _bits(ref))
 
 
@@ -82,7 +90,9 @@ def test_quantize_blockwise_8bit_bit_exact(n, seed, scale):
     q, absmax = quantize_blockwise_8bit(A, dynamic_map(), 256)
     assert torch.equal(q, q_ref)
     assert torch.equal(absmax, st_ref.absmax)
-    assert torch.equal(dequantize_blockwise_8bit(q, absmax, st_ref.code, 256), F.dequantize_blockwise(q_ref, st_ref))
+    assert torch.equal(
+        dequantize_blockwise_8bit(q, absmax, st_ref.code, 256), F.dequantize_blockwise(q_ref, st_ref)
+    )
 
 
 def test_double_quant_dequantized_scales_match():

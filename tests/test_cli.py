@@ -1,0 +1,127 @@
+"""The command line as users and CI run it: contract JSON keys, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from qmerge.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["tiny-llama-bf16", "tiny-llama-nf4", "adapter-qlora", "adapter-dora", "adapter-qlora/checkpoint-12"],
+)
+def test_inspect_json_has_contract_keys(fixtures, target):
+    r = run("inspect", fixtures / target, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert {"architecture", "num_parameters", "quantization", "adapter", "modules", "problems"} <= info.keys()
+    for m in info["modules"]:
+        assert {"name", "shape", "quantized", "lora_rank", "scaling"} <= m.keys()
+
+
+def test_inspect_human_output(fixtures):
+    r = run("inspect", fixtures / "adapter-rslora-patterns")
+    assert r.exit_code == 0 and "rsLoRA=True" in r.stdout and "no problems found" in r.stdout
+
+
+def test_merge_then_check_pass_and_fail(tmp_path, fixtures, base16):
+    r = run("merge", fixtures / "adapter-qlora", "--base", base16, "-o", tmp_path / "m", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert {"output", "files", "num_tensors_merged", "seconds"} <= summary.keys()
+    assert all({"path", "bytes", "sha256"} <= f.keys() for f in summary["files"])
+    r = run("check", fixtures / "adapter-qlora", "--base", base16, "--candidate", tmp_path / "m", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert (
+        rep["passed"]
+        and {
+            "max_abs_logit_diff",
+            "mean_kl",
+            "max_kl",
+            "top1_agreement",
+            "ppl_reference",
+            "ppl_candidate",
+            "n_tokens",
+        }
+        <= rep["metrics"].keys()
+    )
+    assert {"thresholds", "candidate"} <= rep.keys()
+    # the base itself is a candidate that lost the fine-tune: a strict gate must exit 3
+    r = run("check", fixtures / "adapter-qlora", "--candidate", base16, "--max-abs-diff", "1e-6", "--json")
+    assert r.exit_code == 3 and json.loads(r.stdout)["passed"] is False
+
+
+def test_check_text_file_and_naive(tmp_path, fixtures, base16):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    run("merge", fixtures / "adapter-dora", "--base", base16, "-o", tmp_path / "m", "--dtype", "fp32")
+    r = run(
+        "check",
+        fixtures / "adapter-dora",
+        "--base",
+        base16,
+        "--candidate",
+        tmp_path / "m",
+        "--text",
+        text,
+        "--naive",
+        "--seq-len",
+        "32",
+        "--json",
+    )
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 0 and rep["metrics"]["max_abs_logit_diff"] < 1e-4
+    assert rep["naive_merge"]["max_abs_logit_diff"] > 10 * rep["metrics"]["max_abs_logit_diff"]
+
+
+@pytest.mark.parametrize(
+    "make_bad,expected",
+    [
+        (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 20), "corrupt"),
+        (lambda d: (d / "adapter_config.json").write_text("{oops"), "not valid JSON"),
+        (lambda d: (d / "adapter_config.json").unlink(), "holds trainer checkpoints"),
+    ],
+)
+def test_bad_input_exits_1_with_one_message(tmp_path, fixtures, base16, make_bad, expected):
+    d = tmp_path / "a"
+    shutil.copytree(fixtures / "adapter-qlora", d)
+    make_bad(d)
+    r = run("merge", d, "--base", base16, "-o", tmp_path / "m")
+    assert r.exit_code == 1
+    assert expected in r.stderr and "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "m").exists()
+
+
+def test_missing_config_and_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run("inspect", tmp_path / "empty")
+    assert r.exit_code == 1 and "not a PEFT adapter" in r.stderr
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"junk")
+    r = run("inspect", f)
+    assert r.exit_code == 1 and "x.bin" in r.stderr
+
+
+def test_usage_error_exits_2(fixtures):
+    assert run("merge", fixtures / "adapter-qlora").exit_code == 2
+    assert run("export", fixtures / "adapter-qlora", "--to", "onnx", "-o", "x").exit_code == 2
+
+
+def test_console_script_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "qmerge.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    for cmd in ("inspect", "merge", "check", "export", "train", "demo"):
+        assert cmd in out.stdout
