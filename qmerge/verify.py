@@ -284,7 +284,7 @@ def gguf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
         import llama_cpp
     except ImportError as e:
         raise DependencyError(
-            "checking a GGUF file needs llama-cpp-python: pip install 'qmerge[gguf]'."
+            "checking a GGUF file needs llama-cpp-python: pip install llama-cpp-python."
         ) from e
     seq = tokens.shape[1]
     with quiet_native_stderr():

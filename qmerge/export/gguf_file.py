@@ -422,7 +422,7 @@ def quantize_with_llama_cpp(src: Path, dst: Path, gguf_type: str) -> None:
         import llama_cpp
     except ImportError as e:
         raise DependencyError(
-            f"--gguf-type {gguf_type} uses llama.cpp's quantizer: pip install 'qmerge[gguf]'."
+            f"--gguf-type {gguf_type} uses llama.cpp's quantizer: pip install llama-cpp-python."
         ) from e
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}", None)
     if ftype is None:
