@@ -59,6 +59,50 @@ def _sorted_code(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     return midpoints, order
 
 
+@lru_cache(maxsize=2)
+def _bucket_lut(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tables that replace bucketize for values in [-1, 1], indexed by the fp32's high 16 bits (+32768).
+
+    count[h]: how many midpoints lie below every float whose high half is h; ambiguous[h]: a midpoint
+    falls inside that range (15 of 65536 ranges), so the element needs one exact comparison.
+    """
+    midpoints, _ = _sorted_code(quant_type)
+    bits = (torch.arange(65536, dtype=torch.int64) - 32768) << 16
+    lo = bits.to(torch.int32).view(torch.float32)
+    hi = (bits | 0xFFFF).to(torch.int32).view(torch.float32)
+    a, b = torch.minimum(lo, hi), torch.maximum(lo, hi)
+    count_a = torch.searchsorted(midpoints, a, side="left")
+    count_b = torch.searchsorted(midpoints, b, side="left")
+    ambiguous = (count_a != count_b) & ~torch.isnan(a)
+    return count_a, ambiguous, torch.cat([midpoints, torch.tensor([float("inf")])])
+
+
+_CHUNK = 1 << 18  # elements per pass: keeps the intermediates in cache (a multiple of every blocksize)
+
+
+def _codes_full_blocks(
+    flat: torch.Tensor, blocksize: int, quant_type: str, codes: torch.Tensor, absmax: torch.Tensor
+) -> None:
+    """Sorted-code indices and absmax of whole blocks, written into codes/absmax, chunk by chunk.
+
+    Same result as bucketize(clamp(x * (1 / absmax), -1, 1), midpoints) (ties to the lower code): a table
+    lookup on the float's high bits, then an exact comparison in the few ranges that hold a midpoint.
+    """
+    count, ambiguous, mid_ext = _bucket_lut(quant_type)
+    for s in range(0, flat.numel(), _CHUNK):
+        x = flat[s : s + _CHUNK].float().view(-1, blocksize)
+        am = x.abs().amax(dim=-1)
+        absmax[s // blocksize : s // blocksize + am.numel()] = am
+        y = x.mul_((1.0 / am.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
+        idx = y.view(torch.int16)[1::2].to(torch.int64).add_(32768)  # high half of each fp32 (little-endian)
+        c = torch.index_select(count, 0, idx)
+        fix = torch.index_select(ambiguous, 0, idx).nonzero().squeeze(1)
+        if fix.numel():
+            cf = c[fix]
+            c[fix] = cf + (mid_ext[cf] < y[fix])
+        codes[s : s + y.numel()] = c.to(torch.uint8)
+
+
 def quantize_4bit_codes(
     A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,25 +117,25 @@ def quantize_4bit_codes(
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     if A.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"4-bit quantization takes float32/float16/bfloat16, got {A.dtype}")
-    flat = A.reshape(-1).float()
+    flat = A.reshape(-1)
     n = flat.numel()
     rem = n % blocksize
     full = n - rem
-    blocks = flat[:full].reshape(full // blocksize, blocksize)
-    absmax = blocks.abs().amax(dim=-1)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    if rem:
-        am = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, am.unsqueeze(0)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    codes = torch.empty(n + n % 2, dtype=torch.uint8)
+    absmax = torch.empty(-(n // -blocksize), dtype=torch.float32)
     midpoints, order = _sorted_code(quant_type)
-    q = torch.bucketize(scaled, midpoints, out_int32=True)
+    _codes_full_blocks(flat[:full], blocksize, quant_type, codes, absmax)
+    if rem:
+        tail = flat[full:].float()
+        am = tail.abs().max().clamp(min=1e-38)  # stored clamped, unlike whole blocks (as bitsandbytes)
+        absmax[-1] = am
+        scaled = torch.clamp(tail / am, -1, 1)
+        codes[full:n] = torch.bucketize(scaled, midpoints).to(torch.uint8)
+    if n % 2:  # bitsandbytes pads the scaled values with one 0.0 before packing
+        codes[n] = torch.bucketize(torch.zeros(1), midpoints).to(torch.uint8)
     if quant_type != "nf4":
-        q = order.to(torch.int32)[q]
-    q8 = q.to(torch.uint8)
-    packed = ((q8[::2] << 4) | q8[1::2]).unsqueeze(1)
+        codes = order.to(torch.uint8)[codes.long()]
+    packed = ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
     return packed, absmax
 
 
