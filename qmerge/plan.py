@@ -16,11 +16,12 @@ import torch
 from .errors import InputError, MismatchError
 from .io.adapter import Adapter, LoraModule
 from .io.checkpoint import ModelDir, torch_dtype_of
-from .lora.delta import dora_merge, embedding_delta, lora_delta
+from .lora.delta import add_lora_, dora_merge, embedding_delta, lora_delta
 from .lora.scaling import module_rank_alpha, module_scaling
-from .quant.blockwise import dequantize_4bit, quantize_4bit
+from .quant.blockwise import QuantState, dequantize_4bit, dequantize_rows, quantize_4bit
 
 Progress = Callable[[str, int, int], None]
+_FUSED_ELEMENTS = 1 << 18  # elements per row block in the fused merge: about 1 MiB of fp32
 
 
 @dataclass(frozen=True)
@@ -242,30 +243,52 @@ class QLoRACheckpoint:
             )
 
     # ---- tensors ----------------------------------------------------------------------------------
+    def quantized_source(self, name: str) -> tuple[torch.Tensor, QuantState] | None:
+        """The packed 4-bit codes and state training used for `name`, or None for a 16-bit tensor.
+
+        Read from a 4-bit checkpoint, or reproduced from the 16-bit base exactly as bitsandbytes quantizes
+        it at load time (merge_base "dequantized" only).
+        """
+        if name in self.base.quantized:
+            return self.base.quant_state(name)
+        if name not in self.quantized_names() or self.merge_base != "dequantized":
+            return None
+        tensor = self.base.store.get(name)
+        if not tensor.is_floating_point():
+            return None
+        q = self.quant
+        loaded = tensor.to(q.dtype) if q.dtype is not None else tensor
+        return quantize_4bit(loaded, q.blocksize, q.quant_type, q.double_quant)
+
     def base_weight(self, name: str) -> tuple[torch.Tensor, bool]:
         """The fp32 base tensor the merge starts from, and whether it is a 4-bit layer.
 
         dequantized: exactly the weights training saw, dequantized by the bitsandbytes rule (fp32 product
         cast to the quant_state dtype). original: the 16-bit base tensor.
         """
-        quantized = name in self.quantized_names()
-        if name in self.base.quantized:
-            packed, state = self.base.quant_state(name)
-            return dequantize_4bit(packed, state).float(), True
+        source = self.quantized_source(name)
+        if source is not None:
+            packed, state = source
+            return dequantize_4bit(packed, state, torch.float32, round_to=state.dtype), True
         tensor = self.base.store.get(name)
         if not tensor.is_floating_point():
             return tensor, False
-        if quantized and self.merge_base == "dequantized":
-            q = self.quant
-            loaded = tensor.to(q.dtype) if q.dtype is not None else tensor
-            packed, state = quantize_4bit(loaded, q.blocksize, q.quant_type, q.double_quant)
-            return dequantize_4bit(packed, state).float(), True
-        return tensor.float(), quantized
+        return tensor.float(), name in self.quantized_names()
 
     def iter_tensors(
-        self, order: list[str] | None = None, progress: Progress | None = None
+        self,
+        order: list[str] | None = None,
+        progress: Progress | None = None,
+        keep_base: bool = False,
+        out_dtype: torch.dtype | None = None,
     ) -> Iterator[MergedTensor]:
-        """Yield every tensor of the merged model one at a time, in `order` (default: sorted names)."""
+        """Yield every tensor of the merged model one at a time, in `order` (default: sorted names).
+
+        With keep_base, MergedTensor.base holds a copy of the weight before the adapter (one more tensor
+        of memory); without it the adapter is added in place and base is None. With out_dtype, floating
+        tensors come in that dtype (the fp32 math is the same; 4-bit layers with a plain LoRA are then
+        dequantized, merged and cast row block by row block, while in cache).
+        """
         names = order if order is not None else sorted(self.plan().shapes)
         ad = self.adapter
         by_weight = {m.module + ".weight": m for m in ad.layout.lora.values()} if ad else {}
@@ -273,7 +296,10 @@ class QLoRACheckpoint:
         for i, name in enumerate(names):
             if progress:
                 progress(name, i, len(names))
-            yield self._tensor(name, by_weight.get(name), by_bias.get(name))
+            t = self._tensor(name, by_weight.get(name), by_bias.get(name), keep_base, out_dtype)
+            if out_dtype is not None and t.value.is_floating_point():
+                t.value = t.value.to(out_dtype)
+            yield t
         if progress:
             progress("", len(names), len(names))
 
@@ -285,16 +311,48 @@ class QLoRACheckpoint:
             )
         return t
 
-    def _tensor(self, name: str, lora: LoraModule | None, bias_of: LoraModule | None) -> MergedTensor:
+    def _tensor(
+        self,
+        name: str,
+        lora: LoraModule | None,
+        bias_of: LoraModule | None,
+        keep_base: bool,
+        out_dtype: torch.dtype | None = None,
+    ) -> MergedTensor:
         ad = self.adapter
         replaced = ad is not None and name in ad.layout.replace
+        if (
+            out_dtype is not None
+            and not keep_base
+            and not replaced
+            and lora is not None
+            and lora.kind == "linear"
+            and lora.magnitude is None
+            and not ad.settings.fan_in_fan_out
+        ):
+            source = self.quantized_source(name)
+            if (
+                source is not None
+                and len(source[1].shape) == 2
+                and source[1].shape[1] % source[1].blocksize == 0
+            ):
+                return MergedTensor(name, self._fused_lora(source, lora, out_dtype), None, True, merged=True)
+        if lora is None and bias_of is None and not replaced and out_dtype is not None:
+            source = self.quantized_source(name)
+            if source is None:  # untouched 16-bit tensor: straight to the output dtype, no fp32 copy
+                raw = self.base.store.get(name)
+                return MergedTensor(name, raw.to(out_dtype) if raw.is_floating_point() else raw, None, False)
+            packed, state = source
+            return MergedTensor(
+                name, dequantize_4bit(packed, state, out_dtype, round_to=state.dtype), None, True
+            )
         if replaced:
             value, quantized = self._adapter_tensor(ad.layout.replace[name]), name in self.quantized_names()
         else:
             value, quantized = self.base_weight(name)
         if lora is None and bias_of is None:
             return MergedTensor(name, value, None, quantized, merged=replaced)
-        base = value
+        base = value.clone() if keep_base else None
         if lora is not None:
             value = self._apply_lora(value, lora)
         if bias_of is not None:
@@ -303,12 +361,30 @@ class QLoRACheckpoint:
             )
         return MergedTensor(name, value, base, quantized, merged=True)
 
+    def _fused_lora(
+        self, source: tuple[torch.Tensor, QuantState], mod: LoraModule, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Dequantize, add scaling * B @ A in fp32 and cast, a block of rows at a time (same math as the
+        whole-tensor path: each output element is dequant(W) + scaling * (B @ A), rounded once)."""
+        packed, state = source
+        rows, cols = state.shape
+        scaling = module_scaling(self.adapter.settings, mod.module)
+        A, B = self._adapter_tensor(mod.lora_A), self._adapter_tensor(mod.lora_B)
+        out = torch.empty(rows, cols, dtype=out_dtype)
+        for r0, r1, w in dequantize_rows(
+            packed, state, max(1, _FUSED_ELEMENTS // cols), round_to=state.dtype
+        ):
+            out[r0:r1] = w.addmm_(B[r0:r1], A, alpha=scaling)
+        return out
+
     def _apply_lora(self, weight: torch.Tensor, mod: LoraModule) -> torch.Tensor:
         s = self.adapter.settings
         scaling = module_scaling(s, mod.module)
         A, B = self._adapter_tensor(mod.lora_A), self._adapter_tensor(mod.lora_B)
         if mod.kind == "embedding":
             return weight + embedding_delta(A, B, scaling)
+        if mod.magnitude is None and weight.dtype == torch.float32:
+            return add_lora_(weight, A, B, scaling, s.fan_in_fan_out)  # in place: no delta-sized temporary
         delta = lora_delta(A, B, scaling, s.fan_in_fan_out)
         if mod.magnitude is None:
             return weight + delta

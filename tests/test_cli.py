@@ -125,3 +125,15 @@ def test_console_script_runs():
     )
     for cmd in ("inspect", "merge", "check", "export", "train", "demo"):
         assert cmd in out.stdout
+
+
+def test_docs_cli_lists_every_option():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    for name, cmd in cli.commands.items():
+        assert f"## qmerge {name}" in doc
+        for param in cmd.params:
+            for opt in param.opts:
+                if opt.startswith("--"):
+                    assert opt in doc, f"{name} {opt} missing from docs/cli.md"

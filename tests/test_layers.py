@@ -8,8 +8,33 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "qmerge"
 # package -> modules it must not import (qmerge-relative names, or third-party heavyweights)
 FORBIDDEN = {
-    "quant": {"io", "lora", "plan", "merge", "verify", "export", "train", "cli", "transformers", "peft", "bitsandbytes", "safetensors"},
-    "lora": {"io", "quant", "plan", "merge", "verify", "export", "train", "cli", "transformers", "peft", "bitsandbytes"},
+    "quant": {
+        "io",
+        "lora",
+        "plan",
+        "merge",
+        "verify",
+        "export",
+        "train",
+        "cli",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "safetensors",
+    },
+    "lora": {
+        "io",
+        "quant",
+        "plan",
+        "merge",
+        "verify",
+        "export",
+        "train",
+        "cli",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+    },
     "io": {"plan", "merge", "verify", "export", "train", "cli"},
 }
 

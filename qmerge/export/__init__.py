@@ -86,7 +86,7 @@ def export_nf4(
 
     def produce() -> Iterator[tuple[str, torch.Tensor]]:
         nonlocal merged
-        for t in ckpt.iter_tensors(names, progress):
+        for t in ckpt.iter_tensors(names, progress, keep_base=True):
             merged += t.merged
             if t.name in quantized:
                 yield from requantize(t, opts, dtype, retention)
@@ -94,7 +94,7 @@ def export_nf4(
                 yield t.name, t.value.to(dtype) if plan.floating[t.name] else t.value
 
     with atomic_dir(out, force) as tmp:
-        write_sharded(tmp, entries, max_shard_size, produce())
+        digests = write_sharded(tmp, entries, max_shard_size, produce())
         cfg = output_config(ckpt.base.config, dtype)
         skip = (ckpt.base.quantization_config or {}).get("llm_int8_skip_modules")
         cfg["quantization_config"] = quantization_config(opts, skip)
@@ -105,7 +105,7 @@ def export_nf4(
         if summary:
             prov["delta_retention"] = summary
         (tmp / "qmerge_provenance.json").write_text(json.dumps(prov, indent=2) + "\n", encoding="utf-8")
-        files_out = describe_files(tmp)
+        files_out = describe_files(tmp, digests)
     details = {"delta_retention": summary} if summary else {}
     return WriteReport(str(out), files_out, merged, time.perf_counter() - start, details)
 

@@ -96,12 +96,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def describe_files(root: Path, final_root: Path | None = None) -> list[OutputFile]:
-    """OutputFile records for every file under root (a file or a directory), with sha256."""
+def describe_files(root: Path, known: dict[str, str] | None = None) -> list[OutputFile]:
+    """OutputFile records for every file under root (a file or a directory), with sha256.
+
+    `known` maps relative paths to sha256 digests already computed while writing (not read again).
+    """
     root = Path(root)
+    known = known or {}
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     out = []
     for p in files:
         rel = p.name if root.is_file() else str(p.relative_to(root))
-        out.append(OutputFile(rel, p.stat().st_size, sha256_file(p)))
+        out.append(OutputFile(rel, p.stat().st_size, known.get(rel) or sha256_file(p)))
     return out

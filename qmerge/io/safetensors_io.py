@@ -9,9 +9,12 @@ The `safetensors` package is the reference for both in tests (same bytes as safe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
@@ -167,13 +170,23 @@ class StreamingSafetensorsWriter:
     """Write one safetensors file whose tensors arrive one at a time, in the planned order.
 
     The header is written first from the plan; `write` then checks that each tensor is the one the plan
-    expects next (name, dtype, shape) before appending its bytes. `close` fails if any is missing.
+    expects next (name, dtype, shape) and hands its bytes to a writer thread and then a hashing thread,
+    which work while the caller computes the next tensor (at most `max_in_flight` bytes wait, so memory
+    stays bounded). `close` fails if any planned tensor is missing; `sha256` and `bytes` are then set.
     """
 
-    def __init__(self, path: Path, entries: Sequence[PlannedTensor], metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        entries: Sequence[PlannedTensor],
+        metadata: dict[str, str] | None = None,
+        max_in_flight: int = 512 * 2**20,
+    ):
         self.path = Path(path)
         self.entries = list(entries)
         self._next = 0
+        self.sha256: str | None = None
+        self.bytes = 0
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = metadata
@@ -187,13 +200,65 @@ class StreamingSafetensorsWriter:
             offset += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+        head = struct.pack("<Q", len(raw)) + raw
+        self._hash = hashlib.sha256(head)
         try:
             self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close()/abort()
-            self._f.write(struct.pack("<Q", len(raw)) + raw)
+            self._f.write(head)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror}).") from e
+        self.bytes = len(head)
+        # Two stages, each on its own thread: write (mostly waiting on the disk), then hash (CPU), so
+        # hashing tensor k overlaps writing tensor k + 1.
+        self._queue: queue.Queue = queue.Queue()
+        self._hash_queue: queue.Queue = queue.Queue()
+        # Bytes handed over but not yet hashed; write() waits while more than max_in_flight are pending
+        # (a single larger tensor may always go), which bounds the memory the pipeline holds.
+        self._in_flight = 0
+        self._max_in_flight = max_in_flight
+        self._room = threading.Condition()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
+        self._hasher = threading.Thread(target=self._digest, name=f"hash-{self.path.name}", daemon=True)
+        self._thread.start()
+        self._hasher.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._hash_queue.put(None)
+                return
+            name, data = item
+            if self._error is not None:
+                self._release(len(data))  # keep draining so the producer never blocks
+                continue
+            try:
+                self._f.write(data)
+                self.bytes += len(data)
+                self._hash_queue.put(data)
+            except BaseException as e:  # noqa: BLE001 - handed to the producer thread
+                self._error = OutputError(
+                    f"{self.path}: cannot write tensor {name!r} ({getattr(e, 'strerror', e)})."
+                )
+                self._error.__cause__ = e
+
+    def _digest(self) -> None:
+        while (data := self._hash_queue.get()) is not None:
+            self._hash.update(data)
+            self._release(len(data))
+
+    def _release(self, n: int) -> None:
+        with self._room:
+            self._in_flight -= n
+            self._room.notify_all()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._raise_pending()
         if self._next >= len(self.entries):
             raise RuntimeError(
                 f"{self.path}: got tensor {name!r} after the planned {len(self.entries)} tensors"
@@ -205,17 +270,20 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(
                 f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {e.dtype} {list(e.shape)}"
             )
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        try:
-            self._f.write(memoryview(data))
-        except OSError as err:
-            raise OutputError(f"{self.path}: cannot write tensor {name!r} ({err.strerror}).") from err
+        data = (
+            memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
+        )
+        self._queue.put((name, data))
         self._next += 1
 
     def close(self) -> None:
         if self._f.closed:
             return
+        self._queue.put(None)
+        self._thread.join()
+        self._hasher.join()
         try:
+            self._raise_pending()
             self._f.flush()
             os.fsync(self._f.fileno())
         except OSError as e:
@@ -225,7 +293,13 @@ class StreamingSafetensorsWriter:
         if self._next != len(self.entries):
             missing = self.entries[self._next].name
             raise RuntimeError(f"{self.path}: closed before tensor {missing!r} was written")
+        self.sha256 = self._hash.hexdigest()
 
     def abort(self) -> None:
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._queue.put(None)
+            self._thread.join()
+        self._hasher.join()
         if not self._f.closed:
             self._f.close()

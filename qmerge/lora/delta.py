@@ -13,6 +13,22 @@ def lora_delta(
     return delta.T if fan_in_fan_out else delta
 
 
+def add_lora_(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """weight += scaling * B @ A, in place on an fp32 weight (one fused addmm); returns weight.
+
+    Warning: mutates `weight`. Equal to weight + lora_delta(...) up to float summation order.
+    """
+    if fan_in_fan_out:
+        return weight.addmm_(lora_A.float().T, lora_B.float().T, alpha=scaling)
+    return weight.addmm_(lora_B.float(), lora_A.float(), alpha=scaling)
+
+
 def embedding_delta(
     lora_embedding_A: torch.Tensor, lora_embedding_B: torch.Tensor, scaling: float
 ) -> torch.Tensor:

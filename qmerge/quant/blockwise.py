@@ -7,6 +7,7 @@ kernels (`csrc/cpu_ops.cpp`: quantize_cpu for the 8-bit map used by double quant
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
@@ -242,15 +243,18 @@ def _byte_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
 
 
-def dequantize_4bit(
-    packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """Dequantize packed 4-bit codes to a tensor of state.shape.
+@dataclass(frozen=True)
+class _Prepared:
+    """A 4-bit tensor ready for range dequantization: packed bytes, fp32 block scales, byte table."""
 
-    Each value is code[nibble] * absmax[block] computed in fp32 and cast once to `dtype` (default
-    state.dtype), exactly as bitsandbytes.functional.dequantize_4bit. Pass dtype=torch.float32 for the
-    unrounded fp32 product.
-    """
+    flat: torch.Tensor
+    absmax: torch.Tensor
+    table: torch.Tensor
+    blocksize: int
+    n: int
+
+
+def _prepare(packed: torch.Tensor, state: QuantState) -> _Prepared:
     n = state.numel
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
@@ -259,19 +263,66 @@ def dequantize_4bit(
         raise ValueError(
             f"packed 4-bit data holds {packed.numel()} bytes, shape {state.shape} needs {nbytes}"
         )
-    values = _byte_table(state.code.float())[packed.reshape(-1)[:nbytes].long()].reshape(-1)[:n]
     absmax = dequantize_absmax(state)
     blocks = -(n // -state.blocksize)
     if absmax.numel() < blocks:
         raise ValueError(f"absmax has {absmax.numel()} blocks, shape {state.shape} needs {blocks}")
-    full = (n // state.blocksize) * state.blocksize
-    out = torch.empty(n, dtype=torch.float32)
-    out[:full] = (
-        values[:full].view(-1, state.blocksize) * absmax[: full // state.blocksize].view(-1, 1)
-    ).view(-1)
-    if full < n:
-        out[full:] = values[full:] * absmax[blocks - 1]
-    return out.reshape(state.shape).to(dtype or state.dtype)
+    return _Prepared(packed.reshape(-1)[:nbytes], absmax, _byte_table(state.code.float()), state.blocksize, n)
+
+
+def _dequant_range(p: _Prepared, start: int, end: int) -> torch.Tensor:
+    """fp32 code * absmax for elements [start, end); start is a multiple of the blocksize (so even)."""
+    bs = p.blocksize
+    vals = torch.index_select(p.table, 0, p.flat[start // 2 : (end + 1) // 2].int()).view(-1)[: end - start]
+    whole = (end - start) // bs * bs
+    vals[:whole].view(-1, bs).mul_(p.absmax[start // bs : start // bs + whole // bs].view(-1, 1))
+    if whole < end - start:  # a last partial block
+        vals[whole:].mul_(p.absmax[(start + whole) // bs])
+    return vals
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    state: QuantState,
+    dtype: torch.dtype | None = None,
+    round_to: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Dequantize packed 4-bit codes to a tensor of state.shape.
+
+    Each value is code[nibble] * absmax[block] computed in fp32 and cast once to `dtype` (default
+    state.dtype), exactly as bitsandbytes.functional.dequantize_4bit. Pass dtype=torch.float32 for the
+    unrounded fp32 product; dtype=torch.float32 with round_to=state.dtype gives bitsandbytes' values
+    widened back to fp32 (what a QLoRA forward computes with) in a single pass.
+    """
+    p = _prepare(packed, state)
+    dtype = dtype or state.dtype
+    out = torch.empty(p.n, dtype=dtype)
+    step = max(_CHUNK // p.blocksize, 1) * p.blocksize
+    for s in range(0, p.n, step):
+        e = min(s + step, p.n)
+        vals = _dequant_range(p, s, e)
+        out[s:e] = vals.to(round_to) if round_to is not None and round_to != dtype else vals
+    return out.view(state.shape)
+
+
+def dequantize_rows(
+    packed: torch.Tensor, state: QuantState, rows_per_chunk: int, round_to: torch.dtype | None = None
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (row_start, row_stop, fp32 rows) of a 2-D 4-bit weight whose rows are whole blocks.
+
+    Same values as dequantize_4bit(packed, state, torch.float32, round_to), a few rows at a time, so a
+    caller can finish each piece (add a LoRA delta, cast) while it is still in cache.
+    """
+    rows, cols = state.shape
+    if cols % state.blocksize:
+        raise ValueError(f"rows of {cols} values are not whole blocks of {state.blocksize}")
+    p = _prepare(packed, state)
+    for r0 in range(0, rows, rows_per_chunk):
+        r1 = min(rows, r0 + rows_per_chunk)
+        vals = _dequant_range(p, r0 * cols, r1 * cols)
+        if round_to is not None and round_to != torch.float32:
+            vals = vals.to(round_to).float()
+        yield r0, r1, vals.view(r1 - r0, cols)
 
 
 def bits_per_param(state: QuantState) -> float:

@@ -19,8 +19,16 @@ F32_TOL = 1e-3  # the issue's bound; measured ~1e-6 with an f32 KV cache
 
 
 def llama_cpp_logits(path, tokens=SEQ) -> torch.Tensor:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, n_threads=2)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=64,
+        n_batch=64,
+        logits_all=True,
+        verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        n_threads=2,
+    )
     llm.eval(tokens[0].tolist())
     out = torch.from_numpy(llm.scores[: tokens.shape[1]].copy()).unsqueeze(0)
     llm.close()
@@ -36,10 +44,14 @@ def arch_adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("archs")
     made = {}
     for arch, tied in (("llama", False), ("mistral", False), ("qwen2", True)):
-        base = build_base(root / f"{arch}-base", TinySpec(arch=arch, tie_word_embeddings=tied, num_key_value_heads=2))
+        base = build_base(
+            root / f"{arch}-base", TinySpec(arch=arch, tie_word_embeddings=tied, num_key_value_heads=2)
+        )
         torch.manual_seed(7)
-        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-                              LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+        peft = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+        )
         with torch.no_grad():
             for n, p in peft.named_parameters():
                 if "lora_B" in n:
@@ -101,7 +113,9 @@ def test_unsupported_type_and_architecture(tmp_path, fixtures, base16):
         export(fixtures / "adapter-qlora", "gguf", tmp_path / "x.gguf", base=base16, gguf_type="q9_z")
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(str(tmp_path / "gpt2"))
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(
+        str(tmp_path / "gpt2")
+    )
     with pytest.raises(UnsupportedError, match="LlamaForCausalLM"):
         export(tmp_path / "gpt2", "gguf", tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists() and not (tmp_path / "x.gguf").exists()

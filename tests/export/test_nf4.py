@@ -14,8 +14,11 @@ from tests.helpers import TOKENS
 
 
 def _dequantized_linears(model) -> dict[str, torch.Tensor]:
-    return {n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).clone()
-            for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    return {
+        n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).clone()
+        for n, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
 
 
 def test_nf4_export_equals_bitsandbytes_quantizing_the_merge(tmp_path, fixtures, base16):
@@ -27,9 +30,15 @@ def test_nf4_export_equals_bitsandbytes_quantizing_the_merge(tmp_path, fixtures,
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in ours.modules())
     # reference: the same merged weights (bf16) quantized by bitsandbytes at load time
     merge(adapter, tmp_path / "bf16", base=base16, dtype="bf16")
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), quantization_config=cfg, device_map="cpu")
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "bf16"), quantization_config=cfg, device_map="cpu"
+    )
     a, b = _dequantized_linears(ours), _dequantized_linears(theirs)
     assert a.keys() == b.keys() and len(a) == 14
     for k in a:
@@ -44,7 +53,13 @@ def test_nf4_export_equals_bitsandbytes_quantizing_the_merge(tmp_path, fixtures,
 
 
 def test_nf4_export_inspect_and_options(tmp_path, fixtures, base16):
-    export(fixtures / "adapter-dora", "nf4", tmp_path / "a", base=base16, nf4=NF4Options(blocksize=128, double_quant=False))
+    export(
+        fixtures / "adapter-dora",
+        "nf4",
+        tmp_path / "a",
+        base=base16,
+        nf4=NF4Options(blocksize=128, double_quant=False),
+    )
     q = inspect_path(tmp_path / "a")["quantization"]
     assert q["blocksize"] == 128 and not q["double_quant"]
     # 4 bits per weight + one fp32 absmax per 128 weights
@@ -55,5 +70,7 @@ def test_nf4_check_reports_drift(tmp_path, fixtures, base16):
     from qmerge.verify import Thresholds, check
 
     export(fixtures / "adapter-qlora", "nf4", tmp_path / "nf4", base=base16)
-    rep = check(fixtures / "adapter-qlora", tmp_path / "nf4", base=base16, thresholds=Thresholds(None, None, None))
+    rep = check(
+        fixtures / "adapter-qlora", tmp_path / "nf4", base=base16, thresholds=Thresholds(None, None, None)
+    )
     assert rep.candidate_kind == "nf4" and rep.passed and rep.metrics.max_abs_logit_diff > 0

@@ -136,10 +136,16 @@ def test_codec_works_without_bitsandbytes():
     assert "torch.Size([8, 64])" in out.stdout
 
 
-@pytest.mark.parametrize("blocksize,dtype", [(64, torch.bfloat16), (4096, torch.float32), (32, torch.float16)])
+@pytest.mark.parametrize(
+    "blocksize,dtype", [(64, torch.bfloat16), (4096, torch.float32), (32, torch.float16)]
+)
 def test_large_tensor_across_chunks(blocksize, dtype):
     """Several of the codec's 2**18-element passes, with a partial last block and an odd count."""
     A = (torch.randn(700 * 1000 + 77) * 0.05).to(dtype)
     p_ref, s_ref = F.quantize_4bit(A, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
     p, s = quantize_4bit(A, blocksize, "nf4", True)
-    assert torch.equal(p, p_ref) and torch.equal(s.absmax, s_ref.absmax) and torch.equal(s.nested_absmax, s_ref.state2.absmax)
+    assert (
+        torch.equal(p, p_ref)
+        and torch.equal(s.absmax, s_ref.absmax)
+        and torch.equal(s.nested_absmax, s_ref.state2.absmax)
+    )

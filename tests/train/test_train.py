@@ -16,8 +16,10 @@ from qmerge.train.trainer import train
 
 @pytest.fixture
 def data(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"colour of {a}"}, {"role": "assistant", "content": b}]}
-            for a, b in [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black")]] * 4
+    rows = [
+        {"messages": [{"role": "user", "content": f"colour of {a}"}, {"role": "assistant", "content": b}]}
+        for a, b in [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black")]
+    ] * 4
     rows += [{"instruction": "name a day", "output": "Monday"}, {"text": "one two three four"}]
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -29,9 +31,24 @@ def test_loss_falls_and_checkpoint_round_trips(tmp_path, data, base16):
     from qmerge.merge import merge
     from qmerge.verify import check
 
-    cfg = load_train_config(None, dict(base=base16, data=data, output=tmp_path / "run", max_steps=30, r=8, lora_alpha=16,
-                                       learning_rate=3e-3, per_device_train_batch_size=6, gradient_accumulation_steps=1,
-                                       logging_steps=5, save_steps=15, eval_data=data, gradient_checkpointing=True))
+    cfg = load_train_config(
+        None,
+        dict(
+            base=base16,
+            data=data,
+            output=tmp_path / "run",
+            max_steps=30,
+            r=8,
+            lora_alpha=16,
+            learning_rate=3e-3,
+            per_device_train_batch_size=6,
+            gradient_accumulation_steps=1,
+            logging_steps=5,
+            save_steps=15,
+            eval_data=data,
+            gradient_checkpointing=True,
+        ),
+    )
     result = train(cfg, log=None)
     assert result["last_loss"] < result["first_loss"] and result["eval_loss"] is not None
     assert result["optimizer"] == ("paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch")
@@ -45,10 +62,21 @@ def test_loss_falls_and_checkpoint_round_trips(tmp_path, data, base16):
 
 
 def test_resume_from_latest(tmp_path, data, base16):
-    common = dict(base=base16, data=data, output=tmp_path / "run", r=4, learning_rate=1e-3,
-                  per_device_train_batch_size=6, gradient_accumulation_steps=1, save_steps=5, gradient_checkpointing=False)
+    common = dict(
+        base=base16,
+        data=data,
+        output=tmp_path / "run",
+        r=4,
+        learning_rate=1e-3,
+        per_device_train_batch_size=6,
+        gradient_accumulation_steps=1,
+        save_steps=5,
+        gradient_checkpointing=False,
+    )
     train(load_train_config(None, {**common, "max_steps": 5}), log=None)
-    result = train(load_train_config(None, {**common, "max_steps": 10, "resume_from_checkpoint": "latest"}), log=None)
+    result = train(
+        load_train_config(None, {**common, "max_steps": 10, "resume_from_checkpoint": "latest"}), log=None
+    )
     assert result["steps"] == 10
 
 
@@ -56,16 +84,25 @@ def test_loss_only_on_responses(base16):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(base16))
-    ex = encode_record({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "blue sky"}]}, tok, 64, "x")
+    ex = encode_record(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "blue sky"}]},
+        tok,
+        64,
+        "x",
+    )
     learned = tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE])
     assert learned.startswith("blue sky") and "hi" not in learned
     ex = encode_record({"instruction": "say", "output": "green"}, tok, 64, "x")
-    assert tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE]).startswith("green")
+    assert tok.decode(
+        [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE]
+    ).startswith("green")
 
 
 def test_config_file_and_overrides(tmp_path, base16, data):
     f = tmp_path / "c.yaml"
-    f.write_text(yaml.safe_dump({"base": str(base16), "data": str(data), "output": str(tmp_path / "o"), "r": 32}))
+    f.write_text(
+        yaml.safe_dump({"base": str(base16), "data": str(data), "output": str(tmp_path / "o"), "r": 32})
+    )
     cfg = load_train_config(f, {"r": 16})
     assert isinstance(cfg, TrainConfig) and cfg.r == 16 and cfg.lora_alpha == 16 and cfg.learning_rate == 2e-4
     with pytest.raises(InputError, match="unknown training option"):
@@ -82,8 +119,19 @@ def test_bad_data_names_the_line(tmp_path, base16):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="paged optimizers need CUDA")
 def test_paged_optimizer_on_cuda(tmp_path, data, base16):
-    cfg = load_train_config(None, dict(base=base16, data=data, output=tmp_path / "run", max_steps=10, r=8,
-                                       learning_rate=3e-3, per_device_train_batch_size=6, gradient_accumulation_steps=1))
+    cfg = load_train_config(
+        None,
+        dict(
+            base=base16,
+            data=data,
+            output=tmp_path / "run",
+            max_steps=10,
+            r=8,
+            learning_rate=3e-3,
+            per_device_train_batch_size=6,
+            gradient_accumulation_steps=1,
+        ),
+    )
     result = train(cfg, log=None)
     assert result["optimizer"] == "paged_adamw_32bit" and result["compute_dtype"] == "bfloat16"
     assert result["last_loss"] < result["first_loss"]
