@@ -1,10 +1,11 @@
 """GGUF export: `qmerge export --to gguf` from the QLoRA checkpoint against the route users take today
 (PEFT merge into a bf16 directory, then llama.cpp's convert_hf_to_gguf.py), in one run.
 
-Each step runs in a fresh process; wall time and peak RSS (ru_maxrss) are recorded, and the two GGUF files
-are compared in llama.cpp. llama.cpp's converter is not a Python package: pass its path with --converter
-(it is in the llama.cpp repository and in llama-cpp-python's source distribution under vendor/llama.cpp).
-Without it, only qmerge's route is measured.
+Each step runs in a fresh process that reports its own wall time and peak RSS (VmHWM). llama.cpp's
+converter is not a Python package: pass its path with --converter (it is in the llama.cpp repository and
+in llama-cpp-python's source distribution, under vendor/llama.cpp). Without it, only qmerge is measured.
+The synthetic model gets a small SentencePiece tokenizer (the converter rejects BPE tokenizers whose
+pre-tokenizer it does not recognise).
 
 Usage: python benchmarks/gguf_bench.py [--size 1.1b|0.3b|tiny] [--converter PATH] [--workdir DIR] [--json FILE]
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -22,21 +22,59 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import build, run_route  # noqa: E402
+from merge_bench import build, run_route, settle  # noqa: E402
+
+_WRAP = """
+import runpy, sys
+target, sys.argv = sys.argv[1], sys.argv[1:]
+code = 0
+try:
+    if target.endswith(".py"):
+        sys.path.insert(0, target.rsplit("/", 1)[0])  # as `python script.py` would
+        runpy.run_path(target, run_name="__main__")
+    else:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]  # ru_maxrss survives exec
+print("BENCH_RSS_GIB", int(hwm[0].split()[1]) / 2**20, file=sys.stderr)
+sys.exit(code)
+"""
 
 
-def timed(cmd: list[str]) -> dict:
-    """Run cmd in a fresh process; wall time and that process's peak RSS (via /usr/bin/env + rusage)."""
+def timed(target: str, *args: str) -> dict:
+    """Run a script (path) or module in a fresh process: wall time and that process's own peak RSS."""
+    settle()
     t = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    p = subprocess.run([sys.executable, "-c", _WRAP, target, *args], capture_output=True, text=True)
     res = {"wall_seconds": time.perf_counter() - t, "returncode": p.returncode}
-    # RUSAGE_CHILDREN keeps the largest child so far; a new maximum is this child's own peak.
-    res["max_rss_gib"] = after / 2**20 if after > before else None
+    for line in p.stderr.splitlines():
+        if line.startswith("BENCH_RSS_GIB "):
+            res["max_rss_gib"] = float(line.split()[1])
     if p.returncode:
         res["error"] = (p.stderr or p.stdout)[-400:]
     return res
+
+
+def add_sentencepiece(*dirs: Path) -> None:
+    """A small SentencePiece tokenizer.model trained on qmerge's built-in corpus, copied into dirs."""
+    import sentencepiece as spm
+
+    from qmerge.tiny import CORPUS
+
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "corpus.txt").write_text(CORPUS)
+    spm.SentencePieceTrainer.train(
+        input=str(tmp / "corpus.txt"),
+        model_prefix=str(tmp / "sp"),
+        vocab_size=200,
+        model_type="bpe",
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    for d in dirs:
+        shutil.copy(tmp / "sp.model", Path(d) / "tokenizer.model")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -49,30 +87,26 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="qmerge-gguf-bench-", dir=args.workdir))
     try:
         base16, base4, adapter, n = build(work, args.size)
-        # qmerge first: its peak is then the first maximum RUSAGE_CHILDREN records
+        add_sentencepiece(base16, base4)
         q = timed(
-            [
-                sys.executable,
-                "-m",
-                "qmerge.cli",
-                "export",
-                str(adapter),
-                "--base",
-                str(base4),
-                "--to",
-                "gguf",
-                "--gguf-type",
-                "f16",
-                "-o",
-                str(work / "qmerge.gguf"),
-                "--json",
-            ]
+            "qmerge.cli",
+            "export",
+            str(adapter),
+            "--base",
+            str(base4),
+            "--to",
+            "gguf",
+            "--gguf-type",
+            "f16",
+            "-o",
+            str(work / "qmerge.gguf"),
+            "--json",
         )
-        result = {"size": args.size, "parameters": n, "qmerge_export_f16": q}
+        result: dict = {"size": args.size, "parameters": n, "qmerge_export_f16": q}
         if args.converter:
             merged = work / "merged-bf16"
-            step1 = run_route("peft16", adapter, base16, merged.with_name("tmp-out"))
-            # run_route deletes its output; merge again for the converter, outside the timing
+            step1 = run_route("peft16", adapter, base16, work / "peft-out")  # timed; its output is removed
+            # the converter needs a merged directory: make the same one (untimed) with qmerge
             subprocess.run(
                 [
                     sys.executable,
@@ -91,23 +125,13 @@ def main() -> None:
                 capture_output=True,
             )
             step2 = timed(
-                [
-                    sys.executable,
-                    str(args.converter),
-                    str(merged),
-                    "--outtype",
-                    "f16",
-                    "--outfile",
-                    str(work / "llamacpp.gguf"),
-                ]
+                str(args.converter), str(merged), "--outtype", "f16", "--outfile", str(work / "llamacpp.gguf")
             )
             result["peer"] = {"peft_merge_to_bf16": step1, "convert_hf_to_gguf_f16": step2}
-            if "wall_seconds" in step1 and step2["returncode"] == 0:
-                total = step1["wall_seconds"] + step2["wall_seconds"]
-                result["peer_total_seconds"] = total
-                result["speedup"] = total / q["wall_seconds"]
-                peaks = [x for x in (step1.get("max_rss_gib"), step2.get("max_rss_gib")) if x]
-                result["peer_peak_rss_gib"] = max(peaks) if peaks else None
+            if "error" not in step2 and step1.get("error") is None:
+                result["peer_total_seconds"] = step1["wall_seconds"] + step2["wall_seconds"]
+                result["speedup"] = result["peer_total_seconds"] / q["wall_seconds"]
+                result["peer_peak_rss_gib"] = max(step1["max_rss_gib"], step2.get("max_rss_gib", 0.0))
                 result["gguf_bytes"] = {
                     "qmerge": (work / "qmerge.gguf").stat().st_size,
                     "llama.cpp": (work / "llamacpp.gguf").stat().st_size,

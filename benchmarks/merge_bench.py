@@ -2,7 +2,7 @@
 
 Builds a synthetic Llama-shaped model (default: TinyLlama's shape, 1.1B parameters) in bf16 and in
 bitsandbytes 4-bit form, plus a rank-16 all-linear LoRA adapter with non-zero B, then runs each route in
-a fresh process and records wall time and peak RSS (ru_maxrss of that process):
+a fresh process and records wall time and peak RSS (VmHWM of that process):
 
   qmerge (4-bit base)   qmerge merge ADAPTER --base BASE4 -o OUT
   qmerge (16-bit base)  qmerge merge ADAPTER --base BASE16 -o OUT  (NF4 reproduced from the 16-bit base)
@@ -90,7 +90,11 @@ def build(work: Path, size: str, rank: int = 16) -> tuple[Path, Path, Path, int]
     base16, base4, adapter = work / "base-bf16", work / "base-nf4", work / "adapter"
     base16.mkdir(parents=True)
     LlamaConfig(
-        **s, max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16"
+        **s,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
     ).save_pretrained(str(base16))
     shapes = {
         "model.embed_tokens.weight": (s["vocab_size"], s["hidden_size"]),
@@ -163,6 +167,15 @@ CHILDREN = {
 }
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over fork and exec,
+    so a child would report its parent's peak whenever its own is lower."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def child(kind: str, adapter: str, base: str, out: str) -> None:
     """Run one route in this (fresh) process and print its time and peak RSS as JSON."""
     from pathlib import Path as P
@@ -178,14 +191,21 @@ def child(kind: str, adapter: str, base: str, out: str) -> None:
         json.dumps(
             {
                 "seconds": time.perf_counter() - start,
-                "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "max_rss_gib": peak_rss_gib(),
                 "error": error,
             }
         )
     )
 
 
+def settle() -> None:
+    """Flush dirty pages (the build's, the last route's) so that no route pays for another's writes."""
+    os.sync()
+    time.sleep(2)
+
+
 def run_route(kind: str, adapter: Path, base: Path, out: Path) -> dict:
+    settle()
     t = time.perf_counter()
     p = subprocess.run(
         [sys.executable, __file__, "--child", kind, str(adapter), str(base), str(out)],

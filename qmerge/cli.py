@@ -389,6 +389,10 @@ def _render_check(report) -> None:
             cells.append(fmt.format(getattr(report.naive, key)))
         t.add_row(label, *cells)
     out.print(t)
+    if report.delta_retention is not None:
+        out.print(
+            f"this NF4 export kept {report.delta_retention:.1%} of the LoRA delta (qmerge_provenance.json)"
+        )
     if report.passed:
         out.print("[bold green]PASSED[/]")
     else:
@@ -494,26 +498,28 @@ def export(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="YAML or JSON config; options override it.",
 )
-@click.option("--eval-data", type=click.Path(path_type=Path))
-@click.option("--r", "r", type=int)
-@click.option("--lora-alpha", type=float)
-@click.option("--lora-dropout", type=float)
-@click.option("--target-modules")
-@click.option("--use-rslora/--no-rslora", default=None)
-@click.option("--use-dora/--no-dora", default=None)
-@click.option("--learning-rate", "--lr", "learning_rate", type=float)
-@click.option("--epochs", "num_train_epochs", type=float)
-@click.option("--max-steps", type=int)
-@click.option("--batch-size", "per_device_train_batch_size", type=int)
-@click.option("--grad-accum", "gradient_accumulation_steps", type=int)
-@click.option("--max-seq-len", "max_seq_length", type=int)
-@click.option("--save-steps", type=int)
-@click.option("--eval-steps", type=int)
-@click.option("--logging-steps", type=int)
-@click.option("--seed", type=int)
-@click.option("--compute-dtype", type=click.Choice(["bf16", "fp16", "fp32"]))
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
-@click.option("--optim")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="JSONL for eval loss.")
+@click.option("--r", "r", type=int, help="LoRA rank (default 64).")
+@click.option("--lora-alpha", type=float, help="LoRA alpha (default 16).")
+@click.option("--lora-dropout", type=float, help="LoRA dropout (default 0.05).")
+@click.option("--target-modules", help="all-linear (default) or a comma-separated list.")
+@click.option("--use-rslora/--no-rslora", default=None, help="Scale by alpha/sqrt(r).")
+@click.option("--use-dora/--no-dora", default=None, help="Train DoRA.")
+@click.option("--learning-rate", "--lr", "learning_rate", type=float, help="Default 2e-4, constant.")
+@click.option("--epochs", "num_train_epochs", type=float, help="Default 1.")
+@click.option("--max-steps", type=int, help="Overrides --epochs when set.")
+@click.option("--batch-size", "per_device_train_batch_size", type=int, help="Per device (default 4).")
+@click.option("--grad-accum", "gradient_accumulation_steps", type=int, help="Default 4.")
+@click.option("--max-seq-len", "max_seq_length", type=int, help="Default 512.")
+@click.option("--save-steps", type=int, help="Checkpoint every N steps (default 100).")
+@click.option("--eval-steps", type=int, help="Default: --save-steps.")
+@click.option("--logging-steps", type=int, help="Default 10.")
+@click.option("--seed", type=int, help="Default 42.")
+@click.option(
+    "--compute-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Default bf16 on CUDA, fp32 on CPU."
+)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Default on.")
+@click.option("--optim", help="Default paged_adamw_32bit on CUDA, adamw_torch on CPU.")
 @click.option("--resume", "resume_from_checkpoint", help="A checkpoint directory, or 'latest'.")
 @click.option("--json", "as_json", is_flag=True)
 def train(config_file, as_json, **options):

@@ -119,6 +119,7 @@ class QLoRACheckpoint:
         self.merge_base = merge_base
         self._names = base.weight_names()
         self._quantized: frozenset[str] | None = None
+        self._last_source: tuple[str, tuple[torch.Tensor, QuantState] | None] | None = None
 
     # ---- what is in the model -------------------------------------------------------------------
     def quantized_names(self) -> frozenset[str]:
@@ -247,8 +248,15 @@ class QLoRACheckpoint:
         """The packed 4-bit codes and state training used for `name`, or None for a 16-bit tensor.
 
         Read from a 4-bit checkpoint, or reproduced from the 16-bit base exactly as bitsandbytes quantizes
-        it at load time (merge_base "dequantized" only).
+        it at load time (merge_base "dequantized" only). The last answer is kept, so that asking twice for
+        the same tensor (a path that declines and falls back) does not quantize it twice.
         """
+        if self._last_source is not None and self._last_source[0] == name:
+            return self._last_source[1]
+        self._last_source = (name, self._quantized_source(name))
+        return self._last_source[1]
+
+    def _quantized_source(self, name: str) -> tuple[torch.Tensor, QuantState] | None:
         if name in self.base.quantized:
             return self.base.quant_state(name)
         if name not in self.quantized_names() or self.merge_base != "dequantized":

@@ -63,6 +63,7 @@ class CheckReport:
     candidate_kind: str
     failures: list[str]
     naive: Metrics | None = None
+    delta_retention: float | None = None  # an NF4 export's share of the LoRA delta kept (from its provenance)
 
     def to_json(self) -> dict:
         out = {
@@ -75,6 +76,8 @@ class CheckReport:
         }
         if self.naive is not None:
             out["naive_merge"] = asdict(self.naive)
+        if self.delta_retention is not None:
+            out["delta_retention"] = self.delta_retention
         return out
 
 
@@ -338,4 +341,23 @@ def check(
             reference, _forward(naive_merged_model(ad, base_dir, q), tokens), tokens
         )
     failures = gate(metrics, thresholds)
-    return CheckReport(not failures, metrics, thresholds, str(candidate), kind, failures, naive_metrics)
+    return CheckReport(
+        not failures,
+        metrics,
+        thresholds,
+        str(candidate),
+        kind,
+        failures,
+        naive_metrics,
+        _retention_of(Path(candidate)),
+    )
+
+
+def _retention_of(candidate: Path) -> float | None:
+    """The delta retention qmerge recorded when it wrote an NF4 export (None for other candidates)."""
+    prov = candidate / "qmerge_provenance.json"
+    if not prov.is_file():
+        return None
+    from .io.checkpoint import read_json
+
+    return (read_json(prov).get("delta_retention") or {}).get("total")

@@ -73,7 +73,8 @@ class GGUFModelInfo:
 
 def model_info(config: dict) -> GGUFModelInfo:
     archs = config.get("architectures") or []
-    hf_arch = archs[0] if archs else None
+    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    hf_arch = archs[0] if archs else by_type.get(config.get("model_type"))
     if hf_arch not in ARCHITECTURES:
         raise UnsupportedError(
             f"GGUF export supports {', '.join(ARCHITECTURES)}; this model is {hf_arch or config.get('model_type')}."

@@ -119,3 +119,33 @@ def test_unsupported_type_and_architecture(tmp_path, fixtures, base16):
     with pytest.raises(UnsupportedError, match="LlamaForCausalLM"):
         export(tmp_path / "gpt2", "gguf", tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists() and not (tmp_path / "x.gguf").exists()
+
+
+def test_sentencepiece_tokenizer(tmp_path, fixtures, base16):
+    """A base with tokenizer.model (SentencePiece) exports a `llama` vocabulary that llama.cpp loads."""
+    import shutil
+
+    import sentencepiece as spm
+
+    from qmerge.tiny import CORPUS
+
+    base = tmp_path / "sp-base"
+    shutil.copytree(base16, base)
+    (tmp_path / "c.txt").write_text(CORPUS)
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "c.txt"),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=200,
+        model_type="bpe",
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    shutil.copy(tmp_path / "sp.model", base / "tokenizer.model")
+    export(
+        fixtures / "adapter-dora", "gguf", tmp_path / "sp.gguf", base=base, gguf_type="f32"
+    )  # no tokenizer of its own
+    meta = inspect_path(tmp_path / "sp.gguf")["metadata"]
+    assert meta["tokenizer.ggml.model"] == "llama" and inspect_path(tmp_path / "sp.gguf")["vocab_size"] == 320
+    export(fixtures / "adapter-dora", "fp32", tmp_path / "merged", base=base)
+    cand = llama_cpp_logits(tmp_path / "sp.gguf")
+    assert (cand - logits_of(tmp_path / "merged", SEQ)).abs().max() <= F32_TOL

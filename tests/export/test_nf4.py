@@ -74,3 +74,4 @@ def test_nf4_check_reports_drift(tmp_path, fixtures, base16):
         fixtures / "adapter-qlora", tmp_path / "nf4", base=base16, thresholds=Thresholds(None, None, None)
     )
     assert rep.candidate_kind == "nf4" and rep.passed and rep.metrics.max_abs_logit_diff > 0
+    assert 0.0 <= rep.to_json()["delta_retention"] <= 1.0
