@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -14,6 +15,10 @@ from rich.table import Table
 
 from . import __version__
 from .errors import QmergeError
+
+# bitsandbytes (imported by transformers in check/train) logs a warning about an optional CPU
+# inference kernel qmerge never uses.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -230,10 +230,11 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
         state.absmax, state.nested_absmax, state.nested_code, state.nested_blocksize
     )
     if state.nested_dtype != torch.float32:
-        # bitsandbytes dequantizes into the nested dtype, adds the offset in place (fp32 math, rounded
-        # back to that dtype), then converts to fp32.
+        # bitsandbytes dequantizes into the nested dtype and adds the offset in place; PyTorch first casts
+        # the 0-dim fp32 offset to that dtype, adds in fp32, rounds back; then the result is widened.
         absmax = absmax.to(state.nested_dtype)
-        return (absmax.float() + state.offset.float()).to(state.nested_dtype).float()
+        offset = state.offset.to(state.nested_dtype).float()
+        return (absmax.float() + offset).to(state.nested_dtype).float()
     return absmax + state.offset.float()
 
 

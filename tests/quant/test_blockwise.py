@@ -149,3 +149,26 @@ def test_large_tensor_across_chunks(blocksize, dtype):
         and torch.equal(s.absmax, s_ref.absmax)
         and torch.equal(s.nested_absmax, s_ref.state2.absmax)
     )
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_bf16_nested_dtype_dequantizes_as_bitsandbytes(qt):
+    """States saved after a CPU forward carry nested_dtype bfloat16; bitsandbytes then rounds the offset
+    and the scales to bf16 (tested on a fresh fp32 offset, which real checkpoints already round)."""
+    from qmerge.quant.blockwise import QuantState
+
+    W = torch.randn(64, 128) * 0.05
+    p, s = quantize_4bit(W, 64, qt, True)
+    s = QuantState(**{**s.__dict__, "nested_dtype": torch.bfloat16})
+    st2 = F.QuantState(absmax=s.nested_absmax, code=s.nested_code, blocksize=256, dtype=torch.bfloat16)
+    ref_state = F.QuantState(
+        absmax=s.absmax,
+        shape=torch.Size(s.shape),
+        code=s.code,
+        blocksize=64,
+        quant_type=qt,
+        dtype=s.dtype,
+        offset=s.offset,
+        state2=st2,
+    )
+    assert torch.equal(dequantize_4bit(p, s), F.dequantize_4bit(p, ref_state))
