@@ -44,6 +44,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # descending dtype, then by name.
 _DTYPE_RANK = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"]
 _MAX_HEADER = 100 * 1024 * 1024
+_SYNC_EVERY = 256 * 2**20  # the writer thread fdatasyncs every this many bytes
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ class StreamingSafetensorsWriter:
         # Bytes handed over but not yet hashed; write() waits while more than max_in_flight are pending
         # (a single larger tensor may always go), which bounds the memory the pipeline holds.
         self._in_flight = 0
+        self._unsynced = 0
         self._max_in_flight = max_in_flight
         self._room = threading.Condition()
         self._error: BaseException | None = None
@@ -237,6 +239,13 @@ class StreamingSafetensorsWriter:
                 self._f.write(data)
                 self.bytes += len(data)
                 self._hash_queue.put(data)
+                self._unsynced += len(data)
+                if self._unsynced >= _SYNC_EVERY:
+                    # Flush as we go: the disk works while the next tensors are computed, and close()
+                    # does not wait for gigabytes of dirty pages at the end.
+                    self._f.flush()
+                    os.fdatasync(self._f.fileno())
+                    self._unsynced = 0
             except BaseException as e:  # noqa: BLE001 - handed to the producer thread
                 self._error = OutputError(
                     f"{self.path}: cannot write tensor {name!r} ({getattr(e, 'strerror', e)})."
