@@ -9,7 +9,7 @@ a fresh process and records wall time and peak RSS (VmHWM of that process):
   PEFT (16-bit base)    AutoModelForCausalLM.from_pretrained(BASE16) -> PeftModel -> merge_and_unload -> save_pretrained
   PEFT (4-bit base)     from_pretrained(BASE4) -> PeftModel -> merge_and_unload -> dequantize -> save_pretrained
 
-Usage: python benchmarks/merge_bench.py [--size 1.1b|0.3b|tiny] [--workdir DIR] [--json FILE]
+Usage: python benchmarks/merge_bench.py [--size 1.1b|0.3b|7b|tiny] [--routes all|qmerge] [--workdir DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,6 +28,15 @@ from pathlib import Path
 import torch
 
 SHAPES = {
+    # Llama-2-7B (the PEFT routes need more memory than a 24 GiB machine has: run with --routes qmerge)
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
     # TinyLlama-1.1B
     "1.1b": dict(
         hidden_size=2048,
@@ -229,6 +238,7 @@ def main() -> None:
     ap.add_argument("--size", default="1.1b", choices=sorted(SHAPES))
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--routes", choices=["all", "qmerge"], default="all", help="qmerge: skip the PEFT routes")
     ap.add_argument("--child", nargs=4, metavar=("KIND", "ADAPTER", "BASE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -245,11 +255,13 @@ def main() -> None:
             "PEFT merge_and_unload (16-bit base)": ("peft16", base16),
             "PEFT merge_and_unload + dequantize (4-bit base)": ("peft4", base4),
         }
+        if args.routes == "qmerge":
+            routes = {k: v for k, v in routes.items() if v[0] == "qmerge"}
         results = {}
         for label, (kind, base) in routes.items():
             results[label] = run_route(kind, adapter, base, work / "out")
             print(label, json.dumps(results[label]), file=sys.stderr)
-        peer = results["PEFT merge_and_unload (16-bit base)"]
+        peer = results.get("PEFT merge_and_unload (16-bit base)", {})
         summary = {
             "size": args.size,
             "parameters": n,
