@@ -131,6 +131,16 @@ def _quant(quant_type, blocksize, double_quant, quant_dtype):
     )
 
 
+def _size_option(ctx, param, value):
+    """Click callback: '2GB', '500MB', '1GiB' or bytes -> int, or a usage error (exit 2)."""
+    from .merge import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+
 def _files_table(report) -> Table:
     t = Table(title=f"wrote {report.output}", show_lines=False)
     t.add_column("file")
@@ -241,7 +251,14 @@ def _render_inspect(info: dict) -> None:
     show_default=True,
     help="dequantized: the NF4 weights training saw; original: the 16-bit base.",
 )
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Shard the output beyond this size.")
+@click.option(
+    "--max-shard-size",
+    "shard",
+    default="5GB",
+    show_default=True,
+    callback=_size_option,
+    help="Shard the output beyond this size.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("--allow-pickle", is_flag=True)
@@ -252,7 +269,7 @@ def merge(
     output,
     dtype,
     merge_base,
-    max_shard_size,
+    shard,
     force,
     as_json,
     allow_pickle,
@@ -263,12 +280,7 @@ def merge(
 ):
     """Merge a QLoRA adapter into the weights its training saw (fp32 math, streamed)."""
     from .merge import merge as do_merge
-    from .merge import parse_size
 
-    try:
-        shard = parse_size(max_shard_size)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--max-shard-size") from e
     with progress_bar("merging", not as_json) as cb:
         report = do_merge(
             adapter,
@@ -428,7 +440,14 @@ def _render_check(report) -> None:
 @click.option(
     "--nf4-compute-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True
 )
-@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option(
+    "--max-shard-size",
+    "shard",
+    default="5GB",
+    show_default=True,
+    callback=_size_option,
+    help="Shard the output beyond this size.",
+)
 @click.option("--force", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--allow-pickle", is_flag=True)
@@ -443,7 +462,7 @@ def export(
     nf4_blocksize,
     nf4_double_quant,
     nf4_compute_dtype,
-    max_shard_size,
+    shard,
     force,
     as_json,
     allow_pickle,
@@ -454,12 +473,7 @@ def export(
 ):
     """Export a QLoRA checkpoint or merged directory to bf16/fp16/fp32, NF4 or GGUF."""
     from . import export as ex
-    from .merge import parse_size
 
-    try:
-        shard = parse_size(max_shard_size)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--max-shard-size") from e
     quant = _quant(quant_type, blocksize, double_quant, quant_dtype)
     with progress_bar(f"exporting {to}", not as_json) as cb:
         report = ex.export(

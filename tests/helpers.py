@@ -9,22 +9,29 @@ import torch
 TOKENS = torch.tensor([[1, 17, 45, 99, 120, 7, 250, 33, 64, 81, 200, 5, 9, 300, 150, 42]])
 
 
+def bnb_config(compute=torch.float32):
+    """The QLoRA load config: NF4, double quant (what transformers + bitsandbytes do at load time)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
 def reference_unmerged(
     adapter: Path, base: Path, tokens: torch.Tensor = TOKENS, original: bool = False
 ) -> torch.Tensor:
     """fp32 logits of base + adapter unmerged: 4-bit base quantized by bitsandbytes and dequantized by it."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     if original:
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     else:
-        cfg = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        )
+        cfg = bnb_config()
         kw = (
             {}
             if (Path(base) / "config.json").read_text().find("quantization_config") >= 0

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from qmerge.errors import InputError, MismatchError, OutputError
 from qmerge.merge import merge
-from tests.helpers import TOKENS, kl_top1, logits_of, reference_unmerged
+from tests.helpers import TOKENS, bnb_config, kl_top1, logits_of, reference_unmerged
 
 # fp32 merge vs fp32 unmerged: only float summation order differs (B@A once vs per token).
 FP32_TOL = 1e-4
@@ -110,18 +110,13 @@ def test_embedding_lora_and_lora_bias(tmp_path, base16):
 
 def test_naive_merge_drifts_an_order_of_magnitude_more(tmp_path, fixtures, base16):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     adapter = fixtures / "adapter-qlora"
     merge(adapter, tmp_path / "m", base=base16, dtype="bf16")
     ref = reference_unmerged(adapter, base16)
     ours = (logits_of(tmp_path / "m") - ref).abs().max()
-    bnb = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
+    bnb = bnb_config()
     naive = (
         PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(str(base16), quantization_config=bnb, device_map="cpu"),
