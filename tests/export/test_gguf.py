@@ -149,3 +149,33 @@ def test_sentencepiece_tokenizer(tmp_path, fixtures, base16):
     export(fixtures / "adapter-dora", "fp32", tmp_path / "merged", base=base)
     cand = llama_cpp_logits(tmp_path / "sp.gguf")
     assert (cand - logits_of(tmp_path / "merged", SEQ)).abs().max() <= F32_TOL
+
+
+def test_llama32_layout_rope_scaling_and_tied(tmp_path):
+    """Llama 3.2's layout: llama3 RoPE scaling (carried as rope_freqs) and tied embeddings."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = build_base(tmp_path / "base", TinySpec(arch="llama", tie_word_embeddings=True))
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["rope_parameters"] = {
+        "rope_theta": 500000.0,
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    (base / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    export(tmp_path / "adapter", "gguf", tmp_path / "m.gguf", base=base, gguf_type="f32")
+    export(tmp_path / "adapter", "fp32", tmp_path / "m", base=base)
+    assert "rope_freqs.weight" in {m["name"] for m in inspect_path(tmp_path / "m.gguf")["modules"]}
+    assert (llama_cpp_logits(tmp_path / "m.gguf") - logits_of(tmp_path / "m", SEQ)).abs().max() <= F32_TOL
