@@ -256,7 +256,7 @@ def write_merged_dir(
         plan = ckpt.plan()
         embed = next((n for n in plan.shapes if n.endswith("embed_tokens.weight")), None)
         vocab = plan.shapes[embed][0] if embed else None
-        cfg = output_config(ckpt.base.config, dtype, vocab)
+        cfg = output_config(ckpt.config, dtype, vocab)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         copy_side_files(ckpt, tmp)
         prov = provenance(ckpt, {"dtype": CONFIG_DTYPE[dtype], **(settings or {})})

@@ -120,6 +120,7 @@ class QLoRACheckpoint:
         self._names = base.weight_names()
         self._quantized: frozenset[str] | None = None
         self._last_source: tuple[str, tuple[torch.Tensor, QuantState] | None] | None = None
+        self.aliases = self._untied_aliases()
 
     # ---- what is in the model -------------------------------------------------------------------
     def quantized_names(self) -> frozenset[str]:
@@ -134,12 +135,42 @@ class QLoRACheckpoint:
                 self._quantized = frozenset(quantized_linears(self.base.config, skip)) & set(self._names)
         return self._quantized
 
+    def _untied_aliases(self) -> dict[str, str]:
+        """Tied weights the adapter changes: {name absent from the base: the tensor it is tied to}.
+
+        PEFT trains a separate copy of a tied weight (modules_to_save, or LoRA on lm_head), so the merged
+        model must carry it on its own and be written untied.
+        """
+        if self.adapter is None:
+            return {}
+        names = set(self._names)
+        touched = set(self.adapter.layout.replace) | {
+            m.module + ".weight" for m in self.adapter.layout.lora.values()
+        }
+        missing = touched - names
+        if not missing:
+            return {}
+        from .io.hf_meta import tied_weights
+
+        tied = tied_weights(self.base.config)
+        return {n: tied[n] for n in missing if tied.get(n) in names}
+
+    @property
+    def config(self) -> dict:
+        """The merged model's config.json: the base's, untied where the adapter changed a tied weight."""
+        if not self.aliases:
+            return self.base.config
+        return {**self.base.config, "tie_word_embeddings": False}
+
     def plan(self) -> TensorPlan:
         """Names, shapes and floating-ness of the merged model's tensors."""
         plan = TensorPlan()
         for name in self._names:
             plan.shapes[name] = self.base.logical_shape(name)
             plan.floating[name] = name in self.base.quantized or self.base.store.dtype(name).is_floating_point
+        for alias, source in self.aliases.items():
+            plan.shapes[alias] = self.base.logical_shape(source)
+            plan.floating[alias] = True
         if self.adapter is not None:
             for target, key in self.adapter.layout.replace.items():
                 plan.shapes[target] = self.adapter.store.shape(key)
@@ -152,7 +183,7 @@ class QLoRACheckpoint:
         found: list[Problem] = []
         if self.adapter is None:
             return found
-        ad, names = self.adapter, set(self._names)
+        ad, names = self.adapter, set(self._names) | set(self.aliases)
         for mod in ad.layout.lora.values():
             found += self._module_problems(mod, names)
         for target, key in ad.layout.replace.items():
@@ -231,7 +262,7 @@ class QLoRACheckpoint:
     def plan_shape(self, name: str) -> tuple[int, ...]:
         if self.adapter is not None and name in self.adapter.layout.replace:
             return tuple(self.adapter.store.shape(self.adapter.layout.replace[name]))
-        return self.base.logical_shape(name)
+        return self.base.logical_shape(self.aliases.get(name, name))
 
     def check(self) -> None:
         """Raise MismatchError with every error-level problem, one per line."""
@@ -278,7 +309,7 @@ class QLoRACheckpoint:
         if source is not None:
             packed, state = source
             return dequantize_4bit(packed, state, torch.float32, round_to=state.dtype), True
-        tensor = self.base.store.get(name)
+        tensor = self.base.store.get(self.aliases.get(name, name))  # an untied copy starts from its source
         if not tensor.is_floating_point():
             return tensor, False
         return tensor.float(), name in self.quantized_names()

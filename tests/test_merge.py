@@ -216,3 +216,34 @@ def test_inputs_are_not_modified(tmp_path, fixtures, base16):
     before = digest(fixtures)
     merge(fixtures / "adapter-dora", tmp_path / "m", base=base16)
     assert digest(fixtures) == before
+
+
+@pytest.mark.parametrize("variant", ["modules_to_save", "lora_on_lm_head"])
+def test_tied_embeddings_are_untied_when_the_adapter_changes_them(tmp_path, variant):
+    """Llama 3.2 / small Qwen2.5 tie lm_head to the embedding; PEFT trains a separate copy of it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qmerge.tiny import TinySpec, build_base
+
+    base = build_base(tmp_path / "base", TinySpec(arch="qwen2", tie_word_embeddings=True))
+    kw = (
+        {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}
+        if variant == "modules_to_save"
+        else {"target_modules": ["q_proj", "lm_head"]}
+    )
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw),
+    )
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.01 * torch.randn_like(p))
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    merge(tmp_path / "adapter", tmp_path / "m", base=base, dtype="fp32")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert (
+        logits_of(tmp_path / "m") - reference_unmerged(tmp_path / "adapter", base)
+    ).abs().max() <= FP32_TOL

@@ -95,7 +95,7 @@ def export_nf4(
 
     with atomic_dir(out, force) as tmp:
         digests = write_sharded(tmp, entries, max_shard_size, produce())
-        cfg = output_config(ckpt.base.config, dtype)
+        cfg = output_config(ckpt.config, dtype)
         skip = (ckpt.base.quantization_config or {}).get("llm_int8_skip_modules")
         cfg["quantization_config"] = quantization_config(opts, skip)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
@@ -132,7 +132,7 @@ def export_gguf(
     tok_dir = _tokenizer_dir(ckpt)
     with atomic_file(out, force) as tmp:
         if gguf_type in DIRECT_TYPES:
-            summary = write_gguf(tmp, ckpt.base.config, tok_dir, plan.shapes, tensors, gguf_type, name)
+            summary = write_gguf(tmp, ckpt.config, tok_dir, plan.shapes, tensors, gguf_type, name)
         else:
             # llama.cpp quantizes from a GGUF file: write an f32 one beside the output first (bf16 beyond
             # 3B parameters, to bound the disk it takes), then let its quantizer pick the K-quant mixes.
@@ -140,7 +140,7 @@ def export_gguf(
             inter = "f32" if n_params < 3e9 else "bf16"
             with tempfile.TemporaryDirectory(dir=Path(out).parent or ".", prefix=".qmerge-gguf-") as td:
                 mid = Path(td) / "intermediate.gguf"
-                summary = write_gguf(mid, ckpt.base.config, tok_dir, plan.shapes, tensors, inter, name)
+                summary = write_gguf(mid, ckpt.config, tok_dir, plan.shapes, tensors, inter, name)
                 quantize_with_llama_cpp(mid, tmp, gguf_type)
                 summary = {**summary, "intermediate": inter, "tensor_types": _gguf_types(tmp)}
         files = describe_files(tmp)

@@ -63,3 +63,20 @@ def quantized_linears(config: dict, skip_modules: list[str] | None = None) -> fr
     return _quantized_linears(
         json.dumps(config, sort_keys=True), tuple(skip_modules) if skip_modules else None
     )
+
+
+@lru_cache(maxsize=8)
+def _tied_weights(config_json: str) -> tuple[tuple[str, str], ...]:
+    import json
+
+    model = _meta_model(json.loads(config_json))
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return tuple(sorted((str(k), str(v)) for k, v in dict(tied).items()))
+
+
+def tied_weights(config: dict) -> dict[str, str]:
+    """{tied weight: the weight it shares storage with}, e.g. {"lm_head.weight": "model.embed_tokens.weight"},
+    as transformers ties them for `config` (empty when nothing is tied)."""
+    import json
+
+    return dict(_tied_weights(json.dumps(config, sort_keys=True)))
