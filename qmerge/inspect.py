@@ -132,7 +132,7 @@ def _modules(ckpt: QLoRACheckpoint) -> list[dict]:
     quantized = ckpt.quantized_names()
     out = []
     for name in sorted(ckpt.base.weight_names()):
-        shape = ckpt.base.logical_shape(name)
+        shape = ckpt.plan_shape(name)
         if not name.endswith(".weight") or len(shape) != 2:
             continue
         module = name[: -len(".weight")]

@@ -121,6 +121,10 @@ class QLoRACheckpoint:
         self._quantized: frozenset[str] | None = None
         self._last_source: tuple[str, tuple[torch.Tensor, QuantState] | None] | None = None
         self.aliases = self._untied_aliases()
+        from .io.hf_meta import conv1d_weights
+
+        # GPT-2 style Conv1D weights: [in, out] on disk, quantized by bitsandbytes as [out, in].
+        self.conv1d = conv1d_weights(base.config)
 
     # ---- what is in the model -------------------------------------------------------------------
     def quantized_names(self) -> frozenset[str]:
@@ -162,11 +166,16 @@ class QLoRACheckpoint:
             return self.base.config
         return {**self.base.config, "tie_word_embeddings": False}
 
+    def _disk_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of `name` in a 16-bit checkpoint (a 4-bit Conv1D weight's state holds it transposed)."""
+        shape = self.base.logical_shape(name)
+        return tuple(reversed(shape)) if name in self.base.quantized and name in self.conv1d else shape
+
     def plan(self) -> TensorPlan:
         """Names, shapes and floating-ness of the merged model's tensors."""
         plan = TensorPlan()
         for name in self._names:
-            plan.shapes[name] = self.base.logical_shape(name)
+            plan.shapes[name] = self._disk_shape(name)
             plan.floating[name] = name in self.base.quantized or self.base.store.dtype(name).is_floating_point
         for alias, source in self.aliases.items():
             plan.shapes[alias] = self.base.logical_shape(source)
@@ -262,7 +271,7 @@ class QLoRACheckpoint:
     def plan_shape(self, name: str) -> tuple[int, ...]:
         if self.adapter is not None and name in self.adapter.layout.replace:
             return tuple(self.adapter.store.shape(self.adapter.layout.replace[name]))
-        return self.base.logical_shape(self.aliases.get(name, name))
+        return self._disk_shape(self.aliases.get(name, name))
 
     def check(self) -> None:
         """Raise MismatchError with every error-level problem, one per line."""
@@ -297,6 +306,8 @@ class QLoRACheckpoint:
             return None
         q = self.quant
         loaded = tensor.to(q.dtype) if q.dtype is not None else tensor
+        if name in self.conv1d:  # transformers loads a Conv1D weight into Linear4bit transposed
+            loaded = loaded.T.contiguous()
         return quantize_4bit(loaded, q.blocksize, q.quant_type, q.double_quant)
 
     def base_weight(self, name: str) -> tuple[torch.Tensor, bool]:
@@ -308,7 +319,8 @@ class QLoRACheckpoint:
         source = self.quantized_source(name)
         if source is not None:
             packed, state = source
-            return dequantize_4bit(packed, state, torch.float32, round_to=state.dtype), True
+            weight = dequantize_4bit(packed, state, torch.float32, round_to=state.dtype)
+            return (weight.T.contiguous() if name in self.conv1d else weight), True
         tensor = self.base.store.get(self.aliases.get(name, name))  # an untied copy starts from its source
         if not tensor.is_floating_point():
             return tensor, False
@@ -364,6 +376,7 @@ class QLoRACheckpoint:
             out_dtype is not None
             and not keep_base
             and not replaced
+            and name not in self.conv1d
             and lora is not None
             and lora.kind == "linear"
             and lora.magnitude is None
@@ -376,7 +389,13 @@ class QLoRACheckpoint:
                 and source[1].shape[1] % source[1].blocksize == 0
             ):
                 return MergedTensor(name, self._fused_lora(source, lora, out_dtype), None, True, merged=True)
-        if lora is None and bias_of is None and not replaced and out_dtype is not None:
+        if (
+            lora is None
+            and bias_of is None
+            and not replaced
+            and out_dtype is not None
+            and name not in self.conv1d
+        ):
             source = self.quantized_source(name)
             if source is None:  # untouched 16-bit tensor: straight to the output dtype, no fp32 copy
                 raw = self.base.store.get(name)

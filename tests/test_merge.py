@@ -247,3 +247,38 @@ def test_tied_embeddings_are_untied_when_the_adapter_changes_them(tmp_path, vari
     assert (
         logits_of(tmp_path / "m") - reference_unmerged(tmp_path / "adapter", base)
     ).abs().max() <= FP32_TOL
+
+
+def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
+    """GPT-2's Conv1D layers ([in, out] on disk, quantized transposed) with a fan_in_fan_out adapter,
+    from the 16-bit base and from the 4-bit base transformers saves."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=320, n_positions=128, bos_token_id=1, eos_token_id=2
+    )
+    GPT2LMHeadModel(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
+    AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "base"), quantization_config=bnb_config(torch.bfloat16), device_map="cpu"
+    ).save_pretrained(str(tmp_path / "base4"))
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            fan_in_fan_out=True,
+            init_lora_weights=False,
+        ),
+    )
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.05)
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    ref = reference_unmerged(tmp_path / "adapter", tmp_path / "base")
+    for base in ("base", "base4"):
+        merge(tmp_path / "adapter", tmp_path / f"m-{base}", base=tmp_path / base, dtype="fp32")
+        assert (logits_of(tmp_path / f"m-{base}") - ref).abs().max() <= FP32_TOL, base

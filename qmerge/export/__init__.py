@@ -23,7 +23,7 @@ from ..merge import (
     write_merged_dir,
     write_sharded,
 )
-from ..plan import Progress, QLoRACheckpoint, QuantSettings, open_source
+from ..plan import MergedTensor, Progress, QLoRACheckpoint, QuantSettings, open_source
 from .gguf_file import DIRECT_TYPES, K_QUANTS, quantize_with_llama_cpp, supported_types, write_gguf
 from .nf4 import NF4Options, Retention, dtype_name, planned_entries, quantization_config, requantize
 
@@ -77,7 +77,10 @@ def export_nf4(
     entries: list[PlannedTensor] = []
     for name in names:
         if name in quantized:
-            entries += planned_entries(name, plan.shapes[name], opts, dtype)
+            shape = plan.shapes[name]  # a Conv1D weight is quantized transposed, as transformers does
+            entries += planned_entries(
+                name, tuple(reversed(shape)) if name in ckpt.conv1d else shape, opts, dtype
+            )
         else:
             stored = dtype if plan.floating[name] else ckpt.base.store.dtype(name)
             entries.append(PlannedTensor(name, dtype_name(stored), tuple(plan.shapes[name])))
@@ -89,6 +92,14 @@ def export_nf4(
         for t in ckpt.iter_tensors(names, progress, keep_base=True):
             merged += t.merged
             if t.name in quantized:
+                if t.name in ckpt.conv1d:
+                    t = MergedTensor(
+                        t.name,
+                        t.value.T.contiguous(),
+                        None if t.base is None else t.base.T.contiguous(),
+                        t.quantized,
+                        t.merged,
+                    )
                 yield from requantize(t, opts, dtype, retention)
             else:
                 yield t.name, t.value.to(dtype) if plan.floating[t.name] else t.value

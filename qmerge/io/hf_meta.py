@@ -10,6 +10,9 @@ from ..errors import UnsupportedError
 def _meta_model(config: dict):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # config warnings about the user's model are not qmerge's to print
 
     cfg = dict(config)
     cfg.pop("quantization_config", None)
@@ -42,13 +45,8 @@ def _quantized_linears(config_json: str, skip_modules: tuple[str, ...] | None) -
     for name, module in model.named_modules():
         if not should_convert_module(name, not_convert):
             continue
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear or type(module).__name__ == "Conv1D":
             names.add(name + ".weight")
-        elif type(module).__name__ == "Conv1D":
-            raise UnsupportedError(
-                f"module {name} is a Conv1D (GPT-2 style); reproducing its 4-bit weights from a 16-bit base is "
-                "not supported. Pass a base saved in bitsandbytes 4-bit form."
-            )
     return frozenset(names)
 
 
@@ -80,3 +78,24 @@ def tied_weights(config: dict) -> dict[str, str]:
     import json
 
     return dict(_tied_weights(json.dumps(config, sort_keys=True)))
+
+
+# Causal-LM families whose linear layers are transformers' Conv1D (weights stored [in, out]).
+CONV1D_MODEL_TYPES = frozenset({"gpt2"})
+
+
+@lru_cache(maxsize=8)
+def _conv1d_weights(config_json: str) -> frozenset[str]:
+    import json
+
+    model = _meta_model(json.loads(config_json))
+    return frozenset(n + ".weight" for n, m in model.named_modules() if type(m).__name__ == "Conv1D")
+
+
+def conv1d_weights(config: dict) -> frozenset[str]:
+    """Weights of transformers Conv1D modules ([in, out] on disk; bitsandbytes quantizes them transposed)."""
+    import json
+
+    if config.get("model_type") not in CONV1D_MODEL_TYPES:
+        return frozenset()
+    return _conv1d_weights(json.dumps(config, sort_keys=True))
