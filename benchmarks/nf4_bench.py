@@ -3,7 +3,7 @@
 Both are run in this process on the same bf16 tensors (Llama-7B linear shapes by default) and must give
 identical bytes (codes, absmax, nested absmax, offset); the ratio of their throughputs is reported.
 
-Usage: python benchmarks/nf4_bench.py [--repeats 3] [--json FILE]
+Usage: python benchmarks/nf4_bench.py [--repeats 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     from qmerge.quant.blockwise import dequantize_4bit, quantize_4bit
 
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="best of this many runs (the machine is noisy)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)

@@ -61,11 +61,12 @@ def _sorted_code(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @lru_cache(maxsize=2)
-def _bucket_lut(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tables that replace bucketize for values in [-1, 1], indexed by the fp32's high 16 bits (+32768).
+def _bucket_lut(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A table that replaces bucketize for values in [-1, 1], indexed by the fp32's high 16 bits (+32768).
 
-    count[h]: how many midpoints lie below every float whose high half is h; ambiguous[h]: a midpoint
-    falls inside that range (15 of 65536 ranges), so the element needs one exact comparison.
+    Each uint8 entry holds, in its low 4 bits, how many midpoints lie below every float whose high half is
+    that index, and in bit 4 whether a midpoint falls inside that range (15 of 65536 ranges): such an
+    element needs one exact comparison. Also returns the midpoints with +inf appended.
     """
     midpoints, _ = _sorted_code(quant_type)
     bits = (torch.arange(65536, dtype=torch.int64) - 32768) << 16
@@ -75,7 +76,8 @@ def _bucket_lut(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     count_a = torch.searchsorted(midpoints, a, side="left")
     count_b = torch.searchsorted(midpoints, b, side="left")
     ambiguous = (count_a != count_b) & ~torch.isnan(a)
-    return count_a, ambiguous, torch.cat([midpoints, torch.tensor([float("inf")])])
+    table = count_a.to(torch.uint8) | (ambiguous.to(torch.uint8) << 4)
+    return table, torch.cat([midpoints, torch.tensor([float("inf")])])
 
 
 _CHUNK = 1 << 18  # elements per pass: keeps the intermediates in cache (a multiple of every blocksize)
@@ -89,19 +91,19 @@ def _codes_full_blocks(
     Same result as bucketize(clamp(x * (1 / absmax), -1, 1), midpoints) (ties to the lower code): a table
     lookup on the float's high bits, then an exact comparison in the few ranges that hold a midpoint.
     """
-    count, ambiguous, mid_ext = _bucket_lut(quant_type)
+    table, mid_ext = _bucket_lut(quant_type)
     for s in range(0, flat.numel(), _CHUNK):
         x = flat[s : s + _CHUNK].float().view(-1, blocksize)
         am = x.abs().amax(dim=-1)
         absmax[s // blocksize : s // blocksize + am.numel()] = am
         y = x.mul_((1.0 / am.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
-        idx = y.view(torch.int16)[1::2].to(torch.int64).add_(32768)  # high half of each fp32 (little-endian)
-        c = torch.index_select(count, 0, idx)
-        fix = torch.index_select(ambiguous, 0, idx).nonzero().squeeze(1)
+        idx = y.view(torch.int16)[1::2].to(torch.int32).add_(32768)  # high half of each fp32 (little-endian)
+        c = torch.index_select(table, 0, idx)
+        fix = (c >= 16).nonzero().squeeze(1)
         if fix.numel():
-            cf = c[fix]
-            c[fix] = cf + (mid_ext[cf] < y[fix])
-        codes[s : s + y.numel()] = c.to(torch.uint8)
+            cf = (c[fix] & 15).long()
+            c[fix] = (cf + (mid_ext[cf] < y[fix])).to(torch.uint8)
+        codes[s : s + y.numel()] = c
 
 
 def quantize_4bit_codes(
