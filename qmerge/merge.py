@@ -146,7 +146,8 @@ def _write_shards(
     for shard_name, shard in zip(names, shards, strict=True):
         writer = StreamingSafetensorsWriter(out_dir / shard_name, shard, {"format": "pt"})
         try:
-            for _ in shard:
+            for e in shard:
+                writer.wait_for_room(e.nbytes)  # before the tensor is computed: bounds memory
                 writer.write(*next(tensors))
             writer.close()
         except BaseException:

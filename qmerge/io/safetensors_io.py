@@ -266,6 +266,14 @@ class StreamingSafetensorsWriter:
         if self._error is not None:
             raise self._error
 
+    def wait_for_room(self, nbytes: int) -> None:
+        """Block until `nbytes` more can be handed over without passing max_in_flight (a tensor larger than
+        that waits for an empty pipeline). Callers that know the next tensor's size call it before computing
+        that tensor, so the tensor being built and those waiting for the disk never add up past the bound."""
+        with self._room:
+            while self._in_flight and self._in_flight + nbytes > self._max_in_flight and self._error is None:
+                self._room.wait()
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._raise_pending()
         if self._next >= len(self.entries):
@@ -282,6 +290,9 @@ class StreamingSafetensorsWriter:
         data = (
             memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
         )
+        self.wait_for_room(len(data))
+        with self._room:
+            self._in_flight += len(data)
         self._queue.put((name, data))
         self._next += 1
 

@@ -83,3 +83,33 @@ def test_corrupt_files_give_clear_errors(tmp_path, damage):
         p.write_bytes(b"\xff" * 4096)
     with pytest.raises(InputError, match=str(p.name)):
         SafetensorsFile(p)
+
+
+def test_bytes_waiting_for_the_disk_are_bounded(tmp_path):
+    """A slow disk makes write() wait: at most max_in_flight bytes are ever held for the writer."""
+    import time
+
+    entries = [PlannedTensor(f"t{i:02d}", "F32", (256,)) for i in range(24)]  # 1 KiB each
+    w = StreamingSafetensorsWriter(tmp_path / "x.safetensors", entries, max_in_flight=3000)
+
+    class SlowFile:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            time.sleep(0.005)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    w._f = SlowFile(w._f)
+    peak = 0
+    for e in entries:
+        w.wait_for_room(e.nbytes)
+        w.write(e.name, torch.full((256,), float(int(e.name[1:]))))
+        peak = max(peak, w._in_flight)
+    w.close()
+    assert 0 < peak <= 3000
+    f = SafetensorsFile(tmp_path / "x.safetensors")
+    assert all(torch.equal(f.read(e.name), torch.full((256,), float(int(e.name[1:])))) for e in entries)
