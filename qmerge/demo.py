@@ -233,13 +233,13 @@ def run_demo(
     tokenizer = verify.load_tokenizer(base)
     tokens, mask = task_batch(tokenizer)
     ref_model, ad, base_dir = verify.reference_model(adapter, base)
-    reference = verify._forward(ref_model, tokens)
+    reference = verify.model_logits(ref_model, tokens)
     with ref_model.disable_adapter():
-        base_only = verify._forward(ref_model, tokens)
+        base_only = verify.model_logits(ref_model, tokens)
     del ref_model
     naive_dir = out / "naive-merge-nf4"
     naive_model = verify.naive_merged_model(ad, base_dir, verify.quant_settings_for(base_dir, ad, None))
-    naive = verify._forward(naive_model, tokens)
+    naive = verify.model_logits(naive_model, tokens)
     rows = [
         Row(
             "base model (no adapter)",
@@ -301,7 +301,7 @@ def _save_naive(adapter: Path, base_dir, out: Path) -> None:
     from . import verify
 
     q = verify.quant_settings_for(base_dir, None, None)
-    with verify._quiet():
+    with verify.quiet_libraries():
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(verify.load_4bit_base(base_dir, q), str(adapter)).merge_and_unload()

@@ -132,7 +132,7 @@ def load_tokenizer(*dirs: Path):
 
     for d in dirs:
         if d is not None and (Path(d) / "tokenizer_config.json").exists():
-            with _quiet():
+            with quiet_libraries():
                 return AutoTokenizer.from_pretrained(str(d))
     return None
 
@@ -157,7 +157,7 @@ def make_tokens(
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_libraries():
     """Silence library chatter (progress bars, warnings) so that --json stdout stays clean."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -173,7 +173,8 @@ def _quiet():
             hf_logging.set_verbosity(level)
 
 
-def _forward(model, tokens: torch.Tensor) -> torch.Tensor:
+def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [n, seq, vocab] of a transformers model for token ids [n, seq], one sequence at a time."""
     with torch.no_grad():
         return torch.cat([model(input_ids=tokens[i : i + 1]).logits.float() for i in range(len(tokens))])
 
@@ -197,7 +198,7 @@ def load_4bit_base(base: ModelDir, quant: QuantSettings):
     """The base as transformers loads it for QLoRA: 4-bit Linear layers quantized by bitsandbytes."""
     from transformers import AutoModelForCausalLM
 
-    with _quiet():
+    with quiet_libraries():
         if base.is_4bit:
             return AutoModelForCausalLM.from_pretrained(str(base.path), device_map="cpu")
         return AutoModelForCausalLM.from_pretrained(
@@ -221,7 +222,7 @@ def reference_model(
     adapter = Adapter(adapter_path)
     base = ModelDir(resolve_base_path(adapter, base_path))
     q = quant_settings_for(base, adapter, quant)
-    with _quiet():
+    with quiet_libraries():
         if merge_base == "original":
             model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
         else:
@@ -237,7 +238,7 @@ def naive_merged_model(adapter: Adapter, base: ModelDir, quant: QuantSettings):
     """What users get from PEFT's merge_and_unload on the 4-bit model (the delta requantized to NF4)."""
     from peft import PeftModel
 
-    with _quiet():
+    with quiet_libraries():
         model = load_4bit_base(base, quant)
         model = PeftModel.from_pretrained(model, str(adapter.path)).merge_and_unload()
         model = model.dequantize().float()
@@ -271,14 +272,14 @@ def candidate_logits(path: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, st
         return gguf_logits(path, tokens), kind
     from transformers import AutoModelForCausalLM
 
-    with _quiet():
+    with quiet_libraries():
         if kind == "nf4":
             model = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu")
             model = model.dequantize().float()
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         model.eval()
-    return _forward(model, tokens), kind
+    return model_logits(model, tokens), kind
 
 
 def gguf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -330,7 +331,7 @@ def check(
     vocab = ref_model.get_input_embeddings().weight.shape[0]
     tokenizer = load_tokenizer(ad.path, base_dir.path)
     tokens = make_tokens(tokenizer, vocab, text, seq_len, max_seqs)
-    reference = _forward(ref_model, tokens)
+    reference = model_logits(ref_model, tokens)
     del ref_model
     cand, kind = candidate_logits(Path(candidate), tokens)
     metrics = compare_logits(reference, cand, tokens)
@@ -338,7 +339,7 @@ def check(
     if naive:
         q = quant_settings_for(base_dir, ad, quant)
         naive_metrics = compare_logits(
-            reference, _forward(naive_merged_model(ad, base_dir, q), tokens), tokens
+            reference, model_logits(naive_merged_model(ad, base_dir, q), tokens), tokens
         )
     failures = gate(metrics, thresholds)
     return CheckReport(
