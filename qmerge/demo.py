@@ -168,12 +168,20 @@ def run_demo(
     out: Path, force: bool = False, steps: int | None = None, log: Callable[..., None] = print
 ) -> dict:
     """Build, train, merge, check and export; return the table's rows and the timings."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
     from . import verify
     from .export import NF4Options, export
     from .merge import merge
     from .train.config import load_train_config
     from .train.trainer import remove_checkpoints, train
 
+    # The demo's own six steps are the progress report; library bars and deprecation notices are noise here.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     out = Path(out)
     if out.exists():
         if not force:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,6 +130,11 @@ def train(cfg: TrainConfig, log: Callable[..., None] | None = print) -> dict:
     if not (Path(cfg.base) / "config.json").exists():
         raise InputError(f"{cfg.base}: no config.json; --base must be a Hugging Face model directory.")
     hf_logging.set_verbosity_error()
+    # transformers 5 renames gradient_checkpointing to activation_checkpointing; the old names still work
+    # and are the only ones transformers 4 knows.
+    warnings.filterwarnings(
+        "ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning
+    )
     compute, optim, device_map, cuda = _device_setup(cfg)
     if not cuda and log:
         log(
