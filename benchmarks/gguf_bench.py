@@ -57,24 +57,11 @@ def timed(target: str, *args: str) -> dict:
 
 
 def add_sentencepiece(*dirs: Path) -> None:
-    """A small SentencePiece tokenizer.model trained on qmerge's built-in corpus, copied into dirs."""
-    import sentencepiece as spm
+    """A small SentencePiece tokenizer.model (qmerge's built-in corpus) in each of dirs."""
+    from qmerge.tiny import build_sentencepiece
 
-    from qmerge.tiny import CORPUS
-
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "corpus.txt").write_text(CORPUS)
-    spm.SentencePieceTrainer.train(
-        input=str(tmp / "corpus.txt"),
-        model_prefix=str(tmp / "sp"),
-        vocab_size=200,
-        model_type="bpe",
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
     for d in dirs:
-        shutil.copy(tmp / "sp.model", Path(d) / "tokenizer.model")
-    shutil.rmtree(tmp, ignore_errors=True)
+        build_sentencepiece(Path(d) / "tokenizer.model")
 
 
 def main() -> None:

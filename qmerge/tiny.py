@@ -76,6 +76,27 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 320, corpus: str = CORPUS):
     return fast
 
 
+def build_sentencepiece(path: Path, vocab_size: int = 200, corpus: str = CORPUS) -> Path:
+    """Train a SentencePiece (BPE) tokenizer.model on `corpus` and write it to `path`."""
+    import tempfile
+
+    import sentencepiece as spm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "corpus.txt"
+        text.write_text(corpus, encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(text),
+            model_prefix=str(Path(tmp) / "sp"),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+        Path(path).write_bytes((Path(tmp) / "sp.model").read_bytes())
+    return Path(path)
+
+
 def model_config(spec: TinySpec, vocab_size: int):
     """A transformers config for `spec` with the tokenizer's vocabulary size."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config

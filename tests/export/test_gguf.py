@@ -125,22 +125,11 @@ def test_sentencepiece_tokenizer(tmp_path, fixtures, base16):
     """A base with tokenizer.model (SentencePiece) exports a `llama` vocabulary that llama.cpp loads."""
     import shutil
 
-    import sentencepiece as spm
-
-    from qmerge.tiny import CORPUS
+    from qmerge.tiny import build_sentencepiece
 
     base = tmp_path / "sp-base"
     shutil.copytree(base16, base)
-    (tmp_path / "c.txt").write_text(CORPUS)
-    spm.SentencePieceTrainer.train(
-        input=str(tmp_path / "c.txt"),
-        model_prefix=str(tmp_path / "sp"),
-        vocab_size=200,
-        model_type="bpe",
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    shutil.copy(tmp_path / "sp.model", base / "tokenizer.model")
+    build_sentencepiece(base / "tokenizer.model")
     export(
         fixtures / "adapter-dora", "gguf", tmp_path / "sp.gguf", base=base, gguf_type="f32"
     )  # no tokenizer of its own
