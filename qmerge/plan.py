@@ -49,7 +49,6 @@ class MergedTensor:
     name: str
     value: torch.Tensor  # fp32 for floating tensors, as stored otherwise
     base: torch.Tensor | None = None  # fp32 weight before the adapter, where the adapter changed it
-    quantized: bool = False  # the base held (or would hold) this weight in 4-bit
     merged: bool = False  # a LoRA delta, DoRA or replacement was applied
 
 
@@ -299,7 +298,8 @@ class QLoRACheckpoint:
     def _quantized_source(self, name: str) -> tuple[torch.Tensor, QuantState] | None:
         if name in self.base.quantized:
             return self.base.quant_state(name)
-        if name not in self.quantized_names() or self.merge_base != "dequantized":
+        # merge_base first: a merged or "original" source needs no quantization rule (no transformers import)
+        if self.merge_base != "dequantized" or name not in self.quantized_names():
             return None
         tensor = self.base.store.get(name)
         if not tensor.is_floating_point():
@@ -310,8 +310,8 @@ class QLoRACheckpoint:
             loaded = loaded.T.contiguous()
         return quantize_4bit(loaded, q.blocksize, q.quant_type, q.double_quant)
 
-    def base_weight(self, name: str) -> tuple[torch.Tensor, bool]:
-        """The fp32 base tensor the merge starts from, and whether it is a 4-bit layer.
+    def base_weight(self, name: str) -> torch.Tensor:
+        """The fp32 base tensor the merge starts from (non-float tensors as stored).
 
         dequantized: exactly the weights training saw, dequantized by the bitsandbytes rule (fp32 product
         cast to the quant_state dtype). original: the 16-bit base tensor.
@@ -320,11 +320,9 @@ class QLoRACheckpoint:
         if source is not None:
             packed, state = source
             weight = dequantize_4bit(packed, state, torch.float32, round_to=state.dtype)
-            return (weight.T.contiguous() if name in self.conv1d else weight), True
+            return weight.T.contiguous() if name in self.conv1d else weight
         tensor = self.base.store.get(self.aliases.get(name, name))  # an untied copy starts from its source
-        if not tensor.is_floating_point():
-            return tensor, False
-        return tensor.float(), name in self.quantized_names()
+        return tensor.float() if tensor.is_floating_point() else tensor
 
     def iter_tensors(
         self,
@@ -388,7 +386,7 @@ class QLoRACheckpoint:
                 and len(source[1].shape) == 2
                 and source[1].shape[1] % source[1].blocksize == 0
             ):
-                return MergedTensor(name, self._fused_lora(source, lora, out_dtype), None, True, merged=True)
+                return MergedTensor(name, self._fused_lora(source, lora, out_dtype), None, merged=True)
         if (
             lora is None
             and bias_of is None
@@ -399,17 +397,12 @@ class QLoRACheckpoint:
             source = self.quantized_source(name)
             if source is None:  # untouched 16-bit tensor: straight to the output dtype, no fp32 copy
                 raw = self.base.store.get(name)
-                return MergedTensor(name, raw.to(out_dtype) if raw.is_floating_point() else raw, None, False)
+                return MergedTensor(name, raw.to(out_dtype) if raw.is_floating_point() else raw)
             packed, state = source
-            return MergedTensor(
-                name, dequantize_4bit(packed, state, out_dtype, round_to=state.dtype), None, True
-            )
-        if replaced:
-            value, quantized = self._adapter_tensor(ad.layout.replace[name]), name in self.quantized_names()
-        else:
-            value, quantized = self.base_weight(name)
+            return MergedTensor(name, dequantize_4bit(packed, state, out_dtype, round_to=state.dtype))
+        value = self._adapter_tensor(ad.layout.replace[name]) if replaced else self.base_weight(name)
         if lora is None and bias_of is None:
-            return MergedTensor(name, value, None, quantized, merged=replaced)
+            return MergedTensor(name, value, None, merged=replaced)
         base = value.clone() if keep_base else None
         if lora is not None:
             value = self._apply_lora(value, lora)
@@ -417,7 +410,7 @@ class QLoRACheckpoint:
             value = value + self._adapter_tensor(bias_of.lora_B_bias) * module_scaling(
                 ad.settings, bias_of.module
             )
-        return MergedTensor(name, value, base, quantized, merged=True)
+        return MergedTensor(name, value, base, merged=True)
 
     def _fused_lora(
         self, source: tuple[torch.Tensor, QuantState], mod: LoraModule, out_dtype: torch.dtype

@@ -97,7 +97,6 @@ def export_nf4(
                         t.name,
                         t.value.T.contiguous(),
                         None if t.base is None else t.base.T.contiguous(),
-                        t.quantized,
                         t.merged,
                     )
                 yield from requantize(t, opts, dtype, retention)
