@@ -92,15 +92,13 @@ def test_problems_are_reported(copy_of, fixtures, base16):
 def test_base_saved_after_cpu_forward_is_flagged(tmp_path, base16):
     """Reproduce the gotcha for real: save a 4-bit model after a no_grad forward on CPU."""
     import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+    from tests.helpers import bnb_config
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base16), quantization_config=bnb_config(torch.bfloat16), device_map="cpu"
     )
-    model = AutoModelForCausalLM.from_pretrained(str(base16), quantization_config=cfg, device_map="cpu")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     if not getattr(layers[0], "support_avx512bf16_for_cpu", False):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
