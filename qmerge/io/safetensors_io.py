@@ -9,6 +9,7 @@ The `safetensors` package is the reference for both in tests (same bytes as safe
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import InputError, OutputError
@@ -44,7 +46,9 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # descending dtype, then by name.
 _DTYPE_RANK = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"]
 _MAX_HEADER = 100 * 1024 * 1024
-_SYNC_EVERY = 256 * 2**20  # the writer thread fdatasyncs every this many bytes
+_SYNC_EVERY = 256 * 2**20  # buffered writes (no O_DIRECT) are flushed to the disk every this many bytes
+_ALIGN = 4096  # O_DIRECT alignment of buffers, offsets and lengths (a page; covers 512 and 4096 sectors)
+_EMPTY = np.zeros(0, dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -135,18 +139,81 @@ class SafetensorsFile:
             row_bytes = info.nbytes // shape[0] if shape and shape[0] else 0
             start, end = info.start + rows[0] * row_bytes, info.start + rows[1] * row_bytes
             shape = (rows[1] - rows[0], *shape[1:])
-        buf = bytearray(end - start)
+        if end == start:
+            return torch.empty(shape, dtype=info.torch_dtype)
         try:
-            with open(self.path, "rb") as f:
-                f.seek(start)
-                got = f.readinto(buf)
+            data = read_range(self.path, start, end)
         except OSError as e:
             raise InputError(f"{self.path}: cannot read tensor {name!r} ({e.strerror}).") from e
-        if got != len(buf):
+        if len(data) != end - start:
             raise InputError(f"{self.path}: truncated while reading tensor {name!r}.")
-        if not buf:
-            return torch.empty(shape, dtype=info.torch_dtype)
-        return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(shape)
+        return torch.frombuffer(data, dtype=info.torch_dtype).reshape(shape)
+
+
+_DIRECT_READ_MIN = 1 << 20  # smaller reads always go through the page cache
+
+
+def read_range(path: Path, start: int, end: int) -> np.ndarray:
+    """Bytes [start, end) of a file (fewer if it is shorter), as a uint8 array.
+
+    Bytes already in the page cache are copied from it. A large range that is not (probed with
+    RWF_NOWAIT, which reads only cached pages) is read with O_DIRECT into a page-aligned buffer: on the
+    machines measured, filling the page cache cost more CPU than the disk took to deliver the data
+    (docs/performance.md). Where the probe or O_DIRECT is unavailable, an ordinary read is used.
+    """
+    n = end - start
+    lo, hi = start - start % _ALIGN, -(-end // _ALIGN) * _ALIGN
+    buf = _aligned_buffer(hi - lo)
+    view = buf[start - lo : start - lo + n]
+    with open(path, "rb", buffering=0) as f:
+        if n >= _DIRECT_READ_MIN and _uncached(f.fileno(), view, start):
+            got = _read_direct(path, buf, lo)
+            if got is not None:
+                return view[: max(0, min(n, got - (start - lo)))]
+        got = _read_into(f.fileno(), view, start)
+    return view[:got]
+
+
+def _uncached(fd: int, view: np.ndarray, start: int) -> bool:
+    """True when the range is not (all) in the page cache; what is cached lands in `view` either way."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None or not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        return os.preadv(fd, [view], start, flag) < len(view)
+    except BlockingIOError:
+        return True  # nothing of it is cached
+    except OSError:
+        return False  # the filesystem cannot tell (EOPNOTSUPP, EINVAL): read normally
+
+
+def _read_direct(path: Path, buf: np.ndarray, offset: int) -> int | None:
+    """Fill the page-aligned `buf` from `offset` (aligned) with O_DIRECT: bytes read, or None if refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
+    try:
+        return _read_into(fd, buf, offset)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
+    finally:
+        os.close(fd)
+
+
+def _read_into(fd: int, view: np.ndarray, offset: int) -> int:
+    """Positioned reads until `view` is full or the file ends (one read returns at most ~2 GiB)."""
+    got = 0
+    while got < len(view):
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k == 0:
+            break
+        got += k
+    return got
 
 
 @dataclass(frozen=True)
@@ -167,13 +234,97 @@ def safetensors_order(entries: Sequence[PlannedTensor]) -> list[PlannedTensor]:
     return sorted(entries, key=lambda e: (-_DTYPE_RANK.index(e.dtype), e.name))
 
 
+class _SequentialFile:
+    """A file written front to back from page-aligned buffers, bypassing the page cache (O_DIRECT) where
+    the filesystem allows it.
+
+    Why: on the machines measured (see docs/performance.md), copying gigabytes into the page cache cost
+    more CPU than the whole merge's arithmetic, and the final fsync then waited for all of it. Direct
+    writes from reused buffers cost neither. Where O_DIRECT is missing (macOS, tmpfs, some network
+    filesystems) or a direct write is refused (EINVAL), the file falls back to ordinary buffered writes,
+    flushed to the disk every `_SYNC_EVERY` bytes so the disk works while the next tensors are computed.
+    """
+
+    def __init__(self, path: Path):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        direct = getattr(os, "O_DIRECT", 0)
+        self.direct = False
+        self.size = 0  # bytes of the file's content written so far (without alignment padding)
+        self._unsynced = 0
+        if direct:
+            try:
+                self.fd = os.open(path, flags | direct, 0o644)
+                self.direct = True
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        self.fd = os.open(path, flags, 0o644)
+
+    def write(self, buf: np.ndarray, n: int) -> None:
+        """Append the first `n` bytes of `buf` (page-aligned, at least n rounded up to _ALIGN long). Only the
+        last write of a file may have n that is not a multiple of _ALIGN."""
+        if self.direct:
+            padded = -(-n // _ALIGN) * _ALIGN
+            try:
+                self._write_all(memoryview(buf)[:padded])
+                self.size += n
+                if padded != n:
+                    os.ftruncate(self.fd, self.size)  # drop the padding; nothing may follow
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._go_buffered()
+        self._write_all(memoryview(buf)[:n])
+        self.size += n
+        self._unsynced += n
+        if self._unsynced >= _SYNC_EVERY:
+            os.fdatasync(self.fd) if hasattr(os, "fdatasync") else os.fsync(self.fd)
+            self._unsynced = 0
+
+    def _write_all(self, view: memoryview) -> None:
+        while len(view):
+            view = view[os.write(self.fd, view) :]
+
+    def _go_buffered(self) -> None:
+        """The filesystem refused a direct write: continue with buffered writes from where the file ends."""
+        import fcntl
+
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        os.ftruncate(self.fd, self.size)
+        os.lseek(self.fd, self.size, os.SEEK_SET)
+        self.direct = False
+
+    def sync_and_close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _aligned_buffer(nbytes: int) -> np.ndarray:
+    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    skip = -raw.ctypes.data % _ALIGN
+    return raw[skip : skip + nbytes]
+
+
 class StreamingSafetensorsWriter:
     """Write one safetensors file whose tensors arrive one at a time, in the planned order.
 
-    The header is written first from the plan; `write` then checks that each tensor is the one the plan
-    expects next (name, dtype, shape) and hands its bytes to a writer thread and then a hashing thread,
-    which work while the caller computes the next tensor (at most `max_in_flight` bytes wait, so memory
-    stays bounded). `close` fails if any planned tensor is missing; `sha256` and `bytes` are then set.
+    The header is laid out first from the plan; `write` then checks that each tensor is the one the plan
+    expects next (name, dtype, shape) and hands it to two threads that work while the caller computes the
+    next tensor: a stager copies the bytes into page-aligned staging buffers and hashes each full buffer,
+    and a writer appends full buffers to the file (see _SequentialFile). At most `max_in_flight` bytes of
+    tensors wait for the stager, plus `stage_buffers` x `stage_bytes` of staging, so memory stays bounded.
+    `close` fails if any planned tensor is missing; `sha256` and `bytes` are then set, and the file is on
+    the disk (fsync).
     """
 
     def __init__(
@@ -182,7 +333,11 @@ class StreamingSafetensorsWriter:
         entries: Sequence[PlannedTensor],
         metadata: dict[str, str] | None = None,
         max_in_flight: int = 512 * 2**20,
+        stage_bytes: int = 16 * 2**20,
+        stage_buffers: int = 4,
     ):
+        if stage_bytes % _ALIGN or stage_bytes <= 0 or stage_buffers < 1:
+            raise ValueError(f"stage_bytes must be a positive multiple of {_ALIGN}")
         self.path = Path(path)
         self.entries = list(entries)
         self._next = 0
@@ -202,60 +357,63 @@ class StreamingSafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment
         head = struct.pack("<Q", len(raw)) + raw
-        self._hash = hashlib.sha256(head)
         try:
-            self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close()/abort()
-            self._f.write(head)
+            self._out = _SequentialFile(self.path)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror}).") from e
-        self.bytes = len(head)
-        # Two stages, each on its own thread: write (mostly waiting on the disk), then hash (CPU), so
-        # hashing tensor k overlaps writing tensor k + 1.
-        self._queue: queue.Queue = queue.Queue()
-        self._hash_queue: queue.Queue = queue.Queue()
-        # Bytes handed over but not yet hashed; write() waits while more than max_in_flight are pending
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue()  # (name, bytes) for the stager; None ends
+        self._full: queue.Queue = queue.Queue()  # (buffer, n) for the file writer; None ends
+        self._free: queue.Queue = queue.Queue()  # staging buffers ready for reuse
+        for _ in range(stage_buffers):
+            self._free.put(_aligned_buffer(stage_bytes))
+        # Bytes handed over but not yet staged; write() waits while more than max_in_flight are pending
         # (a single larger tensor may always go), which bounds the memory the pipeline holds.
         self._in_flight = 0
-        self._unsynced = 0
         self._max_in_flight = max_in_flight
         self._room = threading.Condition()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
-        self._hasher = threading.Thread(target=self._digest, name=f"hash-{self.path.name}", daemon=True)
-        self._thread.start()
-        self._hasher.start()
+        self._queue.put((None, np.frombuffer(head, dtype=np.uint8)))  # counts in no bound
+        self._stager = threading.Thread(target=self._stage, name=f"stage-{self.path.name}", daemon=True)
+        self._writer = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
+        self._stager.start()
+        self._writer.start()
+
+    # ---- the two threads ---------------------------------------------------------------------------
+    def _stage(self) -> None:
+        """Copy arriving tensors into staging buffers; hash and pass on each buffer when it is full."""
+        buf, fill = self._free.get(), 0
+        while (item := self._queue.get()) is not None:
+            name, data = item
+            pos = 0
+            while pos < len(data) and self._error is None:
+                take = min(len(data) - pos, len(buf) - fill)
+                buf[fill : fill + take] = data[pos : pos + take]  # numpy copies without the GIL
+                fill, pos = fill + take, pos + take
+                if fill == len(buf):
+                    self._hash.update(buf)
+                    self._full.put((buf, fill))
+                    buf, fill = self._free.get(), 0
+            if name is not None:
+                self._release(len(data))
+        if fill and self._error is None:
+            self._hash.update(buf[:fill])
+            self._full.put((buf, fill))
+        self._full.put(None)
 
     def _drain(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                self._hash_queue.put(None)
-                return
-            name, data = item
-            if self._error is not None:
-                self._release(len(data))  # keep draining so the producer never blocks
-                continue
-            try:
-                self._f.write(data)
-                self.bytes += len(data)
-                self._hash_queue.put(data)
-                self._unsynced += len(data)
-                if self._unsynced >= _SYNC_EVERY:
-                    # Flush as we go: the disk works while the next tensors are computed, and close()
-                    # does not wait for gigabytes of dirty pages at the end.
-                    self._f.flush()
-                    os.fdatasync(self._f.fileno())
-                    self._unsynced = 0
-            except BaseException as e:  # noqa: BLE001 - handed to the producer thread
-                self._error = OutputError(
-                    f"{self.path}: cannot write tensor {name!r} ({getattr(e, 'strerror', e)})."
-                )
-                self._error.__cause__ = e
-
-    def _digest(self) -> None:
-        while (data := self._hash_queue.get()) is not None:
-            self._hash.update(data)
-            self._release(len(data))
+        while (item := self._full.get()) is not None:
+            buf, n = item
+            if self._error is None:
+                try:
+                    self._out.write(buf, n)
+                    self.bytes += n
+                except BaseException as e:  # noqa: BLE001 - handed to the producer thread
+                    self._error = OutputError(f"{self.path}: cannot write ({getattr(e, 'strerror', e)}).")
+                    self._error.__cause__ = e
+                    with self._room:
+                        self._room.notify_all()
+            self._free.put(buf)  # keeps the stager going, also after an error, so nobody blocks
 
     def _release(self, n: int) -> None:
         with self._room:
@@ -266,6 +424,7 @@ class StreamingSafetensorsWriter:
         if self._error is not None:
             raise self._error
 
+    # ---- the producer's side -----------------------------------------------------------------------
     def wait_for_room(self, nbytes: int) -> None:
         """Block until `nbytes` more can be handed over without passing max_in_flight (a tensor larger than
         that waits for an empty pipeline). Callers that know the next tensor's size call it before computing
@@ -287,39 +446,36 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(
                 f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {e.dtype} {list(e.shape)}"
             )
-        data = (
-            memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
-        )
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else _EMPTY
         self.wait_for_room(len(data))
         with self._room:
             self._in_flight += len(data)
         self._queue.put((name, data))
         self._next += 1
 
-    def close(self) -> None:
-        if self._f.closed:
-            return
+    def _finish_threads(self) -> None:
         self._queue.put(None)
-        self._thread.join()
-        self._hasher.join()
+        self._stager.join()
+        self._writer.join()
+
+    def close(self) -> None:
+        if self._out.fd < 0:
+            return
+        self._finish_threads()
         try:
             self._raise_pending()
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            self._out.sync_and_close()
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror}).") from e
         finally:
-            self._f.close()
+            self._out.close()
         if self._next != len(self.entries):
             missing = self.entries[self._next].name
             raise RuntimeError(f"{self.path}: closed before tensor {missing!r} was written")
         self.sha256 = self._hash.hexdigest()
 
     def abort(self) -> None:
-        if self._thread.is_alive():
+        if self._stager.is_alive() or self._writer.is_alive():
             self._error = self._error or RuntimeError("aborted")
-            self._queue.put(None)
-            self._thread.join()
-        self._hasher.join()
-        if not self._f.closed:
-            self._f.close()
+            self._finish_threads()
+        self._out.close()
