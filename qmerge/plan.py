@@ -345,12 +345,26 @@ class QLoRACheckpoint:
         for i, name in enumerate(names):
             if progress:
                 progress(name, i, len(names))
+            if i + 1 < len(names):
+                nxt = names[i + 1]
+                self._read_ahead(nxt, by_weight.get(nxt) or by_bias.get(nxt))
             t = self._tensor(name, by_weight.get(name), by_bias.get(name), keep_base, out_dtype)
             if out_dtype is not None and t.value.is_floating_point():
                 t.value = t.value.to(out_dtype)
             yield t
         if progress:
             progress("", len(names), len(names))
+
+    def _read_ahead(self, name: str, lora: LoraModule | None) -> None:
+        """Have the stored tensors that `name` is made from read while the current tensor is computed."""
+        if self.adapter is not None:
+            if name in self.adapter.layout.replace:
+                self.adapter.store.prefetch([self.adapter.layout.replace[name]])
+                return
+            if lora is not None:
+                keys = (lora.lora_A, lora.lora_B, lora.lora_B_bias, lora.magnitude)
+                self.adapter.store.prefetch([k for k in keys if k])
+        self.base.store.prefetch(self.base.stored_parts(self.aliases.get(name, name)))
 
     def _adapter_tensor(self, key: str) -> torch.Tensor:
         t = self.adapter.get(key).float()

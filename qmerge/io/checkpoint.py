@@ -6,7 +6,9 @@ Nothing here loads a model: tensors are read one at a time on request.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,9 @@ class TensorStore:
         self._where: dict[str, SafetensorsFile] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self.files: list[Path] = []
+        self._reader: ThreadPoolExecutor | None = None
+        self._ahead: dict[str, Future] = {}  # prefetched reads not yet taken
+        self._groups: deque[list[str]] = deque()  # names of the last two prefetch calls
         index = self.directory / f"{stem}.safetensors.index.json"
         single = self.directory / f"{stem}.safetensors"
         if index.exists():
@@ -110,7 +115,29 @@ class TensorStore:
         if self._pickled is not None:
             t = self._pickled[name]
             return (t if rows is None else t[rows[0] : rows[1]]).clone()
+        ahead = self._ahead.pop(name, None) if rows is None else None
+        if ahead is not None:
+            return ahead.result()
         return self._where[name].read(name, rows)
+
+    def prefetch(self, names: list[str]) -> None:
+        """Start reading `names` on a background thread; the next get(name) of each takes the result.
+
+        What the call before last prefetched and nobody took is forgotten, so a streaming caller that
+        asks for tensor k + 1's parts before computing tensor k reads them from the disk meanwhile, for
+        the memory of one more tensor.
+        """
+        if self._pickled is not None:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="qmerge-read")
+        if len(self._groups) == 2:
+            for name in self._groups.popleft():
+                self._ahead.pop(name, None)
+        group = [n for n in names if n in self._where and n not in self._ahead]
+        for name in group:
+            self._ahead[name] = self._reader.submit(self._where[name].read, name)
+        self._groups.append(group)
 
     def nbytes(self, name: str) -> int:
         if self._pickled is not None:
@@ -203,6 +230,12 @@ class ModelDir:
     def weight_names(self) -> list[str]:
         """The model's logical tensors: every stored tensor except quant-state companions."""
         return [k for k in self.store.keys() if not self.is_companion(k)]
+
+    def stored_parts(self, name: str) -> list[str]:
+        """The stored tensors that make up weight `name`: itself, and its quant state if it is 4-bit."""
+        if name not in self.quantized:
+            return [name]
+        return [name + s for s in ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")]
 
     def logical_shape(self, name: str) -> tuple[int, ...]:
         return self.quantized[name].shape if name in self.quantized else self.store.shape(name)

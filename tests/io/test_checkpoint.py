@@ -31,6 +31,24 @@ def test_4bit_checkpoint_every_quant_state_key(base4):
         assert state.double_quant and state.quant_type == "nf4" and state.blocksize == 64
 
 
+def test_prefetched_reads_are_the_same_tensors_and_stay_bounded(base4):
+    from safetensors.torch import load_file
+
+    model = ModelDir(base4)
+    raw = load_file(base4 / "model.safetensors")
+    names = sorted(model.quantized)
+    for i, name in enumerate(names):
+        if i + 1 < len(names):
+            model.store.prefetch(model.stored_parts(names[i + 1]))
+        for part in model.stored_parts(name):
+            if part in raw:
+                assert torch.equal(model.store.get(part), raw[part])
+        # what is read ahead never covers more than the next two calls' tensors
+        assert len(model.store._ahead) <= 2 * len(model.stored_parts(name))
+    model.store.prefetch(["not.a.tensor", names[0]])  # unknown names are ignored; a get takes the result
+    assert torch.equal(model.store.get(names[0]), raw[names[0]]) and not model.store._ahead
+
+
 def test_weight_names_hide_companions(base4, base16):
     assert sorted(ModelDir(base4).weight_names()) == sorted(ModelDir(base16).weight_names())
 
