@@ -9,7 +9,11 @@ a fresh process and records wall time and peak RSS (VmHWM of that process):
   PEFT (16-bit base)    AutoModelForCausalLM.from_pretrained(BASE16) -> PeftModel -> merge_and_unload -> save_pretrained
   PEFT (4-bit base)     from_pretrained(BASE4) -> PeftModel -> merge_and_unload -> dequantize -> save_pretrained
 
-Usage: python benchmarks/merge_bench.py [--size 1.1b|0.3b|7b|tiny] [--routes all|qmerge] [--workdir DIR] [--json FILE]
+Before each route its inputs are dropped from the page cache (--cache cold, the default: the base is on the
+disk) or read into it (--cache warm).
+
+Usage: python benchmarks/merge_bench.py [--size 1.1b|0.3b|7b|tiny] [--routes all|qmerge] [--cache cold|warm]
+                                        [--workdir DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -207,14 +211,29 @@ def child(kind: str, adapter: str, base: str, out: str) -> None:
     )
 
 
-def settle() -> None:
-    """Flush dirty pages (the build's, the last route's) so that no route pays for another's writes."""
+def settle(inputs: list[Path], cache: str) -> None:
+    """Flush dirty pages (the build's, the last route's) so that no route pays for another's writes, then
+    put the route's input files in the state `cache` names: "cold" drops them from the page cache (the
+    base is on the disk, as after a download or a reboot), "warm" reads them into it (as right after
+    training read them)."""
     os.sync()
+    for d in inputs:
+        for f in sorted(d.rglob("*")):
+            if not f.is_file():
+                continue
+            if cache == "cold":
+                fd = os.open(f, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+            else:
+                with open(f, "rb", buffering=0) as fh:
+                    while fh.read(64 * 2**20):
+                        pass
     time.sleep(2)
 
 
-def run_route(kind: str, adapter: Path, base: Path, out: Path) -> dict:
-    settle()
+def run_route(kind: str, adapter: Path, base: Path, out: Path, cache: str = "cold") -> dict:
+    settle([adapter, base], cache)
     t = time.perf_counter()
     p = subprocess.run(
         [sys.executable, __file__, "--child", kind, str(adapter), str(base), str(out)],
@@ -239,6 +258,12 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--routes", choices=["all", "qmerge"], default="all", help="qmerge: skip the PEFT routes")
+    ap.add_argument(
+        "--cache",
+        choices=["cold", "warm"],
+        default="cold",
+        help="inputs dropped from the page cache before each route (cold), or read into it (warm)",
+    )
     ap.add_argument("--child", nargs=4, metavar=("KIND", "ADAPTER", "BASE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -259,13 +284,14 @@ def main() -> None:
             routes = {k: v for k, v in routes.items() if v[0] == "qmerge"}
         results = {}
         for label, (kind, base) in routes.items():
-            results[label] = run_route(kind, adapter, base, work / "out")
+            results[label] = run_route(kind, adapter, base, work / "out", args.cache)
             print(label, json.dumps(results[label]), file=sys.stderr)
         peer = results.get("PEFT merge_and_unload (16-bit base)", {})
         summary = {
             "size": args.size,
             "parameters": n,
             "torch_threads": torch.get_num_threads(),
+            "cache": args.cache,
             "routes": results,
         }
         if "seconds" in peer and "seconds" in results["qmerge (4-bit base)"]:

@@ -329,14 +329,15 @@ class QLoRACheckpoint:
         order: list[str] | None = None,
         progress: Progress | None = None,
         keep_base: bool = False,
-        out_dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | dict[str, torch.dtype] | None = None,
     ) -> Iterator[MergedTensor]:
         """Yield every tensor of the merged model one at a time, in `order` (default: sorted names).
 
         With keep_base, MergedTensor.base holds a copy of the weight before the adapter (one more tensor
         of memory); without it the adapter is added in place and base is None. With out_dtype, floating
         tensors come in that dtype (the fp32 math is the same; 4-bit layers with a plain LoRA are then
-        dequantized, merged and cast row block by row block, while in cache).
+        dequantized, merged and cast row block by row block, while in cache); a dict gives a dtype per
+        name (names it lacks come in fp32).
         """
         names = order if order is not None else sorted(self.plan().shapes)
         ad = self.adapter
@@ -348,9 +349,10 @@ class QLoRACheckpoint:
             if i + 1 < len(names):
                 nxt = names[i + 1]
                 self._read_ahead(nxt, by_weight.get(nxt) or by_bias.get(nxt))
-            t = self._tensor(name, by_weight.get(name), by_bias.get(name), keep_base, out_dtype)
-            if out_dtype is not None and t.value.is_floating_point():
-                t.value = t.value.to(out_dtype)
+            dtype = out_dtype.get(name) if isinstance(out_dtype, dict) else out_dtype
+            t = self._tensor(name, by_weight.get(name), by_bias.get(name), keep_base, dtype)
+            if dtype is not None and t.value.is_floating_point():
+                t.value = t.value.to(dtype)
             yield t
         if progress:
             progress("", len(names), len(names))

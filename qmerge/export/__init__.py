@@ -132,17 +132,19 @@ def export_gguf(
     plan = ckpt.plan()
     merged = 0
 
-    def tensors(order):
+    def tensors(order, dtypes):
         nonlocal merged
-        for t in ckpt.iter_tensors(order, progress):
+        for t in ckpt.iter_tensors(order, progress, out_dtype=dtypes):
             merged += t.merged
             yield t.name, t.value
 
     name = (ckpt.adapter.path.name if ckpt.adapter else ckpt.base.path.name) or "model"
     tok_dir = _tokenizer_dir(ckpt)
     with atomic_file(out, force) as tmp:
+        digests = {}
         if gguf_type in DIRECT_TYPES:
             summary = write_gguf(tmp, ckpt.config, tok_dir, plan.shapes, tensors, gguf_type, name)
+            digests[tmp.name] = summary.pop("sha256")
         else:
             # llama.cpp quantizes from a GGUF file: write an f32 one beside the output first (bf16 beyond
             # 3B parameters, to bound the disk it takes), then let its quantizer pick the K-quant mixes.
@@ -151,9 +153,10 @@ def export_gguf(
             with tempfile.TemporaryDirectory(dir=Path(out).parent or ".", prefix=".qmerge-gguf-") as td:
                 mid = Path(td) / "intermediate.gguf"
                 summary = write_gguf(mid, ckpt.config, tok_dir, plan.shapes, tensors, inter, name)
+                del summary["sha256"]
                 quantize_with_llama_cpp(mid, tmp, gguf_type)
                 summary = {**summary, "intermediate": inter, "tensor_types": _gguf_types(tmp)}
-        files = describe_files(tmp)
+        files = describe_files(tmp, digests)
     files = [f.__class__(Path(out).name, f.bytes, f.sha256) for f in files]
     return WriteReport(
         str(out), files, merged, time.perf_counter() - start, {"gguf_type": gguf_type, **summary}

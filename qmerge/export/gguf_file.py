@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import DependencyError, InputError, UnsupportedError
+from ..io.safetensors_io import StreamingFileWriter, tensor_bytes
 from ..native import quiet_native_stderr
 
 # HF architecture -> (gguf architecture, permute Q/K rows)
@@ -286,16 +287,26 @@ def _ggml_type(gguf_type: str, shape: tuple[int, ...]):
     return T.Q8_0 if shape[-1] % 32 == 0 else T.F16
 
 
-def encode(t: torch.Tensor, qtype) -> np.ndarray:
-    """A torch tensor in the bytes GGUF stores for `qtype` (F32, F16, BF16 or Q8_0)."""
+def torch_dtype_for(qtype) -> torch.dtype:
+    """The dtype a tensor is merged into before encoding as `qtype` (quantized types start from fp32)."""
     import gguf
 
-    data = t.float().contiguous().numpy()
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return data
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return data.astype(np.float16)
-    return gguf.quants.quantize(data, qtype)
+    T = gguf.GGMLQuantizationType
+    return {T.F16: torch.float16, T.BF16: torch.bfloat16}.get(qtype, torch.float32)
+
+
+def encode(t: torch.Tensor, qtype) -> np.ndarray:
+    """A torch tensor in the bytes GGUF stores for `qtype` (F32, F16, BF16 or Q8_0), as flat uint8.
+
+    F16 and BF16 are torch's round-to-nearest-even casts, the same values numpy and gguf-py produce.
+    """
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if qtype in (T.F32, T.F16, T.BF16):
+        return tensor_bytes(t.to(torch_dtype_for(qtype)))
+    data = gguf.quants.quantize(t.float().contiguous().numpy(), qtype)
+    return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
 
 def _nbytes(shape: tuple[int, ...], qtype) -> int:
@@ -343,16 +354,20 @@ def write_gguf(
     config: dict,
     model_dir: Path,
     shapes: dict[str, tuple[int, ...]],
-    tensors: Callable[[list[str]], Iterator[tuple[str, torch.Tensor]]],
+    tensors: Callable[[list[str], dict[str, torch.dtype]], Iterator[tuple[str, torch.Tensor]]],
     gguf_type: str,
     name: str = "model",
 ) -> dict:
-    """Stream tensors into a GGUF file of a direct type (f32, f16, bf16, q8_0). Returns a summary."""
+    """Stream tensors into a GGUF file of a direct type (f32, f16, bf16, q8_0). Returns a summary, with the
+    file's sha256 (computed while writing).
+
+    `tensors(order, dtypes)` yields (name, tensor) in `order`, each floating tensor in dtypes[name].
+    """
     import gguf
 
     info = model_info(config)
     mapper = TensorMapper(info)
-    w = gguf.GGUFWriter(str(path), info.arch)
+    w = gguf.GGUFWriter(None, info.arch)
     w.add_name(name)
     w.add_context_length(info.n_ctx)
     w.add_embedding_length(info.hidden)
@@ -403,18 +418,51 @@ def write_gguf(
             _nbytes(shape, qtype),
             raw_dtype=qtype,
         )
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    if rope_freqs is not None:
-        w.write_tensor_data(rope_freqs)
+    head = _gguf_head(w, path)
+    align = w.data_alignment
+    out = StreamingFileWriter(path, head + bytes(-len(head) % align))
     counts: dict[str, int] = {}
-    for hf, t in tensors(order):
-        data = encode(mapper.transform(hf, t), types[hf])
-        w.write_tensor_data(data)
-        counts[types[hf].name] = counts.get(types[hf].name, 0) + 1
-    w.close()
-    return {"gguf_architecture": info.arch, "tensor_types": counts, "tokenizer": tokenizer}
+    try:
+        if rope_freqs is not None:
+            _append(out, rope_freqs.reshape(-1).view(np.uint8), align)
+        stream = tensors(order, {hf: torch_dtype_for(q) for hf, q in types.items()})
+        for hf in order:
+            out.wait_for_room(_nbytes(tuple(shapes[hf]), types[hf]))  # before the tensor is computed
+            got, t = next(stream)
+            if got != hf:
+                raise RuntimeError(f"expected tensor {hf} next, got {got}")
+            _append(out, encode(mapper.transform(hf, t), types[hf]), align)
+            counts[types[hf].name] = counts.get(types[hf].name, 0) + 1
+        out.close()
+    except BaseException:
+        out.abort()
+        raise
+    return {
+        "gguf_architecture": info.arch,
+        "tensor_types": counts,
+        "tokenizer": tokenizer,
+        "sha256": out.sha256,
+    }
+
+
+def _gguf_head(w, path: Path) -> bytes:
+    """Header, metadata and tensor infos as gguf-py writes them (through a sibling file it removes)."""
+    head_path = path.with_name(path.name + ".head")
+    try:
+        w.write_header_to_file(head_path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        return head_path.read_bytes()
+    finally:
+        head_path.unlink(missing_ok=True)
+
+
+def _append(out: StreamingFileWriter, data: np.ndarray, align: int) -> None:
+    """One tensor's bytes, then zeros up to the file's data alignment (as gguf-py pads)."""
+    out.write_bytes(data)
+    if len(data) % align:
+        out.write_bytes(np.zeros(-len(data) % align, dtype=np.uint8))
 
 
 def quantize_with_llama_cpp(src: Path, dst: Path, gguf_type: str) -> None:

@@ -315,23 +315,21 @@ def _aligned_buffer(nbytes: int) -> np.ndarray:
     return raw[skip : skip + nbytes]
 
 
-class StreamingSafetensorsWriter:
-    """Write one safetensors file whose tensors arrive one at a time, in the planned order.
+class StreamingFileWriter:
+    """Write one file from a header and byte arrays that arrive one at a time, with bounded memory.
 
-    The header is laid out first from the plan; `write` then checks that each tensor is the one the plan
-    expects next (name, dtype, shape) and hands it to two threads that work while the caller computes the
-    next tensor: a stager copies the bytes into page-aligned staging buffers and hashes each full buffer,
-    and a writer appends full buffers to the file (see _SequentialFile). At most `max_in_flight` bytes of
-    tensors wait for the stager, plus `stage_buffers` x `stage_bytes` of staging, so memory stays bounded.
-    `close` fails if any planned tensor is missing; `sha256` and `bytes` are then set, and the file is on
-    the disk (fsync).
+    Each array handed to `write_bytes` goes to two threads that work while the caller computes the next
+    one: a stager copies the bytes into page-aligned staging buffers and hashes each full buffer, and a
+    writer appends full buffers to the file (see _SequentialFile). At most `max_in_flight` bytes wait for
+    the stager (a single larger array may always go), plus `stage_buffers` x `stage_bytes` of staging.
+    After `close`, `sha256` and `bytes` are set and the file is on the disk (fsync); `abort` stops
+    without finishing it (the caller removes it).
     """
 
     def __init__(
         self,
         path: Path,
-        entries: Sequence[PlannedTensor],
-        metadata: dict[str, str] | None = None,
+        head: bytes,
         max_in_flight: int = 512 * 2**20,
         stage_bytes: int = 16 * 2**20,
         stage_buffers: int = 4,
@@ -339,41 +337,25 @@ class StreamingSafetensorsWriter:
         if stage_bytes % _ALIGN or stage_bytes <= 0 or stage_buffers < 1:
             raise ValueError(f"stage_bytes must be a positive multiple of {_ALIGN}")
         self.path = Path(path)
-        self.entries = list(entries)
-        self._next = 0
         self.sha256: str | None = None
         self.bytes = 0
-        header: dict[str, object] = {}
-        if metadata:
-            header["__metadata__"] = metadata
-        offset = 0
-        for e in self.entries:
-            header[e.name] = {
-                "dtype": e.dtype,
-                "shape": list(e.shape),
-                "data_offsets": [offset, offset + e.nbytes],
-            }
-            offset += e.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment
-        head = struct.pack("<Q", len(raw)) + raw
         try:
             self._out = _SequentialFile(self.path)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot write ({e.strerror}).") from e
         self._hash = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue()  # (name, bytes) for the stager; None ends
+        self._queue: queue.Queue = queue.Queue()  # (counted, bytes) for the stager; None ends
         self._full: queue.Queue = queue.Queue()  # (buffer, n) for the file writer; None ends
         self._free: queue.Queue = queue.Queue()  # staging buffers ready for reuse
         for _ in range(stage_buffers):
             self._free.put(_aligned_buffer(stage_bytes))
-        # Bytes handed over but not yet staged; write() waits while more than max_in_flight are pending
-        # (a single larger tensor may always go), which bounds the memory the pipeline holds.
+        # Bytes handed over but not yet staged; write_bytes() waits while more than max_in_flight are
+        # pending, which bounds the memory the pipeline holds.
         self._in_flight = 0
         self._max_in_flight = max_in_flight
         self._room = threading.Condition()
         self._error: BaseException | None = None
-        self._queue.put((None, np.frombuffer(head, dtype=np.uint8)))  # counts in no bound
+        self._queue.put((False, np.frombuffer(head, dtype=np.uint8)))  # counts in no bound
         self._stager = threading.Thread(target=self._stage, name=f"stage-{self.path.name}", daemon=True)
         self._writer = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
         self._stager.start()
@@ -381,10 +363,10 @@ class StreamingSafetensorsWriter:
 
     # ---- the two threads ---------------------------------------------------------------------------
     def _stage(self) -> None:
-        """Copy arriving tensors into staging buffers; hash and pass on each buffer when it is full."""
+        """Copy arriving arrays into staging buffers; hash and pass on each buffer when it is full."""
         buf, fill = self._free.get(), 0
         while (item := self._queue.get()) is not None:
-            name, data = item
+            counted, data = item
             pos = 0
             while pos < len(data) and self._error is None:
                 take = min(len(data) - pos, len(buf) - fill)
@@ -394,7 +376,7 @@ class StreamingSafetensorsWriter:
                     self._hash.update(buf)
                     self._full.put((buf, fill))
                     buf, fill = self._free.get(), 0
-            if name is not None:
+            if counted:
                 self._release(len(data))
         if fill and self._error is None:
             self._hash.update(buf[:fill])
@@ -426,32 +408,20 @@ class StreamingSafetensorsWriter:
 
     # ---- the producer's side -----------------------------------------------------------------------
     def wait_for_room(self, nbytes: int) -> None:
-        """Block until `nbytes` more can be handed over without passing max_in_flight (a tensor larger than
-        that waits for an empty pipeline). Callers that know the next tensor's size call it before computing
-        that tensor, so the tensor being built and those waiting for the disk never add up past the bound."""
+        """Block until `nbytes` more can be handed over without passing max_in_flight (a larger array
+        waits for an empty pipeline). Callers that know the next array's size call it before computing
+        it, so the array being built and those waiting for the disk never add up past the bound."""
         with self._room:
             while self._in_flight and self._in_flight + nbytes > self._max_in_flight and self._error is None:
                 self._room.wait()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write_bytes(self, data: np.ndarray) -> None:
+        """Append a contiguous uint8 array (kept, not copied, until the stager has taken it)."""
         self._raise_pending()
-        if self._next >= len(self.entries):
-            raise RuntimeError(
-                f"{self.path}: got tensor {name!r} after the planned {len(self.entries)} tensors"
-            )
-        e = self.entries[self._next]
-        if name != e.name:
-            raise RuntimeError(f"{self.path}: expected tensor {e.name!r} next, got {name!r}")
-        if DTYPE_NAMES.get(tensor.dtype) != e.dtype or tuple(tensor.shape) != e.shape:
-            raise RuntimeError(
-                f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {e.dtype} {list(e.shape)}"
-            )
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else _EMPTY
         self.wait_for_room(len(data))
         with self._room:
             self._in_flight += len(data)
-        self._queue.put((name, data))
-        self._next += 1
+        self._queue.put((True, data))
 
     def _finish_threads(self) -> None:
         self._queue.put(None)
@@ -469,9 +439,6 @@ class StreamingSafetensorsWriter:
             raise OutputError(f"{self.path}: cannot write ({e.strerror}).") from e
         finally:
             self._out.close()
-        if self._next != len(self.entries):
-            missing = self.entries[self._next].name
-            raise RuntimeError(f"{self.path}: closed before tensor {missing!r} was written")
         self.sha256 = self._hash.hexdigest()
 
     def abort(self) -> None:
@@ -479,3 +446,69 @@ class StreamingSafetensorsWriter:
             self._error = self._error or RuntimeError("aborted")
             self._finish_threads()
         self._out.close()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 array (no copy when it is contiguous)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else _EMPTY
+
+
+class StreamingSafetensorsWriter(StreamingFileWriter):
+    """Write one safetensors file whose tensors arrive one at a time, in the planned order.
+
+    The header is laid out first from the plan; `write` then checks that each tensor is the one the plan
+    expects next (name, dtype, shape) and streams its bytes (see StreamingFileWriter). `close` fails if any
+    planned tensor is missing.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        entries: Sequence[PlannedTensor],
+        metadata: dict[str, str] | None = None,
+        max_in_flight: int = 512 * 2**20,
+        stage_bytes: int = 16 * 2**20,
+        stage_buffers: int = 4,
+    ):
+        self.entries = list(entries)
+        self._next = 0
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        offset = 0
+        for e in self.entries:
+            header[e.name] = {
+                "dtype": e.dtype,
+                "shape": list(e.shape),
+                "data_offsets": [offset, offset + e.nbytes],
+            }
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+        head = struct.pack("<Q", len(raw)) + raw
+        super().__init__(path, head, max_in_flight, stage_bytes, stage_buffers)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._raise_pending()
+        if self._next >= len(self.entries):
+            raise RuntimeError(
+                f"{self.path}: got tensor {name!r} after the planned {len(self.entries)} tensors"
+            )
+        e = self.entries[self._next]
+        if name != e.name:
+            raise RuntimeError(f"{self.path}: expected tensor {e.name!r} next, got {name!r}")
+        if DTYPE_NAMES.get(tensor.dtype) != e.dtype or tuple(tensor.shape) != e.shape:
+            raise RuntimeError(
+                f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, planned {e.dtype} {list(e.shape)}"
+            )
+        self.write_bytes(tensor_bytes(tensor))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._out.fd < 0:
+            return
+        super().close()
+        if self._next != len(self.entries):
+            missing = self.entries[self._next].name
+            self.sha256 = None
+            raise RuntimeError(f"{self.path}: closed before tensor {missing!r} was written")

@@ -100,6 +100,37 @@ def test_gguf_metadata_and_inspect(tmp_path, arch_adapters):
     assert "output.weight" not in names and "blk.0.attn_q.bias" in names  # tied embeddings, q bias
 
 
+@pytest.mark.parametrize("gtype", ["f32", "f16", "bf16"])
+def test_gguf_py_reads_every_tensor_at_its_offset(tmp_path, arch_adapters, gtype):
+    """gguf-py's reader finds each streamed tensor where the header says, with the merged model's values
+    (qwen2: no Q/K permutation), and the sha256 reported is the file's."""
+    import hashlib
+
+    import gguf
+    from safetensors.torch import load_file
+
+    base, adapter = arch_adapters["qwen2"]
+    export(adapter, "fp32", tmp_path / "merged", base=base)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    report = export(adapter, "gguf", tmp_path / "q.gguf", base=base, gguf_type=gtype)
+    raw = (tmp_path / "q.gguf").read_bytes()
+    assert report.files[0].sha256 == hashlib.sha256(raw).hexdigest() and report.files[0].bytes == len(raw)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2)
+    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    assert reader.alignment and all(t.data_offset % reader.alignment == 0 for t in reader.tensors)
+    stored = {t.name: t for t in reader.tensors}
+    assert len(stored) == len(merged) - ("lm_head.weight" in merged)
+    for hf, want in merged.items():
+        if hf == "lm_head.weight":
+            continue
+        t = stored[names.get_name(hf, try_suffixes=(".weight", ".bias"))]
+        got = torch.from_numpy(t.data.copy())
+        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+            got = got.view(torch.bfloat16)
+        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.tensor_type.name]
+        assert torch.equal(got.reshape(want.shape).float(), want.to(dtype).float()), hf
+
+
 def test_check_accepts_gguf(tmp_path, fixtures, base16):
     from qmerge.verify import check
 
