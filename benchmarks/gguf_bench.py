@@ -7,7 +7,8 @@ in llama-cpp-python's source distribution, under vendor/llama.cpp). Without it, 
 The synthetic model gets a small SentencePiece tokenizer (the converter rejects BPE tokenizers whose
 pre-tokenizer it does not recognise).
 
-Usage: python benchmarks/gguf_bench.py [--size 1.1b|0.3b|tiny] [--converter PATH] [--workdir DIR] [--json FILE]
+Usage: python benchmarks/gguf_bench.py [--size 1.1b|0.3b|tiny] [--converter PATH] [--cache cold|warm]
+                                       [--workdir DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ sys.exit(code)
 """
 
 
-def timed(target: str, *args: str) -> dict:
-    """Run a script (path) or module in a fresh process: wall time and that process's own peak RSS."""
-    settle()
+def timed(inputs: list[Path], cache: str, target: str, *args: str) -> dict:
+    """Run a script (path) or module in a fresh process: wall time and that process's own peak RSS.
+    `inputs` are first dropped from the page cache or read into it (see merge_bench.settle)."""
+    settle(inputs, cache)
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", _WRAP, target, *args], capture_output=True, text=True)
     res = {"wall_seconds": time.perf_counter() - t, "returncode": p.returncode}
@@ -70,12 +72,15 @@ def main() -> None:
     ap.add_argument("--converter", type=Path, default=None, help="path to llama.cpp's convert_hf_to_gguf.py")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cache", choices=["cold", "warm"], default="cold", help="as in merge_bench.py")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="qmerge-gguf-bench-", dir=args.workdir))
     try:
         base16, base4, adapter, n = build(work, args.size)
         add_sentencepiece(base16, base4)
         q = timed(
+            [adapter, base4],
+            args.cache,
             "qmerge.cli",
             "export",
             str(adapter),
@@ -89,10 +94,12 @@ def main() -> None:
             str(work / "qmerge.gguf"),
             "--json",
         )
-        result: dict = {"size": args.size, "parameters": n, "qmerge_export_f16": q}
+        result: dict = {"size": args.size, "parameters": n, "cache": args.cache, "qmerge_export_f16": q}
         if args.converter:
             merged = work / "merged-bf16"
-            step1 = run_route("peft16", adapter, base16, work / "peft-out")  # timed; its output is removed
+            step1 = run_route(
+                "peft16", adapter, base16, work / "peft-out", args.cache
+            )  # timed; its output is removed
             # the converter needs a merged directory: make the same one (untimed) with qmerge
             subprocess.run(
                 [
@@ -112,7 +119,14 @@ def main() -> None:
                 capture_output=True,
             )
             step2 = timed(
-                str(args.converter), str(merged), "--outtype", "f16", "--outfile", str(work / "llamacpp.gguf")
+                [merged],
+                args.cache,
+                str(args.converter),
+                str(merged),
+                "--outtype",
+                "f16",
+                "--outfile",
+                str(work / "llamacpp.gguf"),
             )
             result["peer"] = {"peft_merge_to_bf16": step1, "convert_hf_to_gguf_f16": step2}
             if "error" not in step2 and step1.get("error") is None:
