@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import queue
@@ -177,7 +178,7 @@ def read_range(path: Path, start: int, end: int) -> np.ndarray:
 def _uncached(fd: int, view: np.ndarray, start: int) -> bool:
     """True when the range is not (all) in the page cache; what is cached lands in `view` either way."""
     flag = getattr(os, "RWF_NOWAIT", None)
-    if flag is None or not hasattr(os, "O_DIRECT"):
+    if flag is None or not hasattr(os, "O_DIRECT") or not hasattr(os, "preadv"):
         return False
     try:
         return os.preadv(fd, [view], start, flag) < len(view)
@@ -209,8 +210,13 @@ def _read_into(fd: int, view: np.ndarray, offset: int) -> int:
     """Positioned reads until `view` is full or the file ends (one read returns at most ~2 GiB)."""
     got = 0
     while got < len(view):
-        k = os.preadv(fd, [view[got:]], offset + got)
-        if k == 0:
+        if hasattr(os, "preadv"):
+            k = os.preadv(fd, [view[got:]], offset + got)
+        else:  # Windows: no positioned vectored reads
+            with io.FileIO(fd, "rb", closefd=False) as f:
+                f.seek(offset + got)
+                k = f.readinto(view[got:])
+        if not k:
             break
         got += k
     return got
