@@ -36,7 +36,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", 
 class TinySpec:
     """Shape of a tiny model."""
 
-    arch: str = "llama"  # llama | mistral | qwen2
+    arch: str = "llama"  # llama | mistral | qwen2 | qwen3 | gemma | phi3
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 2
@@ -99,7 +99,7 @@ def build_sentencepiece(path: Path, vocab_size: int = 200, corpus: str = CORPUS)
 
 def model_config(spec: TinySpec, vocab_size: int):
     """A transformers config for `spec` with the tokenizer's vocabulary size."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -122,7 +122,16 @@ def model_config(spec: TinySpec, vocab_size: int):
         return MistralConfig(**common, sliding_window=None)
     if spec.arch == "qwen2":
         return Qwen2Config(**common, use_sliding_window=False)
-    raise ValueError(f"unknown tiny architecture {spec.arch!r}: expected llama, mistral or qwen2")
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    if spec.arch == "qwen3":
+        return Qwen3Config(**common, head_dim=head_dim, use_sliding_window=False)
+    if spec.arch == "gemma":
+        return GemmaConfig(**common, head_dim=head_dim)
+    if spec.arch == "phi3":
+        return Phi3Config(**common, original_max_position_embeddings=spec.max_position_embeddings)
+    raise ValueError(
+        f"unknown tiny architecture {spec.arch!r}: expected llama, mistral, qwen2, qwen3, gemma or phi3"
+    )
 
 
 def build_base(out_dir: Path, spec: TinySpec = TinySpec(), dtype: torch.dtype = torch.bfloat16) -> Path:

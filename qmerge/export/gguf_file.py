@@ -26,6 +26,9 @@ ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", True),
     "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
+    "Qwen3ForCausalLM": ("qwen3", False),
+    "GemmaForCausalLM": ("gemma", False),
+    "Phi3ForCausalLM": ("phi3", False),
 }
 DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
 K_QUANTS = (
@@ -70,11 +73,21 @@ class GGUFModelInfo:
     rms_eps: float
     vocab_size: int
     tied: bool
+    rope_dims: int  # dimensions rotated per head (partial_rotary_factor x head_dim)
+    orig_ctx: int | None  # original_max_position_embeddings (phi3 writes it)
+    sliding_window: int | None
 
 
 def model_info(config: dict) -> GGUFModelInfo:
     archs = config.get("architectures") or []
-    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    by_type = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "gemma": "GemmaForCausalLM",
+        "phi3": "Phi3ForCausalLM",
+    }
     hf_arch = archs[0] if archs else by_type.get(config.get("model_type"))
     if hf_arch not in ARCHITECTURES:
         raise UnsupportedError(
@@ -90,6 +103,15 @@ def model_info(config: dict) -> GGUFModelInfo:
     )
     if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
+    head_dim = int(config.get("head_dim") or hidden // n_head)
+    partial = float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+    tied = bool(config.get("tie_word_embeddings", arch == "gemma"))
+    if arch == "gemma" and not tied:
+        raise UnsupportedError(
+            "llama.cpp's gemma architecture always uses the embedding as the output layer, but this model "
+            "has its own lm_head (untied, e.g. by an adapter that trained lm_head); export it as "
+            "safetensors instead."
+        )
     return GGUFModelInfo(
         hf_arch=hf_arch,
         arch=arch,
@@ -98,14 +120,18 @@ def model_info(config: dict) -> GGUFModelInfo:
         n_head=n_head,
         n_head_kv=int(config.get("num_key_value_heads") or n_head),
         hidden=hidden,
-        head_dim=int(config.get("head_dim") or hidden // n_head),
+        head_dim=head_dim,
         n_ff=int(config["intermediate_size"]),
         n_ctx=int(config.get("max_position_embeddings", 2048)),
         rope_theta=theta,
         rope_scaling=scaling,
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
         vocab_size=int(config["vocab_size"]),
-        tied=bool(config.get("tie_word_embeddings", False)),
+        tied=tied,
+        rope_dims=int(head_dim * partial),
+        orig_ctx=config.get("original_max_position_embeddings")
+        or rope.get("original_max_position_embeddings"),
+        sliding_window=config.get("sliding_window"),
     )
 
 
@@ -326,7 +352,13 @@ class TensorMapper:
         import gguf
 
         self.info = info
-        arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[info.arch]
+        arch = {
+            "llama": gguf.MODEL_ARCH.LLAMA,
+            "qwen2": gguf.MODEL_ARCH.QWEN2,
+            "qwen3": gguf.MODEL_ARCH.QWEN3,
+            "gemma": gguf.MODEL_ARCH.GEMMA,
+            "phi3": gguf.MODEL_ARCH.PHI3,
+        }[info.arch]
         self.map = gguf.get_tensor_name_map(arch, info.n_layers)
 
     def name(self, hf_name: str) -> str | None:
@@ -341,6 +373,8 @@ class TensorMapper:
         return new
 
     def transform(self, hf_name: str, t: torch.Tensor) -> torch.Tensor:
+        if self.info.arch == "gemma" and hf_name.endswith("norm.weight"):
+            return t + 1  # HF Gemma's RMSNorm scales by (1 + weight); llama.cpp's by weight
         if self.info.permute_qk:
             if ".self_attn.q_proj." in hf_name:
                 return permute_qk(t, self.info.n_head)
@@ -375,7 +409,11 @@ def write_gguf(
     w.add_feed_forward_length(info.n_ff)
     w.add_head_count(info.n_head)
     w.add_head_count_kv(info.n_head_kv)
-    w.add_rope_dimension_count(info.head_dim)
+    w.add_rope_dimension_count(info.rope_dims)
+    if info.arch == "phi3":  # as convert_hf_to_gguf's Phi3MiniModel
+        if info.orig_ctx:
+            w.add_rope_scaling_orig_ctx_len(int(info.orig_ctx))
+        w.add_sliding_window(int(info.sliding_window or 0))
     if info.head_dim != info.hidden // info.n_head:
         w.add_key_length(info.head_dim)
         w.add_value_length(info.head_dim)
@@ -393,6 +431,8 @@ def write_gguf(
     if gguf_type == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokenizer = add_tokenizer(w, model_dir, info.vocab_size)
+    if info.arch == "gemma" and tokenizer == "llama":
+        w.add_add_space_prefix(False)  # as convert_hf_to_gguf's GemmaModel
 
     order, types = [], {}
     rope_freqs = llama3_rope_freqs(info)

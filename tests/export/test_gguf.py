@@ -37,15 +37,26 @@ def llama_cpp_logits(path, tokens=SEQ) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def arch_adapters(tmp_path_factory):
-    """A tiny base of each architecture with a random-B all-linear adapter made by PEFT."""
+    """A tiny base of each architecture with a random-B all-linear adapter made by PEFT.
+
+    The GGUF's general.name comes from the adapter's directory name, hence "adapter": llama.cpp gives
+    models named like phi3 special handling of tokens (<|endoftext|>, ...) that the tiny vocabulary lacks.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("archs")
     made = {}
-    for arch, tied in (("llama", False), ("mistral", False), ("qwen2", True)):
+    for arch, tied in (
+        ("llama", False),
+        ("mistral", False),
+        ("qwen2", True),
+        ("qwen3", True),
+        ("gemma", True),
+        ("phi3", False),
+    ):
         base = build_base(
-            root / f"{arch}-base", TinySpec(arch=arch, tie_word_embeddings=tied, num_key_value_heads=2)
+            root / arch / "base", TinySpec(arch=arch, tie_word_embeddings=tied, num_key_value_heads=2)
         )
         torch.manual_seed(7)
         peft = get_peft_model(
@@ -56,12 +67,12 @@ def arch_adapters(tmp_path_factory):
             for n, p in peft.named_parameters():
                 if "lora_B" in n:
                     p.mul_(0.05)
-        peft.save_pretrained(str(root / f"{arch}-adapter"))
-        made[arch] = (base, root / f"{arch}-adapter")
+        peft.save_pretrained(str(root / arch / "adapter"))
+        made[arch] = (base, root / arch / "adapter")
     return made
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"])
 def test_gguf_types_against_transformers(tmp_path, arch_adapters, arch):
     base, adapter = arch_adapters[arch]
     export(adapter, "fp32", tmp_path / "merged", base=base)
@@ -150,6 +161,11 @@ def test_unsupported_type_and_architecture(tmp_path, fixtures, base16):
     with pytest.raises(UnsupportedError, match="LlamaForCausalLM"):
         export(tmp_path / "gpt2", "gguf", tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists() and not (tmp_path / "x.gguf").exists()
+    # llama.cpp's gemma has no separate output layer: an untied Gemma would lose its lm_head
+    untied = build_base(tmp_path / "gemma", TinySpec(arch="gemma", tie_word_embeddings=False))
+    with pytest.raises(UnsupportedError, match="lm_head"):
+        export(untied, "gguf", tmp_path / "u.gguf")
+    assert not (tmp_path / "u.gguf").exists()
 
 
 def test_sentencepiece_tokenizer(tmp_path, fixtures, base16):

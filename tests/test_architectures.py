@@ -1,0 +1,66 @@
+"""Merges on architectures beyond the fixtures' Llama, each base and adapter made directly by transformers
+and PEFT, checked against PEFT's unmerged forward (fp32) like the fixtures are."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qmerge.merge import merge
+from tests.helpers import logits_of, reference_unmerged
+
+FP32_TOL = 1e-4
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=320,
+    max_position_embeddings=128,
+)
+ARCHS = {
+    # model_type: (config extras, LoraConfig extras)
+    "qwen3": (dict(num_key_value_heads=2, head_dim=16), {}),
+    "gemma": (dict(num_key_value_heads=2, head_dim=16), {}),
+    "gemma2": (dict(num_key_value_heads=2, head_dim=16), {}),
+    "phi3": (dict(num_key_value_heads=2, pad_token_id=0), {}),
+    "gpt_neox": ({}, dict(bias="all")),
+    "opt": (
+        dict(ffn_dim=128, word_embed_proj_dim=64, intermediate_size=None),
+        {},
+    ),
+}
+
+
+def make_base_and_adapter(root, model_type: str):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra, lora_extra = ARCHS[model_type]
+    kw = {k: v for k, v in {**COMMON, **extra}.items() if v is not None}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).to(torch.bfloat16)
+    with torch.no_grad():  # norm weights away from their init, so that a wrong mapping shows
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(root / "base"))
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **lora_extra),
+    )
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.05)
+    peft.save_pretrained(str(root / "adapter"))
+    return root / "base", root / "adapter"
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_fp32_merge_equals_unmerged(tmp_path, model_type):
+    base, adapter = make_base_and_adapter(tmp_path, model_type)
+    merge(adapter, tmp_path / "m", base=base, dtype="fp32")
+    ref = reference_unmerged(adapter, base)
+    cand = logits_of(tmp_path / "m")
+    assert (cand - ref).abs().max() <= FP32_TOL
