@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -155,17 +156,50 @@ def _rope_metadata(w, info: GGUFModelInfo) -> None:
         w.add_rope_scaling_factor(float(s["factor"]))
         w.add_rope_scaling_orig_ctx_len(int(s["original_max_position_embeddings"]))
     elif kind == "llama3":
-        pass  # carried by the rope_freqs tensor (see llama3_rope_freqs)
+        pass  # carried by the rope_freqs tensor (see rope_tensors)
+    elif kind in ("longrope", "su") and info.arch == "phi3":
+        # factors as rope_factors_long/short tensors (see rope_tensors); the attention factor as
+        # transformers computes it (and convert_hf_to_gguf's Phi3MiniModel)
+        attn = s.get("attention_factor")
+        scale = info.n_ctx / float(info.orig_ctx or info.n_ctx)
+        if attn is None:
+            attn = math.sqrt(1 + math.log(scale) / math.log(float(info.orig_ctx))) if scale > 1.0 else 1.0
+        w.add_rope_scaling_attn_factors(float(attn))
     else:
         raise UnsupportedError(
-            f"RoPE scaling {kind!r} is not supported for GGUF export (linear, yarn, llama3 are)."
+            f"RoPE scaling {kind!r} is not supported for GGUF export of {info.hf_arch} (linear, yarn and "
+            "llama3 are, and longrope for Phi-3)."
         )
+
+
+def rope_tensors(info: GGUFModelInfo) -> list[tuple[str, np.ndarray]]:
+    """Extra F32 tensors llama.cpp reads RoPE scaling from: Llama 3's rope_freqs, Phi-3's long/short
+    factors (as convert_hf_to_gguf writes them)."""
+    import gguf
+
+    freqs = llama3_rope_freqs(info)
+    if freqs is not None:
+        return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freqs)]
+    s = info.rope_scaling or {}
+    if info.arch != "phi3" or s.get("rope_type", s.get("type")) not in ("longrope", "su"):
+        return []
+    out = []
+    for key, tensor in (
+        ("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
+        ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT),
+    ):
+        factors = s.get(key)
+        if not factors or len(factors) * 2 != info.rope_dims:
+            raise InputError(
+                f"config.json: Phi-3 longrope needs {key} with {info.rope_dims // 2} values, got "
+                f"{len(factors or [])}."
+            )
+        out.append((gguf.TENSOR_NAMES[tensor] + ".weight", np.array(factors, dtype=np.float32)))
+    return out
 
 
 def llama3_rope_freqs(info: GGUFModelInfo) -> np.ndarray | None:
     """The rope_freqs factors llama.cpp needs for Llama 3.1 style scaling (as convert_hf_to_gguf computes)."""
-    import math
-
     s = info.rope_scaling
     if not s or s.get("rope_type", s.get("type")) != "llama3":
         return None
@@ -435,14 +469,9 @@ def write_gguf(
         w.add_add_space_prefix(False)  # as convert_hf_to_gguf's GemmaModel
 
     order, types = [], {}
-    rope_freqs = llama3_rope_freqs(info)
-    if rope_freqs is not None:
-        w.add_tensor_info(
-            gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-            rope_freqs.shape,
-            np.float32,
-            rope_freqs.nbytes,
-        )
+    extra = rope_tensors(info)
+    for extra_name, values in extra:
+        w.add_tensor_info(extra_name, values.shape, np.float32, values.nbytes)
     for hf in sorted(shapes):
         new = mapper.name(hf)
         if new is None:
@@ -463,8 +492,8 @@ def write_gguf(
     out = StreamingFileWriter(path, head + bytes(-len(head) % align))
     counts: dict[str, int] = {}
     try:
-        if rope_freqs is not None:
-            _append(out, rope_freqs.reshape(-1).view(np.uint8), align)
+        for _, values in extra:
+            _append(out, values.reshape(-1).view(np.uint8), align)
         stream = tensors(order, {hf: torch_dtype_for(q) for hf, q in types.items()})
         for hf in order:
             out.wait_for_room(_nbytes(tuple(shapes[hf]), types[hf]))  # before the tensor is computed

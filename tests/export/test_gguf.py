@@ -215,3 +215,35 @@ def test_llama32_layout_rope_scaling_and_tied(tmp_path):
     export(tmp_path / "adapter", "fp32", tmp_path / "m", base=base)
     assert "rope_freqs.weight" in {m["name"] for m in inspect_path(tmp_path / "m.gguf")["modules"]}
     assert (llama_cpp_logits(tmp_path / "m.gguf") - logits_of(tmp_path / "m", SEQ)).abs().max() <= F32_TOL
+
+
+def test_phi3_longrope(tmp_path):
+    """Phi-3 128k / Phi-3.5 layout: longrope factors as rope_factors_long/short tensors and the attention
+    factor in the metadata; llama.cpp's logits match transformers' on a short sequence (short factors)."""
+    import json
+    import math
+
+    base = build_base(tmp_path / "base", TinySpec(arch="phi3"))
+    cfg = json.loads((base / "config.json").read_text())
+    g = torch.Generator().manual_seed(3)
+    half = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
+    # llama.cpp takes the long factors when its context (padded to 256) exceeds the original length,
+    # transformers when the sequence does: a 4096 original length keeps both on the short factors here
+    cfg["original_max_position_embeddings"], cfg["max_position_embeddings"] = 4096, 16384
+    cfg["rope_parameters"] = {
+        "rope_theta": 10000.0,
+        "rope_type": "longrope",
+        "partial_rotary_factor": 1.0,
+        "original_max_position_embeddings": 4096,
+        "long_factor": (1 + 3 * torch.rand(half, generator=g)).tolist(),
+        "short_factor": (1 + torch.rand(half, generator=g)).tolist(),
+    }
+    (base / "config.json").write_text(json.dumps(cfg))
+    export(base, "gguf", tmp_path / "m.gguf", gguf_type="f32")
+    info = inspect_path(tmp_path / "m.gguf")
+    names = {m["name"] for m in info["modules"]}
+    assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= names
+    attn = (1 + math.log(16384 / 4096) / math.log(4096)) ** 0.5  # transformers' longrope attention factor
+    assert abs(info["metadata"]["phi3.rope.scaling.attn_factor"] - attn) < 1e-6
+    ref = logits_of(base, SEQ)
+    assert (llama_cpp_logits(tmp_path / "m.gguf") - ref).abs().max() <= F32_TOL
