@@ -36,7 +36,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", 
 class TinySpec:
     """Shape of a tiny model."""
 
-    arch: str = "llama"  # llama | mistral | qwen2 | qwen3 | gemma | phi3
+    arch: str = "llama"  # llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3 | phi3
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 2
@@ -99,7 +99,16 @@ def build_sentencepiece(path: Path, vocab_size: int = 200, corpus: str = CORPUS)
 
 def model_config(spec: TinySpec, vocab_size: int):
     """A transformers config for `spec` with the tokenizer's vocabulary size."""
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=vocab_size,
@@ -127,10 +136,15 @@ def model_config(spec: TinySpec, vocab_size: int):
         return Qwen3Config(**common, head_dim=head_dim, use_sliding_window=False)
     if spec.arch == "gemma":
         return GemmaConfig(**common, head_dim=head_dim)
+    if spec.arch == "gemma2":
+        return Gemma2Config(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim)
+    if spec.arch == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim)
     if spec.arch == "phi3":
         return Phi3Config(**common, original_max_position_embeddings=spec.max_position_embeddings)
     raise ValueError(
-        f"unknown tiny architecture {spec.arch!r}: expected llama, mistral, qwen2, qwen3, gemma or phi3"
+        f"unknown tiny architecture {spec.arch!r}: expected llama, mistral, qwen2, qwen3, gemma, gemma2, "
+        "gemma3 or phi3"
     )
 
 

@@ -23,6 +23,7 @@ ARCHS = {
     "qwen3": (dict(num_key_value_heads=2, head_dim=16), {}),
     "gemma": (dict(num_key_value_heads=2, head_dim=16), {}),
     "gemma2": (dict(num_key_value_heads=2, head_dim=16), {}),
+    "gemma3_text": (dict(num_key_value_heads=2, head_dim=16), {}),
     "phi3": (dict(num_key_value_heads=2, pad_token_id=0), {}),
     "gpt_neox": ({}, dict(bias="all")),
     "opt": (

@@ -29,6 +29,8 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": ("qwen2", False),
     "Qwen3ForCausalLM": ("qwen3", False),
     "GemmaForCausalLM": ("gemma", False),
+    "Gemma2ForCausalLM": ("gemma2", False),
+    "Gemma3ForCausalLM": ("gemma3", False),
     "Phi3ForCausalLM": ("phi3", False),
 }
 DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -77,6 +79,12 @@ class GGUFModelInfo:
     rope_dims: int  # dimensions rotated per head (partial_rotary_factor x head_dim)
     orig_ctx: int | None  # original_max_position_embeddings (phi3 writes it)
     sliding_window: int | None
+    attn_softcap: float | None = None  # gemma2
+    final_softcap: float | None = None  # gemma2, gemma3
+
+    @property
+    def gemma_family(self) -> bool:
+        return self.arch in ("gemma", "gemma2", "gemma3")
 
 
 def model_info(config: dict) -> GGUFModelInfo:
@@ -87,6 +95,8 @@ def model_info(config: dict) -> GGUFModelInfo:
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
         "gemma": "GemmaForCausalLM",
+        "gemma2": "Gemma2ForCausalLM",
+        "gemma3_text": "Gemma3ForCausalLM",
         "phi3": "Phi3ForCausalLM",
     }
     hf_arch = archs[0] if archs else by_type.get(config.get("model_type"))
@@ -98,6 +108,7 @@ def model_info(config: dict) -> GGUFModelInfo:
     n_head = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     rope = config.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: per layer type; llama.cpp's base is the global one
     theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     scaling = config.get("rope_scaling") or (
         {k: v for k, v in rope.items() if k != "rope_theta"} if rope else None
@@ -106,12 +117,26 @@ def model_info(config: dict) -> GGUFModelInfo:
         scaling = None
     head_dim = int(config.get("head_dim") or hidden // n_head)
     partial = float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
-    tied = bool(config.get("tie_word_embeddings", arch == "gemma"))
-    if arch == "gemma" and not tied:
+    gemma = arch.startswith("gemma")
+    tied = bool(config.get("tie_word_embeddings", gemma))
+    if gemma and not tied:
         raise UnsupportedError(
-            "llama.cpp's gemma architecture always uses the embedding as the output layer, but this model "
+            f"llama.cpp's {arch} architecture always uses the embedding as the output layer, but this model "
             "has its own lm_head (untied, e.g. by an adapter that trained lm_head); export it as "
             "safetensors instead."
+        )
+    scalar = config.get("query_pre_attn_scalar")
+    if arch in ("gemma2", "gemma3") and scalar and int(scalar) not in (head_dim, hidden // n_head):
+        raise UnsupportedError(
+            f"query_pre_attn_scalar is {scalar}; llama.cpp scales {arch} attention by head_dim ({head_dim}) "
+            f"or, for the 27B models, hidden_size / heads ({hidden // n_head}), so the GGUF would not match."
+        )
+    if (
+        arch == "gemma3"
+        and config.get("sliding_window_pattern", config.get("_sliding_window_pattern", 6)) != 6
+    ):
+        raise UnsupportedError(
+            "llama.cpp runs gemma3 with one global-attention layer in 6; this model differs."
         )
     return GGUFModelInfo(
         hf_arch=hf_arch,
@@ -133,6 +158,8 @@ def model_info(config: dict) -> GGUFModelInfo:
         orig_ctx=config.get("original_max_position_embeddings")
         or rope.get("original_max_position_embeddings"),
         sliding_window=config.get("sliding_window"),
+        attn_softcap=config.get("attn_logit_softcapping"),
+        final_softcap=config.get("final_logit_softcapping"),
     )
 
 
@@ -391,6 +418,8 @@ class TensorMapper:
             "qwen2": gguf.MODEL_ARCH.QWEN2,
             "qwen3": gguf.MODEL_ARCH.QWEN3,
             "gemma": gguf.MODEL_ARCH.GEMMA,
+            "gemma2": gguf.MODEL_ARCH.GEMMA2,
+            "gemma3": gguf.MODEL_ARCH.GEMMA3,
             "phi3": gguf.MODEL_ARCH.PHI3,
         }[info.arch]
         self.map = gguf.get_tensor_name_map(arch, info.n_layers)
@@ -407,7 +436,7 @@ class TensorMapper:
         return new
 
     def transform(self, hf_name: str, t: torch.Tensor) -> torch.Tensor:
-        if self.info.arch == "gemma" and hf_name.endswith("norm.weight"):
+        if self.info.gemma_family and hf_name.endswith("norm.weight"):
             return t + 1  # HF Gemma's RMSNorm scales by (1 + weight); llama.cpp's by weight
         if self.info.permute_qk:
             if ".self_attn.q_proj." in hf_name:
@@ -444,6 +473,14 @@ def write_gguf(
     w.add_head_count(info.n_head)
     w.add_head_count_kv(info.n_head_kv)
     w.add_rope_dimension_count(info.rope_dims)
+    if info.arch == "gemma2":  # as convert_hf_to_gguf's Gemma2Model
+        w.add_attn_logit_softcapping(float(info.attn_softcap or 0.0))
+        w.add_final_logit_softcapping(float(info.final_softcap or 0.0))
+        w.add_sliding_window(int(info.sliding_window or 0))
+    if info.arch == "gemma3":  # as convert_hf_to_gguf's Gemma3Model
+        if info.final_softcap:
+            w.add_final_logit_softcapping(float(info.final_softcap))
+        w.add_sliding_window(int(info.sliding_window or 0))
     if info.arch == "phi3":  # as convert_hf_to_gguf's Phi3MiniModel
         if info.orig_ctx:
             w.add_rope_scaling_orig_ctx_len(int(info.orig_ctx))
@@ -465,7 +502,7 @@ def write_gguf(
     if gguf_type == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokenizer = add_tokenizer(w, model_dir, info.vocab_size)
-    if info.arch == "gemma" and tokenizer == "llama":
+    if info.gemma_family and tokenizer == "llama":
         w.add_add_space_prefix(False)  # as convert_hf_to_gguf's GemmaModel
 
     order, types = [], {}

@@ -53,6 +53,8 @@ def arch_adapters(tmp_path_factory):
         ("qwen2", True),
         ("qwen3", True),
         ("gemma", True),
+        ("gemma2", True),
+        ("gemma3", True),
         ("phi3", False),
     ):
         base = build_base(
@@ -72,7 +74,7 @@ def arch_adapters(tmp_path_factory):
     return made
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"])
 def test_gguf_types_against_transformers(tmp_path, arch_adapters, arch):
     base, adapter = arch_adapters[arch]
     export(adapter, "fp32", tmp_path / "merged", base=base)
@@ -247,3 +249,24 @@ def test_phi3_longrope(tmp_path):
     assert abs(info["metadata"]["phi3.rope.scaling.attn_factor"] - attn) < 1e-6
     ref = logits_of(base, SEQ)
     assert (llama_cpp_logits(tmp_path / "m.gguf") - ref).abs().max() <= F32_TOL
+
+
+def test_gemma_attention_scale_llama_cpp_cannot_express_is_refused():
+    from qmerge.export.gguf_file import model_info
+
+    cfg = dict(
+        architectures=["Gemma2ForCausalLM"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=32,
+        vocab_size=320,
+        tie_word_embeddings=True,
+    )
+    assert model_info({**cfg, "query_pre_attn_scalar": 32}).arch == "gemma2"  # head_dim
+    assert model_info({**cfg, "query_pre_attn_scalar": 16}).arch == "gemma2"  # hidden / heads (27B)
+    with pytest.raises(UnsupportedError, match="query_pre_attn_scalar"):
+        model_info({**cfg, "query_pre_attn_scalar": 100})
+    with pytest.raises(UnsupportedError, match="lm_head"):
+        model_info({**cfg, "tie_word_embeddings": False})
