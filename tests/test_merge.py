@@ -203,6 +203,32 @@ def test_disk_full_and_interrupt_leave_nothing(tmp_path, fixtures, base16, monke
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
 
 
+@pytest.mark.parametrize("to", ["merge", "gguf"])
+def test_disk_full_in_the_writer_thread(tmp_path, fixtures, base16, monkeypatch, to):
+    """ENOSPC where the bytes really go (the writer's thread, mid-file): the same one message, no output."""
+    import qmerge.io.safetensors_io as sio
+    from qmerge.export import export
+
+    real, calls = sio._SequentialFile.write, {"n": 0}
+
+    def full_after_one(self, buf, n):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, buf, n)
+
+    monkeypatch.setattr(sio, "_STAGE_BYTES", 64 * 1024)  # several buffers even for the tiny fixture
+    monkeypatch.setattr(sio._SequentialFile, "write", full_after_one)
+    out = tmp_path / ("m" if to == "merge" else "m.gguf")
+    with pytest.raises(OutputError, match="disk full"):
+        if to == "merge":
+            merge(fixtures / "adapter-qlora", out, base=base16)
+        else:
+            export(fixtures / "adapter-qlora", "gguf", out, base=base16)
+    assert calls["n"] > 1
+    assert not out.exists() and not list(tmp_path.glob(".m*"))
+
+
 def test_inputs_are_not_modified(tmp_path, fixtures, base16):
     import hashlib
 

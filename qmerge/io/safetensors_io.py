@@ -48,6 +48,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _DTYPE_RANK = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"]
 _MAX_HEADER = 100 * 1024 * 1024
 _SYNC_EVERY = 256 * 2**20  # buffered writes (no O_DIRECT) are flushed to the disk every this many bytes
+_STAGE_BYTES = 16 * 2**20  # staging buffer size of the streaming writer (4 of them)
 _ALIGN = 4096  # O_DIRECT alignment of buffers, offsets and lengths (a page; covers 512 and 4096 sectors)
 _EMPTY = np.zeros(0, dtype=np.uint8)
 
@@ -329,7 +330,8 @@ class StreamingFileWriter:
     writer appends full buffers to the file (see _SequentialFile). At most `max_in_flight` bytes wait for
     the stager (a single larger array may always go), plus `stage_buffers` x `stage_bytes` of staging.
     After `close`, `sha256` and `bytes` are set and the file is on the disk (fsync); `abort` stops
-    without finishing it (the caller removes it).
+    without finishing it (the caller removes it). A failed write (disk full, I/O error) is raised as its
+    OSError by the next `write_bytes` or by `close`, for the caller's atomic output to report.
     """
 
     def __init__(
@@ -337,9 +339,10 @@ class StreamingFileWriter:
         path: Path,
         head: bytes,
         max_in_flight: int = 512 * 2**20,
-        stage_bytes: int = 16 * 2**20,
+        stage_bytes: int | None = None,
         stage_buffers: int = 4,
     ):
+        stage_bytes = stage_bytes or _STAGE_BYTES
         if stage_bytes % _ALIGN or stage_bytes <= 0 or stage_buffers < 1:
             raise ValueError(f"stage_bytes must be a positive multiple of {_ALIGN}")
         self.path = Path(path)
@@ -396,9 +399,8 @@ class StreamingFileWriter:
                 try:
                     self._out.write(buf, n)
                     self.bytes += n
-                except BaseException as e:  # noqa: BLE001 - handed to the producer thread
-                    self._error = OutputError(f"{self.path}: cannot write ({getattr(e, 'strerror', e)}).")
-                    self._error.__cause__ = e
+                except BaseException as e:  # noqa: BLE001 - handed to the producer thread, as it is:
+                    self._error = e  # an OSError (ENOSPC, EIO) reaches atomic_dir/atomic_file's message
                     with self._room:
                         self._room.notify_all()
             self._free.put(buf)  # keeps the stager going, also after an error, so nobody blocks
@@ -440,9 +442,7 @@ class StreamingFileWriter:
         self._finish_threads()
         try:
             self._raise_pending()
-            self._out.sync_and_close()
-        except OSError as e:
-            raise OutputError(f"{self.path}: cannot write ({e.strerror}).") from e
+            self._out.sync_and_close()  # an OSError goes up as it is (see _drain)
         finally:
             self._out.close()
         self.sha256 = self._hash.hexdigest()
@@ -473,7 +473,7 @@ class StreamingSafetensorsWriter(StreamingFileWriter):
         entries: Sequence[PlannedTensor],
         metadata: dict[str, str] | None = None,
         max_in_flight: int = 512 * 2**20,
-        stage_bytes: int = 16 * 2**20,
+        stage_bytes: int | None = None,
         stage_buffers: int = 4,
     ):
         self.entries = list(entries)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st_
 
-from qmerge.errors import InputError, OutputError
+from qmerge.errors import InputError
 from qmerge.io.safetensors_io import (
     DTYPE_NAMES,
     PlannedTensor,
@@ -173,7 +173,7 @@ def test_a_failing_disk_is_reported_and_nobody_hangs(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     w._out.write = full
-    with pytest.raises(OutputError, match="No space left"):
+    with pytest.raises(OSError, match="No space left"):
         for e in entries:
             w.wait_for_room(e.nbytes)
             w.write(e.name, tensors[e.name])
