@@ -131,13 +131,15 @@ def model_info(config: dict) -> GGUFModelInfo:
             f"query_pre_attn_scalar is {scalar}; llama.cpp scales {arch} attention by head_dim ({head_dim}) "
             f"or, for the 27B models, hidden_size / heads ({hidden // n_head}), so the GGUF would not match."
         )
-    if (
-        arch == "gemma3"
-        and config.get("sliding_window_pattern", config.get("_sliding_window_pattern", 6)) != 6
-    ):
-        raise UnsupportedError(
-            "llama.cpp runs gemma3 with one global-attention layer in 6; this model differs."
-        )
+    if arch == "gemma3":
+        n_layers = int(config["num_hidden_layers"])
+        llama_cpp_types = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(n_layers)]
+        pattern = config.get("sliding_window_pattern", config.get("_sliding_window_pattern", 6))
+        if pattern != 6 or config.get("layer_types", llama_cpp_types) != llama_cpp_types:
+            raise UnsupportedError(
+                "llama.cpp runs gemma3 with global attention in every 6th layer and sliding-window attention "
+                "in the others; this model's layer_types differ, so the GGUF would not match."
+            )
     return GGUFModelInfo(
         hf_arch=hf_arch,
         arch=arch,

@@ -270,3 +270,8 @@ def test_gemma_attention_scale_llama_cpp_cannot_express_is_refused():
         model_info({**cfg, "query_pre_attn_scalar": 100})
     with pytest.raises(UnsupportedError, match="lm_head"):
         model_info({**cfg, "tie_word_embeddings": False})
+    g3 = {**cfg, "architectures": ["Gemma3ForCausalLM"], "query_pre_attn_scalar": 32, "num_hidden_layers": 7}
+    sliding, full = "sliding_attention", "full_attention"
+    assert model_info({**g3, "layer_types": [sliding] * 5 + [full, sliding]}).arch == "gemma3"
+    with pytest.raises(UnsupportedError, match="layer_types"):
+        model_info({**g3, "layer_types": [sliding, full] * 3 + [sliding]})
