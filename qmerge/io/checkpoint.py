@@ -235,7 +235,7 @@ class ModelDir:
         """The stored tensors that make up weight `name`: itself, and its quant state if it is 4-bit."""
         if name not in self.quantized:
             return [name]
-        return [name + s for s in ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")]
+        return [name, *(name + s for s in QUANT_SUFFIXES)]
 
     def logical_shape(self, name: str) -> tuple[int, ...]:
         return self.quantized[name].shape if name in self.quantized else self.store.shape(name)
