@@ -22,17 +22,18 @@ from ..errors import DependencyError, InputError, UnsupportedError
 from ..io.safetensors_io import StreamingFileWriter, tensor_bytes
 from ..native import quiet_native_stderr
 
-# HF architecture -> (gguf architecture, permute Q/K rows)
+# HF architecture -> (config model_type, gguf architecture (gguf.MODEL_ARCH member, lower case), permute Q/K)
 ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", True),
-    "MistralForCausalLM": ("llama", True),
-    "Qwen2ForCausalLM": ("qwen2", False),
-    "Qwen3ForCausalLM": ("qwen3", False),
-    "GemmaForCausalLM": ("gemma", False),
-    "Gemma2ForCausalLM": ("gemma2", False),
-    "Gemma3ForCausalLM": ("gemma3", False),
-    "Phi3ForCausalLM": ("phi3", False),
+    "LlamaForCausalLM": ("llama", "llama", True),
+    "MistralForCausalLM": ("mistral", "llama", True),
+    "Qwen2ForCausalLM": ("qwen2", "qwen2", False),
+    "Qwen3ForCausalLM": ("qwen3", "qwen3", False),
+    "GemmaForCausalLM": ("gemma", "gemma", False),
+    "Gemma2ForCausalLM": ("gemma2", "gemma2", False),
+    "Gemma3ForCausalLM": ("gemma3_text", "gemma3", False),
+    "Phi3ForCausalLM": ("phi3", "phi3", False),
 }
+GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")  # RMSNorm by (1 + weight), output tied to the embedding
 DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
 K_QUANTS = (
     "q2_k",
@@ -84,27 +85,18 @@ class GGUFModelInfo:
 
     @property
     def gemma_family(self) -> bool:
-        return self.arch in ("gemma", "gemma2", "gemma3")
+        return self.arch in GEMMA_ARCHS
 
 
 def model_info(config: dict) -> GGUFModelInfo:
     archs = config.get("architectures") or []
-    by_type = {
-        "llama": "LlamaForCausalLM",
-        "mistral": "MistralForCausalLM",
-        "qwen2": "Qwen2ForCausalLM",
-        "qwen3": "Qwen3ForCausalLM",
-        "gemma": "GemmaForCausalLM",
-        "gemma2": "Gemma2ForCausalLM",
-        "gemma3_text": "Gemma3ForCausalLM",
-        "phi3": "Phi3ForCausalLM",
-    }
+    by_type = {model_type: hf for hf, (model_type, _, _) in ARCHITECTURES.items()}
     hf_arch = archs[0] if archs else by_type.get(config.get("model_type"))
     if hf_arch not in ARCHITECTURES:
         raise UnsupportedError(
             f"GGUF export supports {', '.join(ARCHITECTURES)}; this model is {hf_arch or config.get('model_type')}."
         )
-    arch, permute = ARCHITECTURES[hf_arch]
+    _, arch, permute = ARCHITECTURES[hf_arch]
     n_head = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     rope = config.get("rope_parameters") or {}
@@ -117,7 +109,7 @@ def model_info(config: dict) -> GGUFModelInfo:
         scaling = None
     head_dim = int(config.get("head_dim") or hidden // n_head)
     partial = float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
-    gemma = arch.startswith("gemma")
+    gemma = arch in GEMMA_ARCHS
     tied = bool(config.get("tie_word_embeddings", gemma))
     if gemma and not tied:
         raise UnsupportedError(
@@ -415,16 +407,7 @@ class TensorMapper:
         import gguf
 
         self.info = info
-        arch = {
-            "llama": gguf.MODEL_ARCH.LLAMA,
-            "qwen2": gguf.MODEL_ARCH.QWEN2,
-            "qwen3": gguf.MODEL_ARCH.QWEN3,
-            "gemma": gguf.MODEL_ARCH.GEMMA,
-            "gemma2": gguf.MODEL_ARCH.GEMMA2,
-            "gemma3": gguf.MODEL_ARCH.GEMMA3,
-            "phi3": gguf.MODEL_ARCH.PHI3,
-        }[info.arch]
-        self.map = gguf.get_tensor_name_map(arch, info.n_layers)
+        self.map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[info.arch.upper()], info.n_layers)
 
     def name(self, hf_name: str) -> str | None:
         """The GGUF name, or None for tensors llama.cpp does not use (rotary inv_freq buffers)."""
