@@ -304,11 +304,8 @@ class _SequentialFile:
         os.lseek(self.fd, self.size, os.SEEK_SET)
         self.direct = False
 
-    def sync_and_close(self) -> None:
-        try:
-            os.fsync(self.fd)
-        finally:
-            self.close()
+    def sync(self) -> None:
+        os.fsync(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -442,7 +439,7 @@ class StreamingFileWriter:
         self._finish_threads()
         try:
             self._raise_pending()
-            self._out.sync_and_close()  # an OSError goes up as it is (see _drain)
+            self._out.sync()  # an OSError goes up as it is (see _drain)
         finally:
             self._out.close()
         self.sha256 = self._hash.hexdigest()
