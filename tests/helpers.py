@@ -58,3 +58,23 @@ def kl_top1(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float]:
     kl = float((r.exp() * (r - c)).sum(-1).mean())
     top1 = float((ref.argmax(-1) == cand.argmax(-1)).double().mean())
     return kl, top1
+
+
+def random_adapter(base: Path, dst: Path, seed: int = 0, b_scale: float = 0.05, **lora_kwargs) -> Path:
+    """A LoRA adapter made by PEFT on `base` with non-zero B (init_lora_weights=False), B scaled by
+    `b_scale` (PEFT's random B gives deltas far larger than training does), saved to `dst`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+        LoraConfig(init_lora_weights=False, **lora_kwargs),
+    )
+    if b_scale != 1.0:
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(b_scale)
+    peft.save_pretrained(str(dst))
+    return Path(dst)

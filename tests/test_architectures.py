@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qmerge.merge import merge
-from tests.helpers import logits_of, reference_unmerged
+from tests.helpers import logits_of, random_adapter, reference_unmerged
 
 FP32_TOL = 1e-4
 COMMON = dict(
@@ -34,7 +34,6 @@ ARCHS = {
 
 
 def make_base_and_adapter(root, model_type: str):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     extra, lora_extra = ARCHS[model_type]
@@ -46,16 +45,10 @@ def make_base_and_adapter(root, model_type: str):
             if "norm" in name and name.endswith("weight"):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(root / "base"))
-    peft = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32),
-        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **lora_extra),
+    adapter = random_adapter(
+        root / "base", root / "adapter", r=4, lora_alpha=8, target_modules="all-linear", **lora_extra
     )
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.mul_(0.05)
-    peft.save_pretrained(str(root / "adapter"))
-    return root / "base", root / "adapter"
+    return root / "base", adapter
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHS))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from qmerge.errors import InputError, MismatchError, OutputError
 from qmerge.merge import merge
-from tests.helpers import TOKENS, bnb_config, kl_top1, logits_of, reference_unmerged
+from tests.helpers import TOKENS, bnb_config, kl_top1, logits_of, random_adapter, reference_unmerged
 
 # fp32 merge vs fp32 unmerged: only float summation order differs (B@A once vs per token).
 FP32_TOL = 1e-4
@@ -278,7 +278,6 @@ def test_tied_embeddings_are_untied_when_the_adapter_changes_them(tmp_path, vari
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     """GPT-2's Conv1D layers ([in, out] on disk, quantized transposed) with a fan_in_fan_out adapter,
     from the 16-bit base and from the 4-bit base transformers saves."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -289,21 +288,14 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     AutoModelForCausalLM.from_pretrained(
         str(tmp_path / "base"), quantization_config=bnb_config(torch.bfloat16), device_map="cpu"
     ).save_pretrained(str(tmp_path / "base4"))
-    peft = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32),
-        LoraConfig(
-            r=4,
-            lora_alpha=8,
-            target_modules=["c_attn", "c_proj", "c_fc"],
-            fan_in_fan_out=True,
-            init_lora_weights=False,
-        ),
+    random_adapter(
+        tmp_path / "base",
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
     )
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_B" in n:
-                p.mul_(0.05)
-    peft.save_pretrained(str(tmp_path / "adapter"))
     ref = reference_unmerged(tmp_path / "adapter", tmp_path / "base")
     for base in ("base", "base4"):
         merge(tmp_path / "adapter", tmp_path / f"m-{base}", base=tmp_path / base, dtype="fp32")

@@ -10,7 +10,7 @@ from qmerge.errors import UnsupportedError
 from qmerge.export import export
 from qmerge.inspect import inspect_path
 from qmerge.tiny import TinySpec, build_base
-from tests.helpers import kl_top1, logits_of
+from tests.helpers import kl_top1, logits_of, random_adapter
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -42,8 +42,6 @@ def arch_adapters(tmp_path_factory):
     The GGUF's general.name comes from the adapter's directory name, hence "adapter": llama.cpp gives
     models named like phi3 special handling of tokens (<|endoftext|>, ...) that the tiny vocabulary lacks.
     """
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("archs")
     made = {}
@@ -60,17 +58,10 @@ def arch_adapters(tmp_path_factory):
         base = build_base(
             root / arch / "base", TinySpec(arch=arch, tie_word_embeddings=tied, num_key_value_heads=2)
         )
-        torch.manual_seed(7)
-        peft = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+        adapter = random_adapter(
+            base, root / arch / "adapter", seed=7, r=8, lora_alpha=16, target_modules="all-linear"
         )
-        with torch.no_grad():
-            for n, p in peft.named_parameters():
-                if "lora_B" in n:
-                    p.mul_(0.05)
-        peft.save_pretrained(str(root / arch / "adapter"))
-        made[arch] = (base, root / arch / "adapter")
+        made[arch] = (base, adapter)
     return made
 
 
@@ -193,9 +184,6 @@ def test_llama32_layout_rope_scaling_and_tied(tmp_path):
     """Llama 3.2's layout: llama3 RoPE scaling (carried as rope_freqs) and tied embeddings."""
     import json
 
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     base = build_base(tmp_path / "base", TinySpec(arch="llama", tie_word_embeddings=True))
     cfg = json.loads((base / "config.json").read_text())
     cfg["rope_parameters"] = {
@@ -207,12 +195,9 @@ def test_llama32_layout_rope_scaling_and_tied(tmp_path):
         "original_max_position_embeddings": 64,
     }
     (base / "config.json").write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    peft = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    random_adapter(
+        base, tmp_path / "adapter", seed=0, b_scale=1.0, r=4, lora_alpha=8, target_modules="all-linear"
     )
-    peft.save_pretrained(str(tmp_path / "adapter"))
     export(tmp_path / "adapter", "gguf", tmp_path / "m.gguf", base=base, gguf_type="f32")
     export(tmp_path / "adapter", "fp32", tmp_path / "m", base=base)
     assert "rope_freqs.weight" in {m["name"] for m in inspect_path(tmp_path / "m.gguf")["modules"]}
