@@ -147,7 +147,7 @@ def build_bases(root: Path) -> None:
 def _digests(out: Path) -> dict[str, str]:
     files = [out] if out.is_file() else sorted(p for p in out.rglob("*") if p.is_file())
     return {
-        (p.name if out.is_file() else str(p.relative_to(out))): hashlib.sha256(p.read_bytes()).hexdigest()[
+        ("<file>" if out.is_file() else str(p.relative_to(out))): hashlib.sha256(p.read_bytes()).hexdigest()[
             :16
         ]
         for p in files
