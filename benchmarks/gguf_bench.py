@@ -60,7 +60,7 @@ def timed(inputs: list[Path], cache: str, target: str, *args: str) -> dict:
 
 def add_sentencepiece(*dirs: Path) -> None:
     """A small SentencePiece tokenizer.model (qmerge's built-in corpus) in each of dirs."""
-    from qmerge.tiny import build_sentencepiece
+    from qmerge.demo.tiny import build_sentencepiece
 
     for d in dirs:
         build_sentencepiece(Path(d) / "tokenizer.model")

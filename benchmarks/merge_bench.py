@@ -96,8 +96,8 @@ def build(work: Path, size: str, rank: int = 16) -> tuple[Path, Path, Path, int]
     """bf16 base, 4-bit base and adapter in work/; returns their paths and the parameter count."""
     from transformers import LlamaConfig
 
-    from qmerge.export import export
-    from qmerge.io.safetensors_io import PlannedTensor, StreamingSafetensorsWriter
+    from qmerge.api import export
+    from qmerge.io.safetensors import PlannedTensor, StreamingSafetensorsWriter
 
     s = SHAPES[size]
     base16, base4, adapter = work / "base-bf16", work / "base-nf4", work / "adapter"
@@ -164,7 +164,7 @@ def build(work: Path, size: str, rank: int = 16) -> tuple[Path, Path, Path, int]
 
 
 CHILDREN = {
-    "qmerge": "from qmerge.merge import merge; merge(ADAPTER, OUT, base=BASE)",
+    "qmerge": "from qmerge.api import merge; merge(ADAPTER, OUT, base=BASE)",
     "peft16": (
         "import torch; from transformers import AutoModelForCausalLM; from peft import PeftModel\n"
         "m = AutoModelForCausalLM.from_pretrained(str(BASE), dtype=torch.bfloat16)\n"

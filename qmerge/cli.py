@@ -1,19 +1,24 @@
-"""The qmerge command line: Click only. Parse, call one library function, render with rich or JSON."""
+"""The qmerge command line: Click only. Parse, call one library function, render with rich or JSON.
+
+This module is long because it declares every option of six commands (shared groups are declared once:
+the base, quantization, output and threshold options); the work is done in api.py and below.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
 
-from . import __version__
+from . import __version__, dtypes
 from .errors import QmergeError
 
 # bitsandbytes (imported by transformers in check/train) logs a warning about an optional CPU
@@ -23,38 +28,54 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-EXIT_ERROR, EXIT_USAGE, EXIT_DRIFT = 1, 2, 3
+EXIT_ERROR, EXIT_USAGE, EXIT_DRIFT, EXIT_INTERRUPTED = 1, 2, 3, 130
+MERGE_BASES = ("dequantized", "original")  # pipeline.source.MERGE_BASES, without importing torch for --help
 
 
 # ---- shared plumbing ----------------------------------------------------------------------------------
 
 
-def _fail(message: str) -> None:
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: unwind (atomic outputs remove their temporaries) and exit."""
+
+
+_signalled: list[int] = []
+
+
+def _on_signal(signum, frame):
+    _signalled.append(signum)
+    raise Interrupted(signum)
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> None:
     err.print(f"[bold red]qmerge: error:[/] {message}", markup=True, highlight=False)
-    sys.exit(EXIT_ERROR)
+    sys.exit(code)
 
 
 class QmergeGroup(click.Group):
-    """Maps library errors to exit 1 with one readable message; QMERGE_DEBUG=1 re-raises them."""
+    """Maps library errors to exit 1 with one readable message, interrupts to 130; QMERGE_DEBUG=1 re-raises."""
 
     def invoke(self, ctx):
+        debug = bool(os.environ.get("QMERGE_DEBUG"))
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
+        except (KeyboardInterrupt, Interrupted):
+            if debug:
+                raise
+            _fail("interrupted; nothing was written.", EXIT_INTERRUPTED)
         except QmergeError as e:
-            if os.environ.get("QMERGE_DEBUG"):
+            if debug:
                 raise
             _fail(str(e))
-        except KeyboardInterrupt:
-            if os.environ.get("QMERGE_DEBUG"):
-                raise
-            _fail("interrupted; no output was written.")
         except MemoryError:
             _fail("out of memory. Close other programs or use a machine with more RAM.")
         except Exception as e:  # noqa: BLE001 - a traceback must never reach the user
-            if os.environ.get("QMERGE_DEBUG"):
+            if debug:
                 raise
+            if _signalled:  # an interrupt that surfaced as another error (inside an import, say)
+                _fail("interrupted; nothing was written.", EXIT_INTERRUPTED)
             _fail(
                 f"unexpected {type(e).__name__}: {e}. Re-run with QMERGE_DEBUG=1 for the traceback and report it."
             )
@@ -89,51 +110,30 @@ def _emit_json(obj: dict) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-def quant_options(f):
-    """Options that say how the base was quantized in training (when the base is given in 16-bit)."""
-    f = click.option(
-        "--quant-dtype",
-        type=click.Choice(["bf16", "fp16", "fp32"]),
-        default=None,
-        help="dtype the 16-bit base was loaded in for training (default: as stored).",
-    )(f)
-    f = click.option(
-        "--double-quant/--no-double-quant",
-        default=None,
-        help="Training used double quantization (default: yes).",
-    )(f)
-    f = click.option(
-        "--blocksize",
-        type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]),
-        default=None,
-        help="4-bit blocksize used in training (default 64).",
-    )(f)
-    f = click.option(
-        "--quant-type",
-        type=click.Choice(["nf4", "fp4"]),
-        default=None,
-        help="4-bit type used in training (default nf4).",
-    )(f)
-    return f
+class Threshold(click.ParamType):
+    """A finite float in [lo, hi] (a NaN or an out-of-range limit would switch the gate off)."""
 
+    name = "float"
 
-def _quant(quant_type, blocksize, double_quant, quant_dtype):
-    from .merge import DTYPES
-    from .plan import QuantSettings
+    def __init__(self, lo: float, hi: float = math.inf):
+        self.lo, self.hi = lo, hi
 
-    if quant_type is None and blocksize is None and double_quant is None and quant_dtype is None:
-        return None  # let qmerge read the training record or use QLoRA defaults
-    return QuantSettings(
-        quant_type=quant_type or "nf4",
-        blocksize=int(blocksize or 64),
-        double_quant=True if double_quant is None else double_quant,
-        dtype=DTYPES[quant_dtype] if quant_dtype else None,
-    )
+    def convert(self, value, param, ctx):
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        if not math.isfinite(x) or not self.lo <= x <= self.hi:
+            bound = (
+                f"between {self.lo:g} and {self.hi:g}" if math.isfinite(self.hi) else f"at least {self.lo:g}"
+            )
+            self.fail(f"{value!r} must be a finite number {bound}.", param, ctx)
+        return x
 
 
 def _size_option(ctx, param, value):
     """Click callback: '2GB', '500MB', '1GiB' or bytes -> int, or a usage error (exit 2)."""
-    from .merge import parse_size
+    from .io.hf_dir import parse_size
 
     try:
         return parse_size(value)
@@ -141,14 +141,100 @@ def _size_option(ctx, param, value):
         raise click.BadParameter(str(e)) from e
 
 
-def _files_table(report) -> Table:
-    t = Table(title=f"wrote {report.output}", show_lines=False)
-    t.add_column("file")
-    t.add_column("bytes", justify="right")
-    t.add_column("sha256")
-    for f in report.files:
-        t.add_row(f.path, f"{f.bytes:,}", f.sha256[:16] + "…")
-    return t
+def _options(*decorators):
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+base_option = click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    help="Base model directory (default: the adapter's base_model_name_or_path).",
+)
+pickle_option = click.option(
+    "--allow-pickle", is_flag=True, help="Allow reading .bin/.pt weights (torch.load weights_only=True)."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+merge_base_option = click.option(
+    "--merge-base",
+    type=click.Choice(MERGE_BASES),
+    default=MERGE_BASES[0],
+    show_default=True,
+    help="dequantized: the NF4 weights training saw; original: the 16-bit base.",
+)
+quant_options = _options(
+    click.option(
+        "--quant-type",
+        type=click.Choice(["nf4", "fp4"]),
+        default=None,
+        help="4-bit type used in training (default nf4).",
+    ),
+    click.option(
+        "--blocksize",
+        type=click.Choice(["32", "64", "128", "256", "512", "1024", "2048", "4096"]),
+        default=None,
+        help="4-bit blocksize used in training (default 64).",
+    ),
+    click.option(
+        "--double-quant/--no-double-quant",
+        default=None,
+        help="Training used double quantization (default: yes).",
+    ),
+    click.option(
+        "--quant-dtype",
+        type=click.Choice(dtypes.OPTION_NAMES),
+        default=None,
+        help="dtype the 16-bit base was loaded in for training (default: as stored).",
+    ),
+)
+output_options = _options(
+    click.option(
+        "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output path."
+    ),
+    click.option(
+        "--max-shard-size",
+        "shard",
+        default="5GB",
+        show_default=True,
+        callback=_size_option,
+        help="Shard the output beyond this size.",
+    ),
+    click.option("--force", is_flag=True, help="Replace an existing output that qmerge wrote."),
+)
+
+
+def _quant(quant_type, blocksize, double_quant, quant_dtype):
+    if quant_type is None and blocksize is None and double_quant is None and quant_dtype is None:
+        return None  # let qmerge read the training record or use QLoRA defaults
+    from .pipeline.base import QuantSettings
+
+    return QuantSettings(
+        quant_type=quant_type or "nf4",
+        blocksize=int(blocksize or 64),
+        double_quant=True if double_quant is None else double_quant,
+        dtype=dtypes.option_dtype(quant_dtype) if quant_dtype else None,
+    )
+
+
+def _read_text(path: Path) -> str:
+    """The --text file as UTF-8 text, refused when it is empty or not text."""
+    from .io.files import open_regular
+
+    with open_regular(path) as f:
+        raw = f.read(64 * 2**20)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QmergeError(f"{path}: not UTF-8 text ({e}); --text takes a plain text file.") from e
+    if "\x00" in text:
+        raise QmergeError(f"{path}: holds NUL bytes, so it is not text; --text takes a plain text file.")
+    if not text.strip():
+        raise QmergeError(f"{path}: is empty; --text needs text to evaluate on.")
+    return text
 
 
 # ---- commands -----------------------------------------------------------------------------------------
@@ -162,148 +248,57 @@ def cli():
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--base", type=click.Path(path_type=Path), help="Base model directory (for an adapter).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option(
-    "--allow-pickle", is_flag=True, help="Allow reading .bin/.pt weights (torch.load weights_only=True)."
-)
-def inspect(path, base, as_json, allow_pickle):
+@base_option
+@json_option
+@pickle_option
+@click.option("--modules", "per_module", is_flag=True, help="One row per module instead of one per kind.")
+def inspect(path, base, as_json, allow_pickle, per_module):
     """Describe a base, adapter, merged model or GGUF file without loading a model."""
-    from .inspect import inspect_path
+    from .describe import describe
+    from .render import describe_tables
 
-    info = inspect_path(path, base, allow_pickle)
+    info = describe(path, base, allow_pickle).to_json()
     if as_json:
         _emit_json(info)
         return
-    _render_inspect(info)
-
-
-def _render_inspect(info: dict) -> None:
-    t = Table(title=f"{info['kind']}: {info['path']}", show_header=False)
-    t.add_column("key", style="bold")
-    t.add_column("value")
-    t.add_row("architecture", str(info.get("architecture")))
-    n = info.get("num_parameters")
-    t.add_row("parameters", f"{n:,}" if isinstance(n, int) else "unknown (no base)")
-    q = info.get("quantization")
-    if q:
-        t.add_row("quantization", ", ".join(f"{k}={v}" for k, v in q.items()))
-    a = info.get("adapter")
-    if a:
-        t.add_row(
-            "adapter", f"r={a['r']} alpha={a['lora_alpha']} rsLoRA={a['use_rslora']} DoRA={a['use_dora']}"
-        )
-        t.add_row("target_modules", str(a["target_modules"]))
-        if a["modules_to_save"]:
-            t.add_row("modules_to_save", str(a["modules_to_save"]))
-        if a["rank_pattern"] or a["alpha_pattern"]:
-            t.add_row("patterns", f"rank={a['rank_pattern']} alpha={a['alpha_pattern']}")
-    if info.get("kind") == "gguf":
-        for k in ("general.name", "general.file_type"):
-            if k in info["metadata"]:
-                t.add_row(k, str(info["metadata"][k]))
-        t.add_row("vocab_size", str(info.get("vocab_size")))
-    out.print(t)
-    mods = info.get("modules") or []
-    if mods:
-        m = Table(title=f"{len(mods)} modules")
-        if info.get("kind") == "gguf":
-            for c in ("tensor", "shape", "type"):
-                m.add_column(c)
-            for row in mods:
-                m.add_row(row["name"], str(row["shape"]), row["type"])
-        else:
-            for c in ("module", "shape", "4-bit", "LoRA r", "scaling"):
-                m.add_column(c)
-            for row in mods:
-                m.add_row(
-                    row["name"],
-                    str(row["shape"]),
-                    str(row["quantized"]),
-                    str(row["lora_rank"] or "-"),
-                    f"{row['scaling']:.4g}" if row["scaling"] is not None else "-",
-                )
-        out.print(m)
+    for table in describe_tables(info, per_module):
+        out.print(table)
     problems = info.get("problems") or []
-    if problems:
-        for p in problems:
-            colour = "red" if p["severity"] == "error" else "yellow"
-            out.print(f"[{colour}]{p['severity']}[/]: {p['message']}")
-    else:
+    for p in problems:
+        colour = "red" if p["severity"] == "error" else "yellow"
+        out.print(f"[{colour}]{p['severity']}[/]: {p['message']}")
+    if not problems:
         out.print("[green]no problems found[/]")
 
 
 @cli.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
-@click.option(
-    "--base",
-    type=click.Path(path_type=Path),
-    help="Base model directory (default: the adapter's base_model_name_or_path).",
-)
-@click.option(
-    "-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Output directory."
-)
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
-@click.option(
-    "--merge-base",
-    type=click.Choice(["dequantized", "original"]),
-    default="dequantized",
-    show_default=True,
-    help="dequantized: the NF4 weights training saw; original: the 16-bit base.",
-)
-@click.option(
-    "--max-shard-size",
-    "shard",
-    default="5GB",
-    show_default=True,
-    callback=_size_option,
-    help="Shard the output beyond this size.",
-)
-@click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-@click.option("--allow-pickle", is_flag=True)
+@base_option
+@output_options
+@click.option("--dtype", type=click.Choice(dtypes.OPTION_NAMES), default="bf16", show_default=True)
+@merge_base_option
+@json_option
+@pickle_option
 @quant_options
-def merge(
-    adapter,
-    base,
-    output,
-    dtype,
-    merge_base,
-    shard,
-    force,
-    as_json,
-    allow_pickle,
-    quant_type,
-    blocksize,
-    double_quant,
-    quant_dtype,
-):
+def merge(adapter, base, output, shard, force, dtype, merge_base, as_json, allow_pickle, **quant):
     """Merge a QLoRA adapter into the weights its training saw (fp32 math, streamed)."""
-    from .merge import merge as do_merge
+    from .api import merge as do_merge
+    from .render import files_table
 
     with progress_bar("merging", not as_json) as cb:
         report = do_merge(
-            adapter,
-            output,
-            base,
-            dtype,
-            merge_base,
-            _quant(quant_type, blocksize, double_quant, quant_dtype),
-            shard,
-            force,
-            allow_pickle,
-            cb,
+            adapter, output, base, dtype, merge_base, _quant(**quant), shard, force, allow_pickle, cb
         )
     if as_json:
         _emit_json(report.to_json())
     else:
-        out.print(_files_table(report))
+        out.print(files_table(report))
         out.print(f"merged {report.num_tensors_merged} tensors in {report.seconds:.1f} s")
 
 
 @cli.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("--base", type=click.Path(path_type=Path), help="Base model directory.")
+@base_option
 @click.option(
     "--candidate",
     required=True,
@@ -311,13 +306,21 @@ def merge(
     help="Merged directory, NF4 export or GGUF file.",
 )
 @click.option(
-    "--max-kl", type=float, default=0.01, show_default=True, help="Fail when the mean KL exceeds this."
+    "--max-kl",
+    type=Threshold(0.0),
+    default=0.01,
+    show_default=True,
+    help="Fail when the mean KL exceeds this.",
 )
 @click.option(
-    "--min-top1", type=float, default=0.95, show_default=True, help="Fail when top-1 agreement is below this."
+    "--min-top1",
+    type=Threshold(0.0, 1.0),
+    default=0.95,
+    show_default=True,
+    help="Fail when top-1 agreement is below this.",
 )
 @click.option(
-    "--max-abs-diff", type=float, default=None, help="Fail when max |logit difference| exceeds this."
+    "--max-abs-diff", type=Threshold(0.0), default=None, help="Fail when max |logit difference| exceeds this."
 )
 @click.option(
     "--text",
@@ -330,12 +333,12 @@ def merge(
 @click.option("--naive", is_flag=True, help="Also measure PEFT's merge_and_unload on the 4-bit model.")
 @click.option(
     "--merge-base",
-    type=click.Choice(["dequantized", "original"]),
-    default="dequantized",
+    type=click.Choice(MERGE_BASES),
+    default=MERGE_BASES[0],
     show_default=True,
     help="original: compare against the adapter on the 16-bit base instead.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @quant_options
 def check(
     adapter,
@@ -350,21 +353,14 @@ def check(
     naive,
     merge_base,
     as_json,
-    quant_type,
-    blocksize,
-    double_quant,
-    quant_dtype,
+    **quant,
 ):
     """Compare a candidate's logits with the unmerged QLoRA model; exit 3 when drift is too large."""
-    from .verify import Thresholds
-    from .verify import check as do_check
+    from .render import check_table
+    from .verify.check import check as do_check
+    from .verify.metrics import Thresholds
 
-    text = None
-    if text_file is not None:
-        try:
-            text = text_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise QmergeError(f"{text_file}: cannot read as UTF-8 text ({e}).") from e
+    text = _read_text(text_file) if text_file is not None else None
     report = do_check(
         adapter,
         candidate,
@@ -374,61 +370,35 @@ def check(
         seq_len,
         max_seqs,
         naive,
-        _quant(quant_type, blocksize, double_quant, quant_dtype),
+        _quant(**quant),
         merge_base,
     )
     if as_json:
         _emit_json(report.to_json())
     else:
-        _render_check(report)
+        out.print(check_table(report))
+        if report.delta_retention is not None:
+            out.print(
+                f"this NF4 export kept {report.delta_retention:.1%} of the LoRA delta (qmerge_provenance.json)"
+            )
+        out.print(
+            "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]: " + "; ".join(report.failures)
+        )
     if not report.passed:
         sys.exit(EXIT_DRIFT)
 
 
-def _render_check(report) -> None:
-    t = Table(title=f"{report.candidate_kind} candidate {report.candidate} vs unmerged QLoRA model")
-    t.add_column("metric")
-    t.add_column("candidate", justify="right")
-    if report.naive is not None:
-        t.add_column("naive merge_and_unload", justify="right")
-    rows = [
-        ("max |logit diff|", "max_abs_logit_diff", "{:.3g}"),
-        ("mean KL", "mean_kl", "{:.3g}"),
-        ("max KL", "max_kl", "{:.3g}"),
-        ("top-1 agreement", "top1_agreement", "{:.4f}"),
-        ("ppl reference", "ppl_reference", "{:.4g}"),
-        ("ppl candidate", "ppl_candidate", "{:.4g}"),
-        ("tokens", "n_tokens", "{}"),
-    ]
-    for label, key, fmt in rows:
-        cells = [fmt.format(getattr(report.metrics, key))]
-        if report.naive is not None:
-            cells.append(fmt.format(getattr(report.naive, key)))
-        t.add_row(label, *cells)
-    out.print(t)
-    if report.delta_retention is not None:
-        out.print(
-            f"this NF4 export kept {report.delta_retention:.1%} of the LoRA delta (qmerge_provenance.json)"
-        )
-    if report.passed:
-        out.print("[bold green]PASSED[/]")
-    else:
-        out.print("[bold red]FAILED[/]: " + "; ".join(report.failures))
-
-
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--to", "to", required=True, type=click.Choice(["bf16", "fp16", "fp32", "nf4", "gguf"]))
+@click.option("--to", "to", required=True, type=click.Choice([*dtypes.OPTION_NAMES, "nf4", "gguf"]))
 @click.option(
     "--gguf-type", default="f16", show_default=True, help="f32, f16, bf16, q8_0, or a K-quant such as q4_k_m."
 )
 @click.option(
     "--base", type=click.Path(path_type=Path), help="Base model directory (when SOURCE is an adapter)."
 )
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--merge-base", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True
-)
+@output_options
+@merge_base_option
 @click.option(
     "--nf4-blocksize",
     type=click.Choice(["32", "64", "128", "256"]),
@@ -438,19 +408,10 @@ def _render_check(report) -> None:
 )
 @click.option("--nf4-double-quant/--nf4-no-double-quant", default=True, show_default=True)
 @click.option(
-    "--nf4-compute-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True
+    "--nf4-compute-dtype", type=click.Choice(dtypes.OPTION_NAMES), default="bf16", show_default=True
 )
-@click.option(
-    "--max-shard-size",
-    "shard",
-    default="5GB",
-    show_default=True,
-    callback=_size_option,
-    help="Shard the output beyond this size.",
-)
-@click.option("--force", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--allow-pickle", is_flag=True)
+@json_option
+@pickle_option
 @quant_options
 def export(
     source,
@@ -458,33 +419,31 @@ def export(
     gguf_type,
     base,
     output,
+    shard,
+    force,
     merge_base,
     nf4_blocksize,
     nf4_double_quant,
     nf4_compute_dtype,
-    shard,
-    force,
     as_json,
     allow_pickle,
-    quant_type,
-    blocksize,
-    double_quant,
-    quant_dtype,
+    **quant,
 ):
     """Export a QLoRA checkpoint or merged directory to bf16/fp16/fp32, NF4 or GGUF."""
-    from . import export as ex
+    from .api import export as do_export
+    from .formats.nf4 import NF4Options
+    from .render import files_table
 
-    quant = _quant(quant_type, blocksize, double_quant, quant_dtype)
     with progress_bar(f"exporting {to}", not as_json) as cb:
-        report = ex.export(
+        report = do_export(
             source,
             to,
             output,
             base=base,
             gguf_type=gguf_type,
             merge_base=merge_base,
-            quant=quant,
-            nf4=ex.NF4Options(int(nf4_blocksize), nf4_double_quant, nf4_compute_dtype),
+            quant=_quant(**quant),
+            nf4=NF4Options(int(nf4_blocksize), nf4_double_quant, nf4_compute_dtype),
             max_shard_size=shard,
             force=force,
             allow_pickle=allow_pickle,
@@ -493,7 +452,7 @@ def export(
     if as_json:
         _emit_json(report.to_json())
         return
-    out.print(_files_table(report))
+    out.print(files_table(report))
     retention = report.details.get("delta_retention")
     if retention:
         out.print(
@@ -535,12 +494,12 @@ def export(
 @click.option("--logging-steps", type=int, help="Default 10.")
 @click.option("--seed", type=int, help="Default 42.")
 @click.option(
-    "--compute-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Default bf16 on CUDA, fp32 on CPU."
+    "--compute-dtype", type=click.Choice(dtypes.OPTION_NAMES), help="Default bf16 on CUDA, fp32 on CPU."
 )
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Default on.")
 @click.option("--optim", help="Default paged_adamw_32bit on CUDA, adamw_torch on CPU.")
 @click.option("--resume", "resume_from_checkpoint", help="A checkpoint directory, or 'latest'.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def train(config_file, as_json, **options):
     """QLoRA training (NF4 + double quant, all-linear LoRA, paged AdamW on CUDA)."""
     from .train.config import load_train_config
@@ -568,23 +527,30 @@ def train(config_file, as_json, **options):
     show_default=True,
 )
 @click.option("--force", is_flag=True, help="Replace an existing demo directory.")
-@click.option("--steps", type=int, default=None, help="Training steps (default: the demo's tuned value).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--steps", type=click.IntRange(1), default=None, help="Training steps (default: the demo's tuned value)."
+)
+@json_option
 def demo(output, force, steps, as_json):
     """The whole path on a built-in tiny model: train, merge, check, export, with one table."""
-    from .demo import run_demo
+    from .demo.run import run_demo
+    from .render import demo_table
 
     result = run_demo(output, force=force, steps=steps, log=(lambda *a, **k: None) if as_json else err.print)
     if as_json:
         _emit_json(result)
-        return
-    from .demo import render_table
-
-    out.print(render_table(result))
+    else:
+        out.print(demo_table(result))
 
 
 def main() -> None:
-    cli(prog_name="qmerge")
+    signal.signal(signal.SIGINT, _on_signal)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        cli(prog_name="qmerge")
+    except (KeyboardInterrupt, Interrupted):  # outside a command (while Click parses or exits)
+        _fail("interrupted; nothing was written.", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qmerge.merge import merge
+from qmerge.api import merge
 from tests.helpers import logits_of, random_adapter, reference_unmerged
 
 FP32_TOL = 1e-4

@@ -99,7 +99,7 @@ def build_bases(root: Path) -> None:
     embeddings, and LoRA biases."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    from qmerge.tiny import TinySpec, build_base
+    from qmerge.demo.tiny import TinySpec, build_base
     from tests.helpers import bnb_config, random_adapter
 
     base = build_base(root / "tied" / "base", TinySpec(arch="qwen2", tie_word_embeddings=True))

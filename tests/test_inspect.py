@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qmerge.inspect import inspect_path
+from tests.helpers import inspect_path
 
 CONTRACT_KEYS = {"architecture", "num_parameters", "quantization", "adapter", "modules", "problems"}
 
@@ -112,7 +112,7 @@ def test_base_saved_after_cpu_forward_is_flagged(tmp_path, base16):
     from bitsandbytes.functional import QuantState as BnbQuantState
     from safetensors.torch import load_file as load
 
-    from qmerge.io.checkpoint import ModelDir
+    from qmerge.io.hf_dir import ModelDir
     from qmerge.quant.blockwise import dequantize_4bit
 
     raw = load(tmp_path / "after-forward" / "model.safetensors")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qmerge.api import merge
 from qmerge.errors import InputError, MismatchError, OutputError
-from qmerge.merge import merge
 from tests.helpers import TOKENS, bnb_config, kl_top1, logits_of, random_adapter, reference_unmerged
 
 # fp32 merge vs fp32 unmerged: only float summation order differs (B@A once vs per token).
@@ -88,7 +88,7 @@ def test_embedding_lora_and_lora_bias(tmp_path, base16):
     merge(tmp_path / "emb", tmp_path / "m1", base=base16, dtype="fp32")
     assert (logits_of(tmp_path / "m1") - reference_unmerged(tmp_path / "emb", base16)).abs().max() <= FP32_TOL
     # LoRA bias needs a base layer with a bias: a tiny Qwen2 (q/k/v biases)
-    from qmerge.tiny import TinySpec, build_base
+    from qmerge.demo.tiny import TinySpec, build_base
 
     qbase = build_base(tmp_path / "qwen", TinySpec(arch="qwen2"))
     torch.manual_seed(4)
@@ -135,7 +135,7 @@ def test_naive_merge_drifts_an_order_of_magnitude_more(tmp_path, fixtures, base1
 
 
 def test_adapter_for_another_base(tmp_path, fixtures):
-    from qmerge.tiny import TinySpec, build_base
+    from qmerge.demo.tiny import TinySpec, build_base
 
     other = build_base(
         tmp_path / "other",
@@ -178,7 +178,7 @@ def test_existing_output_needs_force(tmp_path, fixtures, base16):
 
 
 def test_disk_full_and_interrupt_leave_nothing(tmp_path, fixtures, base16, monkeypatch):
-    import qmerge.io.safetensors_io as sio
+    import qmerge.io.safetensors as sio
 
     real = sio.StreamingSafetensorsWriter.write
     calls = {"n": 0}
@@ -206,10 +206,11 @@ def test_disk_full_and_interrupt_leave_nothing(tmp_path, fixtures, base16, monke
 @pytest.mark.parametrize("to", ["merge", "gguf"])
 def test_disk_full_in_the_writer_thread(tmp_path, fixtures, base16, monkeypatch, to):
     """ENOSPC where the bytes really go (the writer's thread, mid-file): the same one message, no output."""
-    import qmerge.io.safetensors_io as sio
-    from qmerge.export import export
+    import qmerge.io.direct as direct
+    import qmerge.io.stream as stream
+    from qmerge.api import export
 
-    real, calls = sio._SequentialFile.write, {"n": 0}
+    real, calls = direct.SequentialFile.write, {"n": 0}
 
     def full_after_one(self, buf, n):
         calls["n"] += 1
@@ -217,8 +218,8 @@ def test_disk_full_in_the_writer_thread(tmp_path, fixtures, base16, monkeypatch,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, buf, n)
 
-    monkeypatch.setattr(sio, "_STAGE_BYTES", 64 * 1024)  # several buffers even for the tiny fixture
-    monkeypatch.setattr(sio._SequentialFile, "write", full_after_one)
+    monkeypatch.setattr(stream, "_STAGE_BYTES", 64 * 1024)  # several buffers even for the tiny fixture
+    monkeypatch.setattr(direct.SequentialFile, "write", full_after_one)
     out = tmp_path / ("m" if to == "merge" else "m.gguf")
     with pytest.raises(OutputError, match="disk full"):
         if to == "merge":
@@ -250,7 +251,7 @@ def test_tied_embeddings_are_untied_when_the_adapter_changes_them(tmp_path, vari
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qmerge.tiny import TinySpec, build_base
+    from qmerge.demo.tiny import TinySpec, build_base
 
     base = build_base(tmp_path / "base", TinySpec(arch="qwen2", tie_word_embeddings=True))
     kw = (

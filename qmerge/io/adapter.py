@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +11,11 @@ import torch
 
 from ..errors import InputError, UnsupportedError
 from ..lora.scaling import LoraSettings
-from .checkpoint import TensorStore, read_json
+from .files import read_json
+from .store import TensorStore, open_store
 
 PEFT_PREFIX = "base_model.model."
+CONFIG = "adapter_config.json"
 # LoraConfig options that change what a merge must do and that qmerge does not implement.
 _UNSUPPORTED_OPTIONS = {
     "use_qalora": "QA-LoRA",
@@ -24,9 +27,9 @@ _UNSUPPORTED_OPTIONS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraModule:
-    """The adapter tensors that touch one base module (fp32 copies made on demand)."""
+    """The adapter tensors that touch one base module."""
 
     module: str  # base module name, e.g. "model.layers.0.self_attn.q_proj"
     kind: str = "linear"  # "linear" or "embedding"
@@ -35,12 +38,20 @@ class LoraModule:
     lora_B_bias: str | None = None
     magnitude: str | None = None  # DoRA
 
+    @property
+    def weight(self) -> str:
+        return self.module + ".weight"
 
-@dataclass
+    @property
+    def keys(self) -> list[str]:
+        return [k for k in (self.lora_A, self.lora_B, self.lora_B_bias, self.magnitude) if k]
+
+
+@dataclass(frozen=True)
 class AdapterLayout:
-    """What each adapter tensor is for."""
+    """What each adapter tensor is for (empty for a model directory merged already)."""
 
-    lora: dict[str, LoraModule] = field(default_factory=dict)
+    lora: dict[str, LoraModule] = field(default_factory=dict)  # module name -> its tensors
     replace: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter key
 
 
@@ -50,13 +61,13 @@ def resolve_adapter_dir(path: Path) -> Path:
     if not path.exists():
         raise InputError(f"{path}: no such file or directory.")
     if path.is_file():
-        if path.name in ("adapter_config.json", "adapter_model.safetensors"):
+        if path.name in (CONFIG, "adapter_model.safetensors"):
             return path.parent
-        raise InputError(f"{path}: expected a PEFT adapter directory (with adapter_config.json).")
-    if (path / "adapter_config.json").exists():
+        raise InputError(f"{path}: expected a PEFT adapter directory (with {CONFIG}).")
+    if (path / CONFIG).exists():
         return path
     checkpoints = sorted(
-        (p for p in path.glob("checkpoint-*") if (p / "adapter_config.json").exists()),
+        (p for p in path.glob("checkpoint-*") if (p / CONFIG).exists()),
         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
     )
     if checkpoints:
@@ -66,10 +77,52 @@ def resolve_adapter_dir(path: Path) -> Path:
         )
     if (path / "config.json").exists():
         raise InputError(
-            f"{path}: is a model directory, not an adapter (no adapter_config.json). Pass the adapter "
+            f"{path}: is a model directory, not an adapter (no {CONFIG}). Pass the adapter "
             "directory as ADAPTER and this one with --base."
         )
-    raise InputError(f"{path}: no adapter_config.json, so this is not a PEFT adapter directory.")
+    raise InputError(f"{path}: no {CONFIG}, so this is not a PEFT adapter directory.")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_settings(config: dict, where: Path) -> LoraSettings:
+    """The LoraConfig fields the merge uses, each checked (an InputError names the key)."""
+    here = f"{where}/{CONFIG}"
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if type(r) is not int or r <= 0:
+        raise InputError(f"{here}: r is {r!r}; a LoRA rank is a positive integer.")
+    if not _number(alpha):
+        raise InputError(f"{here}: lora_alpha is {alpha!r}; expected a finite number.")
+    patterns = {}
+    for key, valid, what in (
+        ("rank_pattern", lambda v: type(v) is int and v > 0, "positive integer ranks"),
+        ("alpha_pattern", _number, "finite numbers"),
+    ):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise InputError(f"{here}: {key} is not an object of module patterns.")
+        for k, v in pattern.items():
+            if not valid(v):
+                raise InputError(f"{here}: {key}[{k!r}] is {v!r}; expected {what}.")
+            try:
+                re.compile(rf"(.*\.)?({k})$")
+            except re.error as e:
+                raise InputError(f"{here}: {key} key {k!r} is not a valid regular expression ({e}).") from e
+        patterns[key] = dict(pattern)
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), bool):
+            raise InputError(f"{here}: {key} is {config.get(key)!r}; expected true or false.")
+    return LoraSettings(
+        r=r,
+        lora_alpha=float(alpha),
+        use_rslora=config.get("use_rslora", False),
+        use_dora=config.get("use_dora", False),
+        rank_pattern=patterns["rank_pattern"],
+        alpha_pattern=patterns["alpha_pattern"],
+        fan_in_fan_out=config.get("fan_in_fan_out", False),
+    )
 
 
 class Adapter:
@@ -77,7 +130,7 @@ class Adapter:
 
     def __init__(self, path: Path, allow_pickle: bool = False):
         self.path = resolve_adapter_dir(path)
-        self.config = read_json(self.path / "adapter_config.json")
+        self.config = read_json(self.path / CONFIG)
         peft_type = str(self.config.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise UnsupportedError(
@@ -86,31 +139,21 @@ class Adapter:
             )
         for key, what in _UNSUPPORTED_OPTIONS.items():
             if self.config.get(key):
-                raise UnsupportedError(f"{self.path}/adapter_config.json: {key} ({what}) is not supported.")
+                raise UnsupportedError(f"{self.path}/{CONFIG}: {key} ({what}) is not supported.")
         init = self.config.get("init_lora_weights", True)
         if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
             raise UnsupportedError(
                 f"{self.path}: init_lora_weights={init!r} changes the base weights during training; merging "
                 "such an adapter needs the converted base, which qmerge does not support."
             )
-        try:
-            self.settings = LoraSettings(
-                r=int(self.config.get("r", 8)),
-                lora_alpha=float(self.config.get("lora_alpha", 8)),
-                use_rslora=bool(self.config.get("use_rslora", False)),
-                use_dora=bool(self.config.get("use_dora", False)),
-                rank_pattern=dict(self.config.get("rank_pattern") or {}),
-                alpha_pattern=dict(self.config.get("alpha_pattern") or {}),
-                fan_in_fan_out=bool(self.config.get("fan_in_fan_out", False)),
-            )
-        except (TypeError, ValueError) as e:
-            raise InputError(f"{self.path}/adapter_config.json: bad r/lora_alpha/pattern value ({e}).") from e
-        self.store = TensorStore(self.path, "adapter_model", allow_pickle)
+        self.settings = read_settings(self.config, self.path)
+        self.store: TensorStore = open_store(self.path, "adapter_model", allow_pickle)
         self.layout = layout_adapter(self.store.keys(), self.path)
 
     @property
     def base_model_name_or_path(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
+        named = self.config.get("base_model_name_or_path")
+        return named if isinstance(named, str) and named else None
 
     @property
     def target_modules(self) -> list[str] | str | None:
@@ -129,11 +172,19 @@ _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
     r"|lora_magnitude_vector(?:\.weight)?)$"
 )
+_PART_FIELD = {
+    "lora_A.weight": ("lora_A", None),
+    "lora_B.weight": ("lora_B", None),
+    "lora_B.bias": ("lora_B_bias", None),
+    "lora_embedding_A": ("lora_A", "embedding"),
+    "lora_embedding_B": ("lora_B", "embedding"),
+}
 
 
 def layout_adapter(keys: list[str], where: Path) -> AdapterLayout:
     """Sort adapter tensor keys into LoRA modules and whole-tensor replacements; reject anything else."""
-    layout = AdapterLayout()
+    parts: dict[str, dict] = {}
+    replace: dict[str, str] = {}
     for key in keys:
         if not key.startswith(PEFT_PREFIX):
             raise InputError(
@@ -144,28 +195,25 @@ def layout_adapter(keys: list[str], where: Path) -> AdapterLayout:
         # Adapter names other than the default are stripped by PEFT on save; a leftover one is an error.
         m = _LORA_KEY.match(rest)
         if m:
-            mod = layout.lora.setdefault(m["module"], LoraModule(m["module"]))
-            part = m["part"]
-            if part == "lora_A.weight":
-                mod.lora_A = key
-            elif part == "lora_B.weight":
-                mod.lora_B = key
-            elif part == "lora_B.bias":
-                mod.lora_B_bias = key
-            elif part == "lora_embedding_A":
-                mod.kind, mod.lora_A = "embedding", key
-            elif part == "lora_embedding_B":
-                mod.kind, mod.lora_B = "embedding", key
-            else:
-                mod.magnitude = key
+            fields = parts.setdefault(m["module"], {"module": m["module"]})
+            attr, kind = _PART_FIELD.get(m["part"], ("magnitude", None))
+            fields[attr] = key
+            if kind:
+                fields["kind"] = kind
             continue
         if ".lora_" in rest:
             raise UnsupportedError(f"{where}: adapter tensor {key!r} is a LoRA part qmerge does not know.")
         # modules_to_save, bias="all"/"lora_only", and saved embedding base layers replace base tensors.
-        layout.replace[rest.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = key
-    for mod in layout.lora.values():
+        target = rest.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+        if target in replace:
+            raise InputError(
+                f"{where}: adapter tensors {replace[target]!r} and {key!r} both replace {target!r}."
+            )
+        replace[target] = key
+    lora = {name: LoraModule(**f) for name, f in parts.items()}
+    for mod in lora.values():
         if mod.lora_A is None or mod.lora_B is None:
             raise InputError(
                 f"{where}: module {mod.module!r} has only one of lora_A/lora_B; the adapter is incomplete."
             )
-    return layout
+    return AdapterLayout(lora, replace)

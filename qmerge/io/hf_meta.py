@@ -1,23 +1,36 @@
-"""What transformers would do with a config, found on a meta-device model (no weights, no memory)."""
+"""What transformers would do with a config, found on a meta-device model (no weights, no memory).
+
+One meta model per config (cached) answers every question: which linears bitsandbytes quantizes at load
+time, which weights are tied, which are GPT-2 style Conv1D, and the shape of every tensor.
+"""
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
-from ..errors import UnsupportedError
+from ..errors import InputError, UnsupportedError
+
+# Causal-LM families whose linear layers are transformers' Conv1D (weights stored [in, out]).
+CONV1D_MODEL_TYPES = frozenset({"gpt2"})
 
 
-def _meta_model(config: dict):
+def _key(config: dict) -> str:
+    return json.dumps(
+        {k: v for k, v in config.items() if k != "quantization_config"}, sort_keys=True, default=str
+    )
+
+
+@lru_cache(maxsize=4)
+def _meta_model(config_json: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # config warnings about the user's model are not qmerge's to print
-
-    cfg = dict(config)
-    cfg.pop("quantization_config", None)
+    cfg = json.loads(config_json)
     model_type = cfg.pop("model_type", None)
-    if model_type is None:
+    if not isinstance(model_type, str):
         raise UnsupportedError("config.json has no model_type; qmerge cannot tell the architecture.")
     try:
         hf_config = AutoConfig.for_model(model_type, **cfg)
@@ -25,19 +38,31 @@ def _meta_model(config: dict):
         raise UnsupportedError(
             f"model_type {model_type!r} is not known to the installed transformers ({e})."
         ) from e
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
+    except Exception as e:  # noqa: BLE001 - a config transformers rejects, whatever it raises
+        raise InputError(
+            f"config.json: transformers rejects this {model_type} config ({type(e).__name__}: {e})."
+        ) from e
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(
+            f"config.json: transformers cannot build a {model_type} causal LM from it ({type(e).__name__}: {e})."
+        ) from e
+
+
+def meta_model(config: dict):
+    """The model transformers builds from `config`, on the meta device (cached per config)."""
+    return _meta_model(_key(config))
 
 
 @lru_cache(maxsize=8)
 def _quantized_linears(config_json: str, skip_modules: tuple[str, ...] | None) -> frozenset[str]:
-    import json
-
     from torch import nn
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    model = _meta_model(json.loads(config_json))
+    model = _meta_model(config_json)
     not_convert = HfQuantizer.get_modules_to_not_convert(
         model, list(skip_modules) if skip_modules is not None else None, model._keep_in_fp32_modules
     )
@@ -56,46 +81,48 @@ def quantized_linears(config: dict, skip_modules: list[str] | None = None) -> fr
     Same rule as transformers' Bnb4BitHfQuantizer: every nn.Linear except the output embedding, tied
     weights, the last module, llm_int8_skip_modules and the model's _keep_in_fp32_modules.
     """
-    import json
-
-    return _quantized_linears(
-        json.dumps(config, sort_keys=True), tuple(skip_modules) if skip_modules else None
-    )
-
-
-@lru_cache(maxsize=8)
-def _tied_weights(config_json: str) -> tuple[tuple[str, str], ...]:
-    import json
-
-    model = _meta_model(json.loads(config_json))
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    return tuple(sorted((str(k), str(v)) for k, v in dict(tied).items()))
+    return _quantized_linears(_key(config), tuple(skip_modules) if skip_modules else None)
 
 
 def tied_weights(config: dict) -> dict[str, str]:
     """{tied weight: the weight it shares storage with}, e.g. {"lm_head.weight": "model.embed_tokens.weight"},
     as transformers ties them for `config` (empty when nothing is tied)."""
-    import json
-
-    return dict(_tied_weights(json.dumps(config, sort_keys=True)))
-
-
-# Causal-LM families whose linear layers are transformers' Conv1D (weights stored [in, out]).
-CONV1D_MODEL_TYPES = frozenset({"gpt2"})
-
-
-@lru_cache(maxsize=8)
-def _conv1d_weights(config_json: str) -> frozenset[str]:
-    import json
-
-    model = _meta_model(json.loads(config_json))
-    return frozenset(n + ".weight" for n, m in model.named_modules() if type(m).__name__ == "Conv1D")
+    tied = getattr(meta_model(config), "all_tied_weights_keys", None) or {}
+    return {str(k): str(v) for k, v in dict(tied).items()}
 
 
 def conv1d_weights(config: dict) -> frozenset[str]:
     """Weights of transformers Conv1D modules ([in, out] on disk; bitsandbytes quantizes them transposed)."""
-    import json
-
     if config.get("model_type") not in CONV1D_MODEL_TYPES:
         return frozenset()
-    return _conv1d_weights(json.dumps(config, sort_keys=True))
+    return frozenset(
+        n + ".weight" for n, m in meta_model(config).named_modules() if type(m).__name__ == "Conv1D"
+    )
+
+
+@lru_cache(maxsize=4)
+def _checkpoint_names(config_json: str) -> tuple[tuple[str, str], ...]:
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = _meta_model(config_json)
+    state = model.state_dict()
+    by_id = {id(t): k for k, t in state.items()}
+    try:
+        saved = revert_weight_conversion(model, dict(state))
+    except Exception:  # noqa: BLE001 - a conversion that cannot run on meta tensors: names as the model has them
+        return tuple((k, k) for k in state)
+    return tuple((by_id.get(id(t), k), k) for k, t in saved.items())
+
+
+def expected_shapes(config: dict) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """({tensor name: shape}, {model name: checkpoint name}) of the model transformers builds from
+    `config`: its state dict (parameters and persistent buffers, tied weights under both names), each
+    tensor under the name the model has and under the name save_pretrained writes (transformers 5 renames
+    some, e.g. GPT-NeoX's embed_out -> lm_head)."""
+    model = meta_model(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = dict(_checkpoint_names(_key(config)))
+    for model_name, ckpt_name in list(saved.items()):
+        if model_name in shapes:
+            shapes.setdefault(ckpt_name, shapes[model_name])
+    return shapes, {m: c for m, c in saved.items() if m in shapes}

@@ -3,6 +3,8 @@
 Pure tensor code: no file I/O, no bitsandbytes import. The reference implementations it matches are
 bitsandbytes' default backend (`backends/default/ops.py`: quantize_4bit, dequantize_4bit) and its CPU
 kernels (`csrc/cpu_ops.cpp`: quantize_cpu for the 8-bit map used by double quantization).
+
+This module is long because quantize and dequantize, each bit-exact with bitsandbytes, belong side by side.
 """
 
 from __future__ import annotations
@@ -270,8 +272,14 @@ def _prepare(packed: torch.Tensor, state: QuantState) -> _Prepared:
     blocks = -(n // -state.blocksize)
     if absmax.numel() < blocks:
         raise ValueError(f"absmax has {absmax.numel()} blocks, shape {state.shape} needs {blocks}")
+    code = state.code.float()
+    if state.quant_type == "fp4":
+        # bitsandbytes' native kernels (CPU dequantize_4bit, CUDA dDequantizeFP4Tree) decode FP4 code
+        # 0b1000 as -0.0 (sign bit, zero magnitude); the saved quant_map holds +0.0 there.
+        code = code.clone()
+        code[8] = -0.0
     # Each byte's two fp32 values packed into one int64: a 1-D gather, 1.5x faster than gathering rows.
-    table = _byte_table(state.code.float()).contiguous().view(torch.int64).view(-1)
+    table = _byte_table(code).contiguous().view(torch.int64).view(-1)
     return _Prepared(packed.reshape(-1)[:nbytes], absmax, table, state.blocksize, n)
 
 

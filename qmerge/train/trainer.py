@@ -16,19 +16,21 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import dtypes
 from ..errors import InputError
+from ..io.records import TRAINING_RECORD, training_record, write_json
 from .config import TrainConfig, config_to_json
 from .data import JsonlDataset, pad_collate
-
-TRAINING_RECORD = "qmerge_training.json"
 
 
 def _device_setup(cfg: TrainConfig) -> tuple[torch.dtype, str, object, bool]:
     """(compute dtype, optimizer, device_map, on_cuda)."""
     cuda = torch.cuda.is_available()
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    compute = names[cfg.compute_dtype] if cfg.compute_dtype else (torch.bfloat16 if cuda else torch.float32)
+    compute = (
+        dtypes.option_dtype(cfg.compute_dtype)
+        if cfg.compute_dtype
+        else (torch.bfloat16 if cuda else torch.float32)
+    )
     optim = cfg.optim or ("paged_adamw_32bit" if cuda else "adamw_torch")
     if cuda:
         from accelerate import PartialState
@@ -91,18 +93,13 @@ def load_qlora_model(cfg: TrainConfig, compute: torch.dtype, device_map):
     return model
 
 
-def training_record(cfg: TrainConfig, base_dtype: str | None) -> dict:
-    """What merge/check need to reproduce the weights training saw."""
+def quantization_record(cfg: TrainConfig, base_dtype: str | None) -> dict:
+    """How training quantized the base: what merge/check need to reproduce the weights training saw."""
     return {
-        "qmerge_version": __version__,
-        "base": str(Path(cfg.base).resolve()),
-        "quantization": {
-            "quant_type": cfg.quant_type,
-            "blocksize": 64,
-            "double_quant": cfg.double_quant,
-            "dtype": base_dtype,
-        },
-        "config": config_to_json(cfg),
+        "quant_type": cfg.quant_type,
+        "blocksize": 64,
+        "double_quant": cfg.double_quant,
+        "dtype": base_dtype,
     }
 
 
@@ -114,7 +111,7 @@ def _record_callback(record: dict):
         def on_save(self, args, state, control, **kwargs):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                (ckpt / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+                write_json(ckpt / TRAINING_RECORD, record)
 
     return SaveRecord()
 
@@ -149,7 +146,8 @@ def train(cfg: TrainConfig, log: Callable[..., None] | None = print) -> dict:
     eval_ds = JsonlDataset(cfg.eval_data, tokenizer, cfg.max_seq_length) if cfg.eval_data else None
     model = load_qlora_model(cfg, compute, device_map)
     base_cfg = json.loads((Path(cfg.base) / "config.json").read_text(encoding="utf-8"))
-    record = training_record(cfg, base_cfg.get("dtype") or base_cfg.get("torch_dtype"))
+    quant = quantization_record(cfg, base_cfg.get("dtype") or base_cfg.get("torch_dtype"))
+    record = training_record(cfg.base, quant, config_to_json(cfg))
     args = TrainingArguments(
         output_dir=str(cfg.output),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -199,7 +197,7 @@ def train(cfg: TrainConfig, log: Callable[..., None] | None = print) -> dict:
     out = Path(cfg.output)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    (out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(out / TRAINING_RECORD, record)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "output": str(out),

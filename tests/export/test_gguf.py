@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qmerge.api import export
+from qmerge.demo.tiny import TinySpec, build_base
 from qmerge.errors import UnsupportedError
-from qmerge.export import export
-from qmerge.inspect import inspect_path
-from qmerge.tiny import TinySpec, build_base
-from tests.helpers import kl_top1, logits_of, random_adapter
+from tests.helpers import inspect_path, kl_top1, logits_of, random_adapter
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -82,7 +81,8 @@ def test_gguf_types_against_transformers(tmp_path, arch_adapters, arch):
 
 
 def test_k_quant_runs_and_is_reported(tmp_path, arch_adapters):
-    from qmerge.verify import Thresholds, check
+    from qmerge.verify.check import check
+    from qmerge.verify.metrics import Thresholds
 
     base, adapter = arch_adapters["llama"]
     report = export(adapter, "gguf", tmp_path / "q4.gguf", base=base, gguf_type="q4_k_m")
@@ -136,7 +136,7 @@ def test_gguf_py_reads_every_tensor_at_its_offset(tmp_path, arch_adapters, gtype
 
 
 def test_check_accepts_gguf(tmp_path, fixtures, base16):
-    from qmerge.verify import check
+    from qmerge.verify.check import check
 
     export(fixtures / "adapter-dora", "gguf", tmp_path / "m.gguf", base=base16, gguf_type="f32")
     rep = check(fixtures / "adapter-dora", tmp_path / "m.gguf", base=base16)
@@ -165,7 +165,7 @@ def test_sentencepiece_tokenizer(tmp_path, fixtures, base16):
     """A base with tokenizer.model (SentencePiece) exports a `llama` vocabulary that llama.cpp loads."""
     import shutil
 
-    from qmerge.tiny import build_sentencepiece
+    from qmerge.demo.tiny import build_sentencepiece
 
     base = tmp_path / "sp-base"
     shutil.copytree(base16, base)
@@ -237,7 +237,10 @@ def test_phi3_longrope(tmp_path):
 
 
 def test_gemma_attention_scale_llama_cpp_cannot_express_is_refused():
-    from qmerge.export.gguf_file import model_info
+    from qmerge.io.gguf.arch import architecture_of
+
+    def model_info(config):
+        return architecture_of(config)[0]
 
     cfg = dict(
         architectures=["Gemma2ForCausalLM"],
@@ -249,14 +252,14 @@ def test_gemma_attention_scale_llama_cpp_cannot_express_is_refused():
         vocab_size=320,
         tie_word_embeddings=True,
     )
-    assert model_info({**cfg, "query_pre_attn_scalar": 32}).arch == "gemma2"  # head_dim
-    assert model_info({**cfg, "query_pre_attn_scalar": 16}).arch == "gemma2"  # hidden / heads (27B)
+    assert model_info({**cfg, "query_pre_attn_scalar": 32}).gguf_arch == "gemma2"  # head_dim
+    assert model_info({**cfg, "query_pre_attn_scalar": 16}).gguf_arch == "gemma2"  # hidden / heads (27B)
     with pytest.raises(UnsupportedError, match="query_pre_attn_scalar"):
         model_info({**cfg, "query_pre_attn_scalar": 100})
     with pytest.raises(UnsupportedError, match="lm_head"):
         model_info({**cfg, "tie_word_embeddings": False})
     g3 = {**cfg, "architectures": ["Gemma3ForCausalLM"], "query_pre_attn_scalar": 32, "num_hidden_layers": 7}
     sliding, full = "sliding_attention", "full_attention"
-    assert model_info({**g3, "layer_types": [sliding] * 5 + [full, sliding]}).arch == "gemma3"
+    assert model_info({**g3, "layer_types": [sliding] * 5 + [full, sliding]}).gguf_arch == "gemma3"
     with pytest.raises(UnsupportedError, match="layer_types"):
         model_info({**g3, "layer_types": [sliding, full] * 3 + [sliding]})

@@ -7,10 +7,9 @@ import json
 import bitsandbytes as bnb
 import torch
 
-from qmerge.export import NF4Options, export
-from qmerge.inspect import inspect_path
-from qmerge.merge import merge
-from tests.helpers import TOKENS
+from qmerge.api import export, merge
+from qmerge.formats.nf4 import NF4Options
+from tests.helpers import TOKENS, inspect_path
 
 
 def _dequantized_linears(model) -> dict[str, torch.Tensor]:
@@ -67,7 +66,8 @@ def test_nf4_export_inspect_and_options(tmp_path, fixtures, base16):
 
 
 def test_nf4_check_reports_drift(tmp_path, fixtures, base16):
-    from qmerge.verify import Thresholds, check
+    from qmerge.verify.check import check
+    from qmerge.verify.metrics import Thresholds
 
     export(fixtures / "adapter-qlora", "nf4", tmp_path / "nf4", base=base16)
     rep = check(

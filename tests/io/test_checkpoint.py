@@ -12,7 +12,7 @@ from bitsandbytes.functional import QuantState as BnbQuantState
 
 from qmerge.errors import InputError, UnsupportedError
 from qmerge.io.adapter import Adapter, resolve_adapter_dir
-from qmerge.io.checkpoint import ModelDir
+from qmerge.io.hf_dir import ModelDir
 from qmerge.quant.blockwise import dequantize_4bit
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st_
 
 from qmerge.errors import InputError
-from qmerge.io.safetensors_io import (
+from qmerge.io.safetensors import (
     DTYPE_NAMES,
     PlannedTensor,
     SafetensorsFile,
@@ -188,7 +188,7 @@ def test_reads_from_the_cache_the_disk_or_plainly(tmp_path, monkeypatch, mode):
     import errno
     import os
 
-    import qmerge.io.safetensors_io as sio
+    import qmerge.io.direct as sio
 
     t = torch.randn(600_001)  # 2.4 MB: above the direct-read threshold
     p = tmp_path / "m.safetensors"

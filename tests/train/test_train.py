@@ -27,9 +27,9 @@ def data(tmp_path):
 
 
 def test_loss_falls_and_checkpoint_round_trips(tmp_path, data, base16):
-    from qmerge.inspect import inspect_path
-    from qmerge.merge import merge
-    from qmerge.verify import check
+    from qmerge.api import merge
+    from qmerge.verify.check import check
+    from tests.helpers import inspect_path
 
     cfg = load_train_config(
         None,

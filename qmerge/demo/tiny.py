@@ -171,7 +171,7 @@ def build_base(out_dir: Path, spec: TinySpec = TinySpec(), dtype: torch.dtype = 
     )
     model.save_pretrained(str(out_dir))
     (out_dir / "README.md").write_text(
-        f"Tiny {spec.arch} model made by qmerge.tiny.build_base: {json.dumps(spec.__dict__)}\n",
+        f"Tiny {spec.arch} model made by qmerge.demo.tiny.build_base: {json.dumps(spec.__dict__)}\n",
         encoding="utf-8",
     )
     return out_dir

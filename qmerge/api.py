@@ -1,0 +1,80 @@
+"""The public verbs: merge, export, check, describe. Each opens its inputs, runs one pipeline, and returns
+a frozen report; nothing here prints or exits (CONTRACT.md describes the command line around them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import dtypes
+from .errors import UnsupportedError
+from .formats.gguf import write_gguf
+from .formats.nf4 import NF4, NF4Options
+from .formats.plain import Plain
+from .formats.write import DEFAULT_MAX_SHARD, write_model_dir
+from .pipeline.base import QuantSettings
+from .pipeline.source import open_checkpoint, open_source
+from .pipeline.stream import Progress
+from .reports import WriteReport
+
+FORMATS = (*dtypes.OPTION_NAMES, "nf4", "gguf")
+
+
+def merge(
+    adapter: Path,
+    out: Path,
+    base: Path | None = None,
+    dtype: str = "bf16",
+    merge_base: str = "dequantized",
+    quant: QuantSettings | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> WriteReport:
+    """Merge a QLoRA adapter into the weights its training saw and write a Hugging Face model directory."""
+    source = open_checkpoint(Path(adapter), Path(base) if base else None, quant, merge_base, allow_pickle)
+    return write_model_dir(
+        source, Plain(dtypes.option_dtype(dtype)), Path(out), max_shard_size, force, progress
+    )
+
+
+def export(
+    source: Path,
+    to: str,
+    out: Path,
+    base: Path | None = None,
+    gguf_type: str = "f16",
+    merge_base: str = "dequantized",
+    quant: QuantSettings | None = None,
+    nf4: NF4Options = NF4Options(),
+    max_shard_size: int | str = DEFAULT_MAX_SHARD,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> WriteReport:
+    """Export SOURCE (a QLoRA checkpoint, merged on the fly, or a model directory) to one format."""
+    if to not in FORMATS:
+        raise UnsupportedError(f"unknown export format {to!r}: choose one of {', '.join(FORMATS)}.")
+    if to == "gguf":
+        from .formats.gguf import check_type
+
+        check_type(gguf_type)
+    src = open_source(Path(source), Path(base) if base else None, quant, merge_base, allow_pickle)
+    if to == "gguf":
+        return write_gguf(src, Path(out), gguf_type, force, progress)
+    fmt = NF4(nf4) if to == "nf4" else Plain(dtypes.option_dtype(to), {"export": to})
+    return write_model_dir(src, fmt, Path(out), max_shard_size, force, progress)
+
+
+def check(*args, **kwargs):
+    """Compare a candidate with the unmerged QLoRA model (see verify.check.check)."""
+    from .verify.check import check as run
+
+    return run(*args, **kwargs)
+
+
+def describe(*args, **kwargs):
+    """Describe a base, adapter, merged model or GGUF file (see describe.describe)."""
+    from .describe import describe as run
+
+    return run(*args, **kwargs)

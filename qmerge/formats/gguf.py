@@ -1,0 +1,134 @@
+"""GGUF for llama.cpp, written straight from the merged tensors: f32/f16/bf16/q8_0 by qmerge itself, other
+types (K-quants, legacy quants, IQ4) by llama.cpp's own quantizer from an intermediate file."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import llama_cpp
+from ..errors import UnsupportedError
+from ..io.atomic import OutputFile, atomic_file, describe_files
+from ..io.gguf.arch import architecture_of
+from ..io.gguf.rope import rope_tensors
+from ..io.gguf.writer import (
+    DIRECT_TYPES,
+    LLAMA_CPP_TYPES,
+    GGUFFile,
+    encode,
+    gguf_head,
+    map_tensors,
+    supported_types,
+    torch_dtype_for,
+)
+from ..pipeline.source import Source
+from ..pipeline.stream import MergedTensor, Progress
+from ..reports import WriteReport
+from .write import Layout, stream_into
+
+# llama.cpp quantizes from a GGUF file: qmerge writes an f32 one first (bf16 beyond this many
+# parameters, to bound the disk the intermediate takes).
+_F32_INTERMEDIATE_MAX = 3e9
+
+
+def check_type(gguf_type: str) -> str:
+    gguf_type = gguf_type.lower()
+    if gguf_type not in DIRECT_TYPES + LLAMA_CPP_TYPES:
+        raise UnsupportedError(
+            f"GGUF type {gguf_type!r} is not supported; choose one of: {supported_types()}."
+        )
+    return gguf_type
+
+
+class GGUF:
+    """One GGUF file of a direct type (f32, f16, bf16, q8_0)."""
+
+    def __init__(self, source: Source, gguf_type: str):
+        self.gguf_type = gguf_type
+        self.arch, self.hp = architecture_of(source.config)
+        self.tensors = map_tensors(
+            self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, gguf_type
+        )
+        self.extra = rope_tensors(self.arch, self.hp)
+        self._by_name = {t.hf_name: t for t in self.tensors}
+
+    def layout(self, source: Source) -> Layout:
+        order = [t.hf_name for t in self.tensors]
+        return Layout(
+            order=order,
+            dtypes={t.hf_name: torch_dtype_for(t.qtype) for t in self.tensors},
+            nbytes={t.hf_name: t.nbytes for t in self.tensors},
+        )
+
+    def encode(self, t: MergedTensor) -> list[tuple[str, np.ndarray]]:
+        g = self._by_name[t.name]
+        return [(g.name, encode(self.arch.transform(t.name, t.value, self.hp), g.qtype))]
+
+    def write(self, source: Source, path: Path, progress: Progress | None) -> tuple[int, dict, dict]:
+        """Stream the file to `path`: (tensors merged, {file name: sha256}, summary)."""
+        head, align, tokenizer = gguf_head(
+            self.arch,
+            self.hp,
+            self.tensors,
+            self.extra,
+            self.gguf_type,
+            source.name,
+            source.tokenizer_dir,
+            path.with_name(path.name + ".head"),
+        )
+        sink = GGUFFile(path, head, align)
+        try:
+            for extra_name, values in self.extra:
+                sink.write(extra_name, values.reshape(-1).view(np.uint8))
+        except BaseException:
+            sink.abort()
+            raise
+        merged, digests = stream_into(sink, source, self, self.layout(source), progress)
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+        return (
+            merged,
+            digests,
+            {"gguf_architecture": self.arch.gguf_arch, "tensor_types": counts, "tokenizer": tokenizer},
+        )
+
+
+def write_gguf(
+    source: Source, out: Path, gguf_type: str = "f16", force: bool = False, progress: Progress | None = None
+) -> WriteReport:
+    """Write `source` as a GGUF file at `out`, atomically."""
+    start = time.perf_counter()
+    gguf_type = check_type(gguf_type)
+    out = Path(out)
+    with atomic_file(out, force) as tmp:
+        if gguf_type in DIRECT_TYPES:
+            merged, digests, summary = GGUF(source, gguf_type).write(source, tmp, progress)
+        else:
+            n_params = sum(torch.Size(s.shape).numel() for s in source.tensors.values())
+            inter = "f32" if n_params < _F32_INTERMEDIATE_MAX else "bf16"
+            fmt = GGUF(source, inter)  # refuses an unsupported model before anything is written
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".qmerge-gguf-") as td:
+                mid = Path(td) / "intermediate.gguf"
+                merged, _, summary = fmt.write(source, mid, progress)
+                llama_cpp.quantize(mid, tmp, gguf_type)
+            summary = {**summary, "intermediate": inter, "tensor_types": _gguf_types(tmp)}
+            digests = {}
+        files = describe_files(tmp, digests)
+    files = [OutputFile(out.name, f.bytes, f.sha256) for f in files]
+    return WriteReport(
+        str(out), files, merged, time.perf_counter() - start, {"gguf_type": gguf_type, **summary}
+    )
+
+
+def _gguf_types(path: Path) -> dict:
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts

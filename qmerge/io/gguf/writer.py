@@ -1,0 +1,225 @@
+"""GGUF files written by streaming: tensor types, HF -> GGUF names, the header (metadata, vocabulary,
+tensor infos, laid out by gguf-py's GGUFWriter), then each tensor's bytes as it arrives.
+
+Mapping follows llama.cpp's convert_hf_to_gguf.py: tensor names from gguf.get_tensor_name_map, 1-D
+tensors kept in F32, tied embeddings written once, q8_0 only for rows of whole 32-value blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...errors import UnsupportedError
+from ..stream import StreamingFileWriter, tensor_bytes
+from .arch import Architecture, HParams
+from .rope import add_rope_metadata, rope_tensors
+from .vocab import add_tokenizer
+
+DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by qmerge itself
+# quantized by llama.cpp's own quantizer from an intermediate GGUF
+LLAMA_CPP_TYPES = (
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "iq4_nl",
+    "iq4_xs",
+)
+
+
+def supported_types() -> str:
+    return ", ".join(DIRECT_TYPES + LLAMA_CPP_TYPES)
+
+
+def ggml_type(gguf_type: str, shape: tuple[int, ...]):
+    """The GGML type a tensor of `shape` gets in a file of `gguf_type` (a direct type)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) < 2 or gguf_type == "f32":
+        return T.F32
+    if gguf_type == "f16":
+        return T.F16
+    if gguf_type == "bf16":
+        return T.BF16
+    # q8_0 needs rows that are whole 32-value blocks; llama.cpp's converter falls back the same way.
+    return T.Q8_0 if shape[-1] % 32 == 0 else T.F16
+
+
+def torch_dtype_for(qtype) -> torch.dtype:
+    """The dtype a tensor is merged into before encoding as `qtype` (quantized types start from fp32)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    return {T.F16: torch.float16, T.BF16: torch.bfloat16}.get(qtype, torch.float32)
+
+
+def encode(t: torch.Tensor, qtype) -> np.ndarray:
+    """A torch tensor in the bytes GGUF stores for `qtype` (F32, F16, BF16 or Q8_0), as flat uint8.
+
+    F16 and BF16 are torch's round-to-nearest-even casts, the same values numpy and gguf-py produce.
+    """
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if qtype in (T.F32, T.F16, T.BF16):
+        return tensor_bytes(t.to(torch_dtype_for(qtype)))
+    data = gguf.quants.quantize(t.float().contiguous().numpy(), qtype)
+    return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+
+
+def type_nbytes(shape: tuple[int, ...], qtype) -> int:
+    import gguf
+
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * type_size
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One HF tensor as the GGUF file stores it."""
+
+    hf_name: str
+    name: str
+    shape: tuple[int, ...]
+    qtype: object  # gguf.GGMLQuantizationType
+
+    @property
+    def nbytes(self) -> int:
+        return type_nbytes(self.shape, self.qtype)
+
+
+def map_tensors(
+    arch: Architecture, hp: HParams, shapes: dict[str, tuple[int, ...]], gguf_type: str
+) -> list[GGUFTensor]:
+    """The GGUF tensors, in HF-name order, for the HF tensors `shapes` (unused ones left out: rotary
+    inv_freq buffers, a tied lm_head)."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper()], hp.n_layers)
+    out = []
+    for hf in sorted(shapes):
+        if hf.endswith("rotary_emb.inv_freq") or (hf == "lm_head.weight" and hp.tied):
+            continue
+        new = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise UnsupportedError(f"tensor {hf} has no GGUF counterpart for {arch.hf_class}.")
+        shape = tuple(shapes[hf])
+        out.append(GGUFTensor(hf, new, shape, ggml_type(gguf_type, shape)))
+    return out
+
+
+def gguf_head(
+    arch: Architecture,
+    hp: HParams,
+    tensors: list[GGUFTensor],
+    extra: list[tuple[str, np.ndarray]],
+    gguf_type: str,
+    name: str,
+    tokenizer_dir: Path,
+    scratch: Path,
+) -> tuple[bytes, int, str]:
+    """(header bytes padded to the data alignment, the alignment, tokenizer kind): metadata, vocabulary and
+    tensor infos as gguf-py's GGUFWriter lays them out (through a file at `scratch`, removed)."""
+    import gguf
+
+    w = gguf.GGUFWriter(None, arch.gguf_arch)
+    _add_hparams(w, arch, hp, gguf_type, name)
+    tokenizer = add_tokenizer(w, tokenizer_dir, hp.vocab_size)
+    if arch.gemma_norm and tokenizer == "llama":
+        w.add_add_space_prefix(False)  # as convert_hf_to_gguf's GemmaModel
+    for extra_name, values in extra:
+        w.add_tensor_info(extra_name, values.shape, np.float32, values.nbytes)
+    for t in tensors:
+        w.add_tensor_info(
+            t.name,
+            t.shape,
+            np.float32 if t.qtype == gguf.GGMLQuantizationType.F32 else np.float16,
+            t.nbytes,
+            raw_dtype=t.qtype,
+        )
+    try:
+        w.write_header_to_file(scratch)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        head = scratch.read_bytes()
+    finally:
+        scratch.unlink(missing_ok=True)
+    align = w.data_alignment
+    return head + bytes(-len(head) % align), align, tokenizer
+
+
+def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, name: str) -> None:
+    """The model's metadata keys, in the order convert_hf_to_gguf.py writes them."""
+    import gguf
+
+    w.add_name(name)
+    w.add_context_length(hp.n_ctx)
+    w.add_embedding_length(hp.hidden)
+    w.add_block_count(hp.n_layers)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_head_count(hp.n_head)
+    w.add_head_count_kv(hp.n_head_kv)
+    w.add_rope_dimension_count(hp.rope_dims)
+    arch.add_metadata(w, hp)
+    if hp.head_dim != hp.hidden // hp.n_head:
+        w.add_key_length(hp.head_dim)
+        w.add_value_length(hp.head_dim)
+    w.add_rope_freq_base(hp.rope_theta)
+    w.add_layer_norm_rms_eps(hp.rms_eps)
+    w.add_vocab_size(hp.vocab_size)
+    add_rope_metadata(w, arch, hp)
+    ftype = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[gguf_type]
+    w.add_file_type(ftype)
+    if gguf_type == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+class GGUFFile:
+    """A GGUF file whose header is written first and whose tensors arrive one at a time, each padded to
+    the data alignment as gguf-py pads them (a sink for the export loop)."""
+
+    def __init__(self, path: Path, head: bytes, align: int):
+        self.path = Path(path)
+        self.align = align
+        self._out = StreamingFileWriter(self.path, head)
+
+    def wait_for_room(self, nbytes: int) -> None:
+        self._out.wait_for_room(nbytes)
+
+    def write(self, key: str, data: np.ndarray) -> None:
+        self._out.write_bytes(data)
+        if len(data) % self.align:
+            self._out.write_bytes(np.zeros(-len(data) % self.align, dtype=np.uint8))
+
+    def close(self) -> dict[str, str]:
+        self._out.close()
+        return {self.path.name: self._out.sha256}
+
+    def abort(self) -> None:
+        self._out.abort()
+
+
+__all__ = ["GGUFFile", "GGUFTensor", "gguf_head", "map_tensors", "encode", "rope_tensors", "torch_dtype_for"]

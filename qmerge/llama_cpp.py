@@ -1,0 +1,134 @@
+"""The one binding to llama.cpp (llama-cpp-python): import guard, quiet stderr, logits, quantize.
+
+Quantization runs in a child process: llama.cpp's quantizer is one long C call that a signal cannot stop,
+so Ctrl-C (or SIGTERM) stops the child instead, and nothing it wrote survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .errors import DependencyError, InputError, OutputError, UnsupportedError
+
+
+def require(why: str):
+    """The llama_cpp module, or a DependencyError saying what needs it."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise DependencyError(f"{why} needs llama-cpp-python: pip install llama-cpp-python.") from e
+    return llama_cpp
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Redirect fd 2 to /dev/null for the block (llama.cpp logs there), unless QMERGE_DEBUG is set."""
+    if os.environ.get("QMERGE_DEBUG"):
+        yield
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
+def threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def gguf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Full fp32 logits [n, seq, vocab] from llama.cpp for each sequence of `tokens`, f32 KV cache."""
+    llama_cpp = require("checking a GGUF file")
+    seq = tokens.shape[1]
+    try:
+        with quiet_native_stderr():
+            llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=max(seq, 16),
+                n_batch=max(seq, 16),
+                logits_all=True,
+                type_k=llama_cpp.GGML_TYPE_F32,
+                type_v=llama_cpp.GGML_TYPE_F32,
+                n_threads=threads(),
+                verbose=False,
+                seed=0,
+            )
+    except (ValueError, RuntimeError) as e:
+        raise InputError(
+            f"{path}: llama.cpp cannot load this GGUF file ({e}). Re-export it, or run with QMERGE_DEBUG=1 "
+            "to see llama.cpp's log."
+        ) from e
+    outs = []
+    try:
+        for row in tokens.tolist():
+            llm.reset()
+            llm.eval(row)
+            outs.append(torch.from_numpy(llm.scores[: len(row)].copy()))
+    finally:
+        llm.close()
+    return torch.stack(outs)
+
+
+def gguf_vocab_size(path: Path) -> int | None:
+    """The number of tokens a GGUF file's vocabulary holds (None without one)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    return len(field.data) if field is not None else None
+
+
+def quantize(src: Path, dst: Path, gguf_type: str) -> None:
+    """Quantize GGUF `src` into `dst` with llama.cpp's own quantizer (K-quants, legacy and IQ4 types),
+    in a child process that an interrupt stops."""
+    llama_cpp = require(f"--gguf-type {gguf_type} (llama.cpp's quantizer)")
+    if getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}", None) is None:
+        raise UnsupportedError(f"the installed llama-cpp-python has no {gguf_type} quantizer.")
+    cmd = [sys.executable, "-m", "qmerge.llama_cpp", "quantize", str(src), str(dst), gguf_type]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate()
+    except BaseException:  # KeyboardInterrupt, SystemExit from SIGTERM: stop the C call with the child
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0 or not dst.exists():
+        last = [line for line in err.decode("utf-8", "replace").splitlines() if line.strip()][-3:]
+        detail = " | ".join(last)
+        if "No space left" in detail or "ENOSPC" in detail:
+            raise OutputError(
+                f"{dst.parent}: disk full while llama.cpp quantized the file. Free space and retry."
+            )
+        raise UnsupportedError(
+            f"llama.cpp could not quantize to {gguf_type} (exit {proc.returncode}): {detail or 'no message'}"
+        )
+
+
+def _quantize_here(src: str, dst: str, gguf_type: str) -> int:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}")
+    params.nthread = max(1, min(8, os.cpu_count() or 1))
+    return int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["quantize"]:
+    rc = _quantize_here(*sys.argv[2:5])
+    if rc != 0:
+        print(f"llama_model_quantize returned {rc}", file=sys.stderr)
+    sys.exit(1 if rc else 0)

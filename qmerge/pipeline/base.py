@@ -1,0 +1,89 @@
+"""The weights training saw: 4-bit layers read from a bitsandbytes checkpoint, or reproduced from the
+16-bit base exactly as bitsandbytes quantizes it when transformers loads it with a BitsAndBytesConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..io.hf_dir import ModelDir
+from ..quant.blockwise import QuantState, dequantize_4bit, quantize_4bit
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How the base was quantized for training (used when the base is given in 16-bit)."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    dtype: torch.dtype | None = None  # dtype the base was loaded in; None: as stored
+
+
+class TrainingWeights:
+    """Which base tensors were 4-bit in training, and their codes, state and dequantized values.
+
+    merge_base "dequantized" starts from those 4-bit weights; "original" from the 16-bit tensors as
+    stored (only a 16-bit base has them).
+    """
+
+    def __init__(self, base: ModelDir, quant: QuantSettings, merge_base: str, conv1d: frozenset[str]):
+        self.base = base
+        self.quant = quant
+        self.merge_base = merge_base
+        self.conv1d = conv1d
+        self._quantized: frozenset[str] | None = None
+
+    def quantized_names(self) -> frozenset[str]:
+        """Weights that are 4-bit in the base, or that transformers would quantize at load time."""
+        if self._quantized is None:
+            if self.base.is_4bit:
+                self._quantized = frozenset(self.base.quantized)
+            else:
+                from ..io.hf_meta import quantized_linears
+
+                skip = (self.base.quantization_config or {}).get("llm_int8_skip_modules")
+                names = set(self.base.weight_names())
+                self._quantized = frozenset(quantized_linears(self.base.config, skip)) & names
+        return self._quantized
+
+    def is_4bit(self, name: str) -> bool:
+        """True when the merge starts `name` from 4-bit codes (read, or reproduced from the 16-bit base)."""
+        if name in self.base.quantized:
+            return True
+        # merge_base first: a merged or "original" source needs no quantization rule (no transformers import)
+        if self.merge_base != "dequantized" or name not in self.base.store:
+            return False
+        return self.base.store.dtype(name).is_floating_point and name in self.quantized_names()
+
+    def state_shape(self, name: str) -> tuple[tuple[int, ...], int]:
+        """(shape, blocksize) of the 4-bit state of `name` (a Conv1D weight's state is transposed)."""
+        if name in self.base.quantized:
+            e = self.base.quantized[name]
+            return e.shape, e.blocksize
+        shape = self.base.store.shape(name)
+        return (tuple(reversed(shape)) if name in self.conv1d else shape), self.quant.blocksize
+
+    def stored_parts(self, name: str) -> list[str]:
+        return self.base.stored_parts(name)
+
+    def codes(self, name: str) -> tuple[torch.Tensor, QuantState]:
+        """The packed 4-bit codes and state training used for `name`."""
+        if name in self.base.quantized:
+            return self.base.quant_state(name)
+        q = self.quant
+        tensor = self.base.store.get(name)
+        loaded = tensor.to(q.dtype) if q.dtype is not None else tensor
+        if name in self.conv1d:  # transformers loads a Conv1D weight into Linear4bit transposed
+            loaded = loaded.T.contiguous()
+        return quantize_4bit(loaded, q.blocksize, q.quant_type, q.double_quant)
+
+    def dequantized(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight training saw, as bitsandbytes dequantizes it (fp32 product cast to the quant_state
+        dtype), in `dtype` (default fp32), in the 16-bit checkpoint's orientation."""
+        packed, state = self.codes(name)
+        if name in self.conv1d:
+            weight = dequantize_4bit(packed, state, torch.float32, round_to=state.dtype).T.contiguous()
+            return weight if dtype is None else weight.to(dtype)
+        return dequantize_4bit(packed, state, dtype or torch.float32, round_to=state.dtype)

@@ -1,0 +1,212 @@
+"""What an export reads: a base model directory and, usually, a LoRA adapter trained on it.
+
+A Source pairs the two (tied weights an adapter changes become untied copies; GPT-2 style Conv1D weights
+are known), lists the output model's tensors once (TensorSpec), and reads adapter tensors checked for
+NaN/Inf. A model directory without an adapter (a merged model, a base) is a Source with an empty layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import dtypes
+from ..errors import InputError
+from ..io.adapter import Adapter, AdapterLayout
+from ..io.hf_dir import ModelDir
+from ..io.records import read_training_quantization
+from ..lora.scaling import LoraSettings
+from ..quant.codebooks import BLOCKSIZES_4BIT
+from .base import QuantSettings, TrainingWeights
+
+MERGE_BASES = ("dequantized", "original")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the output model, as a 16-bit Hugging Face checkpoint stores it."""
+
+    name: str
+    shape: tuple[int, ...]
+    floating: bool  # floating tensors are written in the output's dtype, others as stored
+    stored: torch.dtype | None  # the base's dtype for it (None: made by the adapter alone)
+
+
+def resolve_base_path(adapter: Adapter, base: Path | None) -> Path:
+    """--base if given, else the adapter's base_model_name_or_path when it is a local directory."""
+    if base is not None:
+        return Path(base)
+    named = adapter.base_model_name_or_path
+    if named:
+        for candidate in (Path(named), adapter.path / named):
+            if candidate.is_dir():
+                return candidate
+        raise InputError(
+            f"{adapter.path}/adapter_config.json names base {named!r}, which is not a local directory. qmerge "
+            "downloads nothing: pass the base model directory with --base."
+        )
+    raise InputError(f"{adapter.path}: the adapter names no base model; pass it with --base DIR.")
+
+
+def quant_settings_for(adapter: Adapter | None, override: QuantSettings | None) -> QuantSettings:
+    """The quantization training used: --quant-* options, else qmerge's training record, else QLoRA defaults."""
+    if override is not None:
+        return override
+    rec = read_training_quantization(adapter.path) if adapter is not None else None
+    if not rec:
+        return QuantSettings()
+    where = f"{adapter.path}/qmerge_training.json"
+    dtype = dtypes.config_dtype(rec["dtype"]) if rec.get("dtype") else None
+    if rec.get("dtype") and dtype is None:
+        raise InputError(f"{where}: quantization dtype {rec['dtype']!r} is not float32, float16 or bfloat16.")
+    settings = QuantSettings(
+        quant_type=rec.get("quant_type", "nf4"),
+        blocksize=rec.get("blocksize", 64),
+        double_quant=rec.get("double_quant", True),
+        dtype=dtype,
+    )
+    if settings.quant_type not in ("nf4", "fp4") or settings.blocksize not in BLOCKSIZES_4BIT:
+        raise InputError(f"{where}: quantization {rec} is not one bitsandbytes makes.")
+    return settings
+
+
+class Source:
+    """An adapter (or none) with its base, opened lazily: nothing is read until tensors are asked for."""
+
+    def __init__(
+        self,
+        base: ModelDir,
+        adapter: Adapter | None = None,
+        quant: QuantSettings = QuantSettings(),
+        merge_base: str = "dequantized",
+    ):
+        if merge_base not in MERGE_BASES:
+            raise ValueError(f"merge_base must be one of {MERGE_BASES}, got {merge_base!r}")
+        if merge_base == "original" and base.is_4bit:
+            raise InputError(
+                f"{base.path}: --merge-base original needs the 16-bit base, but this base is saved in 4-bit. "
+                "Pass the 16-bit base with --base, or use --merge-base dequantized."
+            )
+        from ..io.hf_meta import conv1d_weights
+
+        self.base, self.adapter, self.quant, self.merge_base = base, adapter, quant, merge_base
+        self.layout: AdapterLayout = adapter.layout if adapter is not None else AdapterLayout()
+        self.settings: LoraSettings | None = adapter.settings if adapter is not None else None
+        # GPT-2 style Conv1D weights: [in, out] on disk, quantized by bitsandbytes as [out, in].
+        self.conv1d = conv1d_weights(base.config)
+        self.weights = TrainingWeights(base, quant, merge_base, self.conv1d)
+        self.aliases = self._untied_aliases()
+        self.tensors = self._specs()
+
+    def _untied_aliases(self) -> dict[str, str]:
+        """Tied weights the adapter changes: {name absent from the base: the tensor it is tied to}.
+
+        PEFT trains a separate copy of a tied weight (modules_to_save, or LoRA on lm_head), so the merged
+        model must carry it on its own and be written untied.
+        """
+        names = set(self.base.weight_names())
+        touched = set(self.layout.replace) | {m.weight for m in self.layout.lora.values()}
+        missing = touched - names
+        if not missing:
+            return {}
+        from ..io.hf_meta import tied_weights
+
+        tied = tied_weights(self.base.config)
+        return {n: tied[n] for n in missing if tied.get(n) in names}
+
+    def _specs(self) -> dict[str, TensorSpec]:
+        """The output model's tensors, sorted by name: the base's (a Conv1D weight in its 16-bit
+        orientation), untied copies, and the adapter's whole-tensor replacements (their own shape)."""
+        base, specs = self.base, {}
+        for name in base.weight_names():
+            shape = base.logical_shape(name)
+            if name in base.quantized:
+                if name in self.conv1d:
+                    shape = tuple(reversed(shape))
+                specs[name] = TensorSpec(name, shape, True, base.quantized[name].dtype)
+            else:
+                dt = base.store.dtype(name)
+                specs[name] = TensorSpec(name, shape, dt.is_floating_point, dt)
+        for alias, source in self.aliases.items():
+            specs[alias] = TensorSpec(alias, specs[source].shape, True, specs[source].stored)
+        for target, key in self.layout.replace.items():
+            shape = tuple(self.adapter.store.shape(key))
+            old = specs.get(target)
+            specs[target] = TensorSpec(
+                target, shape, old.floating if old else True, old.stored if old else None
+            )
+        return dict(sorted(specs.items()))
+
+    @property
+    def config(self) -> dict:
+        """The output model's config.json: the base's, untied where the adapter changed a tied weight."""
+        if not self.aliases:
+            return self.base.config
+        return {**self.base.config, "tie_word_embeddings": False}
+
+    @property
+    def name(self) -> str:
+        """A name for the output model: the adapter's directory, else the model's."""
+        return (self.adapter.path.name if self.adapter else self.base.path.name) or "model"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Where the tokenizer is: the adapter's own when it has one, else the base's."""
+        if self.adapter is not None and any(
+            (self.adapter.path / f).exists() for f in ("tokenizer.json", "tokenizer.model")
+        ):
+            return self.adapter.path
+        return self.base.path
+
+    def adapter_tensor(self, key: str) -> torch.Tensor:
+        """An adapter tensor in fp32, refused when it holds NaN or Inf."""
+        t = self.adapter.get(key).float()
+        if not torch.isfinite(t).all():
+            raise InputError(
+                f"{self.adapter.path}: adapter tensor {key} contains NaN or Inf; the adapter is broken."
+            )
+        return t
+
+
+def open_checkpoint(
+    adapter_path: Path,
+    base_path: Path | None = None,
+    quant: QuantSettings | None = None,
+    merge_base: str = "dequantized",
+    allow_pickle: bool = False,
+) -> Source:
+    """Open an adapter with its base and check that they fit together (raises on any error)."""
+    from .fit import check_fit
+
+    adapter = Adapter(adapter_path, allow_pickle)
+    base = ModelDir(resolve_base_path(adapter, base_path), allow_pickle)
+    if not adapter.layout.lora and not adapter.layout.replace:
+        raise InputError(f"{adapter.path}: the adapter holds no LoRA tensors.")
+    source = Source(base, adapter, quant_settings_for(adapter, quant), merge_base)
+    check_fit(source)
+    return source
+
+
+def open_source(
+    path: Path,
+    base_path: Path | None = None,
+    quant: QuantSettings | None = None,
+    merge_base: str = "dequantized",
+    allow_pickle: bool = False,
+) -> Source:
+    """A QLoRA checkpoint (adapter dir) or an already merged / plain model directory, as a tensor source."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        if base_path is not None:
+            raise InputError(
+                f"{path} is a model directory, not an adapter; --base applies only to an adapter."
+            )
+        from .fit import check_fit
+
+        base = ModelDir(path, allow_pickle)
+        source = Source(base, None, quant or QuantSettings(), "dequantized" if base.is_4bit else "original")
+        check_fit(source)
+        return source
+    return open_checkpoint(path, base_path, quant, merge_base, allow_pickle)
