@@ -47,6 +47,11 @@ def _on_signal(signum, frame):
     raise Interrupted(signum)
 
 
+def _interrupt_code(e: BaseException) -> int:
+    """130 for Ctrl-C (SIGINT), 143 for SIGTERM: 128 + the signal, as shells report it."""
+    return 128 + e.args[0] if isinstance(e, Interrupted) and e.args else EXIT_INTERRUPTED
+
+
 def _fail(message: str, code: int = EXIT_ERROR) -> None:
     err.print(f"[bold red]qmerge: error:[/] {message}", markup=True, highlight=False)
     sys.exit(code)
@@ -61,10 +66,10 @@ class QmergeGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
-        except (KeyboardInterrupt, Interrupted):
+        except (KeyboardInterrupt, Interrupted) as e:
             if debug:
                 raise
-            _fail("interrupted; nothing was written.", EXIT_INTERRUPTED)
+            _fail("interrupted; nothing was written.", _interrupt_code(e))
         except QmergeError as e:
             if debug:
                 raise
@@ -75,7 +80,7 @@ class QmergeGroup(click.Group):
             if debug:
                 raise
             if _signalled:  # an interrupt that surfaced as another error (inside an import, say)
-                _fail("interrupted; nothing was written.", EXIT_INTERRUPTED)
+                _fail("interrupted; nothing was written.", 128 + _signalled[0])
             _fail(
                 f"unexpected {type(e).__name__}: {e}. Re-run with QMERGE_DEBUG=1 for the traceback and report it."
             )
@@ -549,8 +554,8 @@ def main() -> None:
         signal.signal(signal.SIGTERM, _on_signal)
     try:
         cli(prog_name="qmerge")
-    except (KeyboardInterrupt, Interrupted):  # outside a command (while Click parses or exits)
-        _fail("interrupted; nothing was written.", EXIT_INTERRUPTED)
+    except (KeyboardInterrupt, Interrupted) as e:  # outside a command (while Click parses or exits)
+        _fail("interrupted; nothing was written.", _interrupt_code(e))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -96,8 +97,12 @@ def quantize(src: Path, dst: Path, gguf_type: str) -> None:
     llama_cpp = require(f"--gguf-type {gguf_type} (llama.cpp's quantizer)")
     if getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}", None) is None:
         raise UnsupportedError(f"the installed llama-cpp-python has no {gguf_type} quantizer.")
-    cmd = [sys.executable, "-m", "qmerge.llama_cpp", "quantize", str(src), str(dst), gguf_type]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        quantize_command(src, dst, gguf_type),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         _, err = proc.communicate()
     except BaseException:  # KeyboardInterrupt, SystemExit from SIGTERM: stop the C call with the child
@@ -107,13 +112,19 @@ def quantize(src: Path, dst: Path, gguf_type: str) -> None:
     if proc.returncode != 0 or not dst.exists():
         last = [line for line in err.decode("utf-8", "replace").splitlines() if line.strip()][-3:]
         detail = " | ".join(last)
-        if "No space left" in detail or "ENOSPC" in detail:
+        free = shutil.disk_usage(dst.parent).free
+        if "No space left" in detail or "ENOSPC" in detail or free < src.stat().st_size // 4:
             raise OutputError(
                 f"{dst.parent}: disk full while llama.cpp quantized the file. Free space and retry."
             )
         raise UnsupportedError(
             f"llama.cpp could not quantize to {gguf_type} (exit {proc.returncode}): {detail or 'no message'}"
         )
+
+
+def quantize_command(src: Path, dst: Path, gguf_type: str) -> list[str]:
+    """The child process that runs llama.cpp's quantizer (this module, run as a script)."""
+    return [sys.executable, "-m", "qmerge.llama_cpp", "quantize", str(src), str(dst), gguf_type]
 
 
 def _quantize_here(src: str, dst: str, gguf_type: str) -> int:

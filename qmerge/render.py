@@ -40,7 +40,7 @@ def group_modules(rows: list[dict], columns: tuple[str, ...]) -> list[tuple[str,
     for (pattern, *_), members in groups.items():
         layers = [n for n, _ in members if n is not None]
         out.append((pattern, len(members), _spans(layers) if layers else "", members[0][1]))
-    return out
+    return sorted(out, key=lambda g: (natural_key(g[0]), natural_key(g[2])))
 
 
 def _fmt(value, spec: str = "") -> str:
@@ -117,7 +117,7 @@ def _cell(row: dict, col: str) -> str:
     if col == "scaling":
         return _fmt(row.get("scaling"), ".4g")
     if col == "lora_rank":
-        return _fmt(row.get("lora_rank") or None)
+        return "replaced" if row.get("replaced_by_adapter") else _fmt(row.get("lora_rank") or None)
     return _fmt(row.get(col))
 
 

@@ -173,8 +173,15 @@ def test_existing_output_needs_force(tmp_path, fixtures, base16):
     with pytest.raises(OutputError, match="--force"):
         merge(fixtures / "adapter-qlora", tmp_path / "m", base=base16)
     assert (tmp_path / "m" / "keep").exists()
-    merge(fixtures / "adapter-qlora", tmp_path / "m", base=base16, force=True)
-    assert not (tmp_path / "m" / "keep").exists() and (tmp_path / "m" / "config.json").exists()
+    with pytest.raises(OutputError, match="no qmerge_provenance.json"):  # not an output qmerge wrote
+        merge(fixtures / "adapter-qlora", tmp_path / "m", base=base16, force=True)
+    assert (tmp_path / "m" / "keep").exists()
+    (tmp_path / "m" / "keep").unlink()
+    (tmp_path / "m").rmdir()
+    merge(fixtures / "adapter-qlora", tmp_path / "m", base=base16)
+    first = (tmp_path / "m" / "qmerge_provenance.json").stat().st_mtime_ns
+    merge(fixtures / "adapter-dora", tmp_path / "m", base=base16, force=True)  # qmerge's own output: replaced
+    assert (tmp_path / "m" / "qmerge_provenance.json").stat().st_mtime_ns != first
 
 
 def test_disk_full_and_interrupt_leave_nothing(tmp_path, fixtures, base16, monkeypatch):

@@ -3,7 +3,6 @@ types (K-quants, legacy quants, IQ4) by llama.cpp's own quantizer from an interm
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ..io.gguf.writer import (
     encode,
     gguf_head,
     map_tensors,
+    not_written_by_qmerge,
     supported_types,
     torch_dtype_for,
 )
@@ -105,17 +105,17 @@ def write_gguf(
     start = time.perf_counter()
     gguf_type = check_type(gguf_type)
     out = Path(out)
-    with atomic_file(out, force) as tmp:
+    with atomic_file(out, force, source.inputs(), not_written_by_qmerge) as tmp:
         if gguf_type in DIRECT_TYPES:
             merged, digests, summary = GGUF(source, gguf_type).write(source, tmp, progress)
         else:
             n_params = sum(torch.Size(s.shape).numel() for s in source.tensors.values())
             inter = "f32" if n_params < _F32_INTERMEDIATE_MAX else "bf16"
             fmt = GGUF(source, inter)  # refuses an unsupported model before anything is written
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".qmerge-gguf-") as td:
-                mid = Path(td) / "intermediate.gguf"
-                merged, _, summary = fmt.write(source, mid, progress)
-                llama_cpp.quantize(mid, tmp, gguf_type)
+            mid = tmp.with_name(tmp.name + ".intermediate.gguf")  # removed with the temporary
+            merged, _, summary = fmt.write(source, mid, progress)
+            llama_cpp.quantize(mid, tmp, gguf_type)
+            mid.unlink()
             summary = {**summary, "intermediate": inter, "tensor_types": _gguf_types(tmp)}
             digests = {}
         files = describe_files(tmp, digests)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..io.atomic import atomic_dir, describe_files
-from ..io.hf_dir import ShardedSafetensors, copy_side_files, parse_size
+from ..io.hf_dir import ShardedSafetensors, copy_side_files, not_written_by_qmerge, parse_size
 from ..io.records import PROVENANCE, provenance, write_json
 from ..io.safetensors import PlannedTensor
 from ..pipeline.source import Source
@@ -123,7 +123,7 @@ def write_model_dir(
     (with an index when several), config.json, tokenizer and generation files, provenance."""
     start = time.perf_counter()
     layout = fmt.layout(source)
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, source.inputs(), not_written_by_qmerge) as tmp:
         sink = ShardedSafetensors(tmp, layout.entries, parse_size(max_shard_size))
         with leave_a_core_for_io():
             merged, digests = stream_into(sink, source, fmt, layout, progress)

@@ -1,17 +1,28 @@
-"""Atomic outputs: written beside the target and renamed into place only when complete."""
+"""Safe outputs: never an input, written beside the target and renamed into place only when complete,
+one run at a time per target, and `--force` replaces only what qmerge wrote.
+
+Names beside OUT (in its parent directory): `.OUT.qmerge-lock` while a run holds OUT,
+`.OUT.qmerge-tmp-PID` (and `.OUT.qmerge-tmp-PID.*`) while it writes, `.OUT.qmerge-old-PID` for the
+moment a forced replacement swaps directories. A run that was killed leaves its temporaries; the next
+run on the same OUT removes them.
+"""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError
+
+# Says why an existing OUT is not one qmerge wrote (None: it is, --force may replace it).
+Ownership = Callable[[Path], str | None]
 
 
 @dataclass(frozen=True)
@@ -23,17 +34,118 @@ class OutputFile:
     sha256: str
 
 
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists; pass --force to replace it, or choose another -o.")
+@dataclass(frozen=True)
+class Inputs:
+    """What a run reads: directories and files (symlinks are followed when compared with OUT)."""
+
+    dirs: Sequence[Path] = ()
+    files: Sequence[Path] = ()
+
+
+def check_not_input(out: Path, inputs: Inputs) -> None:
+    """Refuse an OUT that is an input, lies inside an input directory, or holds an input (even with --force)."""
+    o = Path(out).resolve()
+    for d in inputs.dirs:
+        r = Path(d).resolve()
+        if o == r or r in o.parents or o in r.parents:
+            how = "is" if o == r else ("is inside" if r in o.parents else "holds")
+            raise OutputError(
+                f"-o {out} {how} the input directory {d}; qmerge never writes over its inputs, not even with "
+                "--force. Choose another -o."
+            )
+    for f in inputs.files:
+        r = Path(f).resolve()
+        if o == r or o in r.parents:
+            how = "is" if o == r else "holds"
+            raise OutputError(
+                f"-o {out} {how} the input file {f}; qmerge never writes over its inputs, not even with "
+                "--force. Choose another -o."
+            )
+
+
+def _sibling(out: Path, what: str) -> Path:
+    return out.with_name(f".{out.name}.qmerge-{what}")
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold `.OUT.qmerge-lock` for the block; a second run on the same OUT fails at once."""
+    lock = _sibling(out, "lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        raise _translate(e, out) from e
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no flock (Windows): the lock file's existence is the lock
+            pass
+        except OSError as e:
+            raise OutputError(
+                f"{out}: another qmerge run is writing this output now. Wait for it, or choose another -o."
+            ) from e
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        try:
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.qmerge-(?:tmp|old)-(?P<pid>\d+)(?:\..*)?$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of an earlier run that had this pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove the temporaries that killed runs left beside OUT (their process is gone); returns them."""
+    parent = out.parent if str(out.parent) else Path(".")
+    removed = []
+    for p in parent.iterdir() if parent.is_dir() else ():
+        m = _LEFTOVER.match(p.name)
+        if m and m["name"] == out.name and not _alive(int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(
+                missing_ok=True
+            )
+            removed.append(p)
+    return removed
+
+
+def _check_target(out: Path, force: bool, owned: Ownership | None) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{parent}: the directory for the output does not exist. Create it first.")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise OutputError(f"{out} already exists; pass --force to replace it, or choose another -o.")
+    why = (
+        "it is a symbolic link"
+        if out.is_symlink()
+        else (owned(out) if owned else "qmerge cannot tell who wrote it")
+    )
+    if why:
+        raise OutputError(
+            f"{out} exists and --force replaces only outputs qmerge wrote: {why}. Choose another -o."
+        )
 
 
 def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
-        old = out.with_name(f".{out.name}.qmerge-old-{os.getpid()}")
+        old = _sibling(out, f"old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
         if old.is_dir():
@@ -49,43 +161,58 @@ def _translate(e: OSError, where: Path) -> OutputError:
         return OutputError(
             f"{where}: disk full while writing the output; nothing was left behind. Free space and retry."
         )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(
+            f"{where}: cannot write there ({e.strerror}). Choose a directory you can write to."
+        )
     return OutputError(f"{where}: cannot write the output ({e.strerror or e}).")
 
 
-@contextmanager
-def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to `out` on success, delete it on any failure."""
-    out = Path(out)
-    _check_target(out, force)
-    tmp = out.with_name(f".{out.name}.qmerge-tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        yield tmp
-        _replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _translate(e, out) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 @contextmanager
-def atomic_file(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it to `out` on success, delete it on any failure."""
+def atomic_output(
+    out: Path,
+    kind: str,
+    force: bool = False,
+    inputs: Inputs = Inputs(),
+    owned: Ownership | None = None,
+) -> Iterator[Path]:
+    """Yield a temporary sibling ("dir": created; "file": a path) and rename it to `out` when the block
+    completes; on any failure or interrupt remove it (and anything named after it) and leave `out` as it was.
+
+    Refused before anything is written: an `out` that touches an input; an existing `out` without `force`,
+    or one `owned` says qmerge did not write; a second run on the same `out` at the same time.
+    """
     out = Path(out)
-    _check_target(out, force)
-    tmp = out.with_name(f".{out.name}.qmerge-tmp-{os.getpid()}")
-    try:
-        yield tmp
-        _replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _translate(e, out) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    check_not_input(out, inputs)
+    with _locked(out):
+        remove_leftovers(out)
+        _check_target(out, force, owned)
+        tmp = _sibling(out, f"tmp-{os.getpid()}")
+        try:
+            if kind == "dir":
+                tmp.mkdir()
+            yield tmp
+            _replace(tmp, out)
+        except OSError as e:
+            raise _translate(e, out) from e
+        finally:
+            for p in [tmp, *tmp.parent.glob(tmp.name + ".*")]:
+                _remove(p)
+
+
+def atomic_dir(out: Path, force: bool = False, inputs: Inputs = Inputs(), owned: Ownership | None = None):
+    return atomic_output(out, "dir", force, inputs, owned)
+
+
+def atomic_file(out: Path, force: bool = False, inputs: Inputs = Inputs(), owned: Ownership | None = None):
+    return atomic_output(out, "file", force, inputs, owned)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

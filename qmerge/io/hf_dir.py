@@ -27,6 +27,7 @@ from .bnb import (
     quant_state,
 )
 from .files import read_json
+from .records import PROVENANCE
 from .safetensors import PlannedTensor, StreamingSafetensorsWriter
 from .store import TensorStore, open_store
 
@@ -178,6 +179,22 @@ def copy_side_files(out_dir: Path, base: ModelDir, adapter_dir: Path | None) -> 
             p = adapter_dir / name
             if p.is_file():
                 shutil.copy2(p, out_dir / name)
+
+
+_SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+_WRITTEN = {"config.json", "model.safetensors.index.json", PROVENANCE, *SIDE_FILES}
+
+
+def not_written_by_qmerge(path: Path) -> str | None:
+    """Why `path` is not a model directory qmerge wrote (None when it is one: --force may replace it)."""
+    if not path.is_dir():
+        return "it is not a directory"
+    if not (path / PROVENANCE).is_file():
+        return f"it has no {PROVENANCE}"
+    for p in sorted(path.iterdir()):
+        if p.is_symlink() or not p.is_file() or not (p.name in _WRITTEN or _SHARD.match(p.name)):
+            return f"it holds {p.name}, which qmerge does not write (move it first)"
+    return None
 
 
 def shard_names(count: int) -> list[str]:

@@ -126,3 +126,14 @@ def expected_shapes(config: dict) -> tuple[dict[str, tuple[int, ...]], dict[str,
         if model_name in shapes:
             shapes.setdefault(ckpt_name, shapes[model_name])
     return shapes, {m: c for m, c in saved.items() if m in shapes}
+
+
+def unexpected_ok(config: dict):
+    """A predicate: True for checkpoint tensors transformers knowingly ignores when it loads `config`
+    (the model's _keys_to_ignore_on_load_unexpected, rotary inv_freq buffers)."""
+    import re
+
+    patterns = [
+        re.compile(p) for p in getattr(meta_model(config), "_keys_to_ignore_on_load_unexpected", None) or []
+    ]
+    return lambda name: name.endswith("inv_freq") or any(p.search(name) for p in patterns)

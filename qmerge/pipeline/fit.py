@@ -38,7 +38,7 @@ def problems(source: Source) -> list[Problem]:
 def base_problems(source: Source) -> list[Problem]:
     """config.json against the tensors: the model transformers builds from the config must have exactly the
     base's tensors with the base's shapes (else the output loads with layers missing, or not at all)."""
-    from ..io.hf_meta import expected_shapes
+    from ..io.hf_meta import expected_shapes, unexpected_ok
 
     base = source.base
     try:
@@ -47,7 +47,8 @@ def base_problems(source: Source) -> list[Problem]:
         return [Problem("warning", f"{base.path}: config.json not checked against the tensors ({e})", "base")]
     except InputError as e:
         return [Problem("error", str(e), "base")]
-    stored = {n: source.tensors[n].shape for n in base.weight_names()}
+    stored = {n: source.base_shape(n) for n in base.weight_names()}
+    ignored = unexpected_ok(base.config)
     tied = source_tied(source)
     found = []
     for name, shape in stored.items():
@@ -56,8 +57,9 @@ def base_problems(source: Source) -> list[Problem]:
             found.append(
                 f"{name} is {list(shape)} in the weights but {list(want)} in the model config.json describes"
             )
-        elif want is None and _LAYER.sub(".0.", name) in expected:
-            found.append(f"{name} belongs to a layer config.json's model does not have")
+        elif want is None and not ignored(name):
+            where = "a layer" if _LAYER.search(name) else "a tensor"
+            found.append(f"{name} is {where} the model config.json describes does not have")
     missing = [
         n
         for n, ckpt in saved_as.items()
@@ -142,9 +144,7 @@ def _replacement_problems(source: Source, target: str, key: str) -> list[Problem
     names = set(source.base.weight_names()) | set(source.aliases)
     if target not in names:
         return [Problem("error", f"adapter tensor {key} replaces {target}, which the base does not have.")]
-    old = source.base.logical_shape(source.aliases.get(target, target))
-    if target in source.conv1d and target in source.base.quantized:
-        old = tuple(reversed(old))
+    old = source.base_shape(source.aliases.get(target, target))
     new = source.tensors[target].shape
     vocab = source.base.config.get("vocab_size")
     resize = len(new) == 2 and len(old) == 2 and new[1] == old[1] and old[0] == vocab

@@ -15,6 +15,7 @@ import torch
 from .. import dtypes
 from ..errors import InputError
 from ..io.adapter import Adapter, AdapterLayout
+from ..io.atomic import Inputs
 from ..io.hf_dir import ModelDir
 from ..io.records import read_training_quantization
 from ..lora.scaling import LoraSettings
@@ -121,14 +122,11 @@ class Source:
         orientation), untied copies, and the adapter's whole-tensor replacements (their own shape)."""
         base, specs = self.base, {}
         for name in base.weight_names():
-            shape = base.logical_shape(name)
             if name in base.quantized:
-                if name in self.conv1d:
-                    shape = tuple(reversed(shape))
-                specs[name] = TensorSpec(name, shape, True, base.quantized[name].dtype)
+                specs[name] = TensorSpec(name, self.base_shape(name), True, base.quantized[name].dtype)
             else:
                 dt = base.store.dtype(name)
-                specs[name] = TensorSpec(name, shape, dt.is_floating_point, dt)
+                specs[name] = TensorSpec(name, self.base_shape(name), dt.is_floating_point, dt)
         for alias, source in self.aliases.items():
             specs[alias] = TensorSpec(alias, specs[source].shape, True, specs[source].stored)
         for target, key in self.layout.replace.items():
@@ -138,6 +136,11 @@ class Source:
                 target, shape, old.floating if old else True, old.stored if old else None
             )
         return dict(sorted(specs.items()))
+
+    def base_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of base tensor `name` as a 16-bit checkpoint stores it (a 4-bit Conv1D state is transposed)."""
+        shape = self.base.logical_shape(name)
+        return tuple(reversed(shape)) if name in self.base.quantized and name in self.conv1d else shape
 
     @property
     def config(self) -> dict:
@@ -159,6 +162,14 @@ class Source:
         ):
             return self.adapter.path
         return self.base.path
+
+    def inputs(self) -> Inputs:
+        """The directories and files this source reads (an output may touch none of them)."""
+        dirs = [self.base.path] + ([self.adapter.path] if self.adapter else [])
+        files = [*self.base.store.files, self.base.path / "config.json", *self.base.side_files()]
+        if self.adapter is not None:
+            files += [*self.adapter.store.files, self.adapter.path / "adapter_config.json"]
+        return Inputs(dirs, files)
 
     def adapter_tensor(self, key: str) -> torch.Tensor:
         """An adapter tensor in fp32, refused when it holds NaN or Inf."""

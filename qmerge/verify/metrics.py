@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -52,6 +54,12 @@ class Drift:
     ) -> None:
         """reference, candidate: [n, vocab] logits of the same n positions; targets: [n] next tokens, -1
         where there is none."""
+        if reference.shape != candidate.shape:
+            raise InputError(
+                f"the candidate gives {candidate.shape[-1]} logits per token, the unmerged model "
+                f"{reference.shape[-1]}: the candidate has another vocabulary, so it is not this fine-tune's "
+                "model. Check --candidate."
+            )
         ref, cand = log_softmax64(reference), log_softmax64(candidate)
         self.kl.append((ref.exp() * (ref - cand)).sum(-1))
         self.same_top.append(reference.argmax(-1) == candidate.argmax(-1))

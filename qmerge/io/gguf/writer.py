@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ... import __version__
 from ...errors import UnsupportedError
 from ..stream import StreamingFileWriter, tensor_bytes
 from .arch import Architecture, HParams
 from .rope import add_rope_metadata, rope_tensors
 from .vocab import add_tokenizer
 
+QMERGE_KEY = "qmerge.version"
 DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by qmerge itself
 # quantized by llama.cpp's own quantizer from an intermediate GGUF
 LLAMA_CPP_TYPES = (
@@ -171,6 +173,7 @@ def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, name: str) 
     import gguf
 
     w.add_name(name)
+    w.add_string(QMERGE_KEY, __version__)  # recognised by --force: a file qmerge wrote
     w.add_context_length(hp.n_ctx)
     w.add_embedding_length(hp.hidden)
     w.add_block_count(hp.n_layers)
@@ -195,6 +198,21 @@ def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, name: str) 
     w.add_file_type(ftype)
     if gguf_type == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def not_written_by_qmerge(path: Path) -> str | None:
+    """Why `path` is not a GGUF file qmerge wrote (None when it is one: --force may replace it)."""
+    import gguf
+
+    from ..kinds import is_gguf
+
+    if not path.is_file() or not is_gguf(path):
+        return "it is not a GGUF file"
+    try:
+        fields = gguf.GGUFReader(str(path)).fields
+    except Exception:  # noqa: BLE001 - a corrupt file is not one qmerge finished
+        return "it is not a readable GGUF file"
+    return None if QMERGE_KEY in fields else f"its metadata has no {QMERGE_KEY}"
 
 
 class GGUFFile:
