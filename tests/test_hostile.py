@@ -321,3 +321,36 @@ def test_interrupted_export_leaves_nothing(tmp_path, sig, code):
         assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
         return
     pytest.skip("the export finished before the signal three times")
+
+
+def test_unwritable_output_directory(clean, tmp_path, monkeypatch):
+    """A directory the user cannot write to (simulated: this suite may run as root, who can write anywhere)."""
+    import errno
+
+    real = Path.mkdir
+
+    def denied(self, *a, **k):
+        if ".qmerge-tmp-" in self.name:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    r = run(["merge", clean / "adapter", "--base", clean / "base4", "-o", tmp_path / "m"])
+    assert_refused(r, 1, "cannot write there")
+
+
+def test_disk_full_inside_llama_cpp_quantizer(tmp_path, monkeypatch):
+    import sys
+
+    import qmerge.llama_cpp as lc
+
+    script = "import sys; sys.stderr.write('llama_model_quantize: failed to write: No space left on device\\n'); sys.exit(1)"
+    monkeypatch.setattr(lc, "quantize_command", lambda *a: [sys.executable, "-c", script])
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures"
+    out = tmp_path / "m.gguf"
+    r = run(
+        ["export", fixtures / "adapter-qlora", "--base", fixtures / "tiny-llama-bf16", "--to", "gguf"]
+        + ["--gguf-type", "q4_k_m", "-o", out]
+    )
+    assert_refused(r, 1, "disk full")
+    assert list(tmp_path.iterdir()) == []
