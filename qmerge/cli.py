@@ -87,12 +87,16 @@ class QmergeGroup(click.Group):
 
 
 @contextmanager
-def progress_bar(label: str, enabled: bool = True):
-    """A rich progress bar on stderr; yields a (name, done, total) callback."""
+def progress_bar(label: str, enabled: bool = True, lines: bool = False):
+    """A rich progress bar on stderr; yields a (name, done, total) callback. Where stderr is not a terminal
+    (a CI log), with `lines` the reports that end a phase ("... tokens/s") are printed as lines."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not enabled or not err.is_terminal:
-        yield None
+        if enabled and lines:
+            yield lambda name, done, total: err.print(f"{label} {name}") if "tokens/s" in name else None
+        else:
+            yield None
         return
     with Progress(
         TextColumn(f"[bold]{label}[/]"),
@@ -306,9 +310,8 @@ def merge(adapter, base, output, shard, force, dtype, merge_base, as_json, allow
 @base_option
 @click.option(
     "--candidate",
-    required=True,
     type=click.Path(path_type=Path),
-    help="Merged directory, NF4 export or GGUF file.",
+    help="Merged directory, NF4 export or GGUF file (required).",
 )
 @click.option(
     "--max-kl",
@@ -328,20 +331,70 @@ def merge(adapter, base, output, shard, force, dtype, merge_base, as_json, allow
     "--max-abs-diff", type=Threshold(0.0), default=None, help="Fail when max |logit difference| exceeds this."
 )
 @click.option(
+    "--min-task-agreement",
+    type=Threshold(0.0, 1.0),
+    default=None,
+    help="Fail when fewer completions than this share equal the unmerged model's (needs --generate).",
+)
+@click.option(
     "--text",
     "text_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Text to evaluate on.",
 )
+@click.option(
+    "--data",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSONL as qmerge train reads it (the held-out split): drift on its response tokens.",
+)
+@click.option(
+    "--generate",
+    type=click.IntRange(1, 10000),
+    default=None,
+    help="Compare greedy completions of N of --data's prompts.",
+)
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option(
+    "--against-base",
+    is_flag=True,
+    help="Also measure how far the candidate moved from the base model (no adapter).",
+)
 @click.option("--seq-len", type=click.IntRange(2, 8192), default=128, show_default=True)
-@click.option("--max-seqs", type=click.IntRange(1, 1024), default=8, show_default=True)
-@click.option("--naive", is_flag=True, help="Also measure PEFT's merge_and_unload on the 4-bit model.")
+@click.option(
+    "--max-seqs",
+    type=click.IntRange(1, 1024),
+    default=8,
+    show_default=True,
+    help="Sequences of text, or records of --data.",
+)
+@click.option(
+    "--naive", is_flag=True, help="Also measure PEFT's merge_and_unload on the 4-bit model (loads it whole)."
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="cpu: both models streamed a module at a time in fp32; cuda: on the GPU, the reference as training ran it.",
+)
+@click.option("--fp32-reference", is_flag=True, help="On CUDA, run the reference (and candidate) in fp32.")
 @click.option(
     "--merge-base",
     type=click.Choice(MERGE_BASES),
     default=MERGE_BASES[0],
     show_default=True,
     help="original: compare against the adapter on the 16-bit base instead.",
+)
+@click.option(
+    "--compare-merge-bases",
+    is_flag=True,
+    help="Instead of a candidate: measure merges into the NF4 weights and into the 16-bit base, and recommend one.",
+)
+@click.option(
+    "--report",
+    "report_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the results as FILE.html or FILE.md.",
 )
 @json_option
 @quant_options
@@ -352,36 +405,57 @@ def check(
     max_kl,
     min_top1,
     max_abs_diff,
+    min_task_agreement,
     text_file,
-    seq_len,
-    max_seqs,
-    naive,
-    merge_base,
+    report_file,
     as_json,
-    **quant,
+    **kw,
 ):
-    """Compare a candidate's logits with the unmerged QLoRA model; exit 3 when drift is too large."""
-    from .render import check_table
-    from .verify.check import check as do_check
+    """Compare a candidate with the unmerged QLoRA model; exit 3 when drift is too large."""
     from .verify.metrics import Thresholds
 
-    text = _read_text(text_file) if text_file is not None else None
-    report = do_check(
-        adapter,
-        candidate,
-        base,
-        Thresholds(max_kl, min_top1, max_abs_diff),
-        text,
-        seq_len,
-        max_seqs,
-        naive,
-        _quant(**quant),
-        merge_base,
+    quant = _quant(*(kw.pop(k) for k in ("quant_type", "blocksize", "double_quant", "quant_dtype")))
+    merge_base, compare_bases, generate = (
+        kw.pop("merge_base"),
+        kw.pop("compare_merge_bases"),
+        kw.pop("generate"),
     )
+    if (candidate is None) == (not compare_bases):
+        raise click.UsageError("give --candidate PATH, or --compare-merge-bases (one of the two).")
+    if (min_task_agreement is not None or generate) and kw["data"] is None:
+        raise click.UsageError("--generate and --min-task-agreement need --data (the prompts come from it).")
+    if min_task_agreement is not None and not generate:
+        raise click.UsageError("--min-task-agreement needs --generate N.")
+    if report_file is not None and report_file.suffix not in (".html", ".md"):
+        raise click.UsageError("--report takes a FILE.html or FILE.md.")
+    options = dict(kw, text=_read_text(text_file) if text_file is not None else None, generate=generate or 0)
+    thresholds = Thresholds(max_kl, min_top1, max_abs_diff, min_task_agreement)
+    with progress_bar("check", lines=True) as cb:
+        if compare_bases:
+            from .verify.bases import compare_merge_bases
+
+            report = compare_merge_bases(adapter, base, quant, cb, **options)
+        else:
+            from .verify.check import check as do_check
+
+            report = do_check(adapter, candidate, base, thresholds, quant, merge_base, cb, **options)
+    if report_file is not None:
+        from .reportfile import write_report
+
+        write_report(report, report_file)
+    _show_check(report, as_json)
+
+
+def _show_check(report, as_json: bool) -> None:
+    from .render import bases_table, check_tables
+
     if as_json:
         _emit_json(report.to_json())
+    elif hasattr(report, "recommendation"):
+        out.print(bases_table(report))
     else:
-        out.print(check_table(report))
+        for table in check_tables(report):
+            out.print(table)
         if report.delta_retention is not None:
             out.print(
                 f"this NF4 export kept {report.delta_retention:.1%} of the LoRA delta (qmerge_provenance.json)"
@@ -389,7 +463,7 @@ def check(
         out.print(
             "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]: " + "; ".join(report.failures)
         )
-    if not report.passed:
+    if not getattr(report, "passed", True):
         sys.exit(EXIT_DRIFT)
 
 

@@ -49,17 +49,16 @@ def threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def gguf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """Full fp32 logits [n, seq, vocab] from llama.cpp for each sequence of `tokens`, f32 KV cache."""
-    llama_cpp = require("checking a GGUF file")
-    seq = tokens.shape[1]
+def load(path: Path, n_ctx: int, logits_all: bool = False):
+    """A llama.cpp model for `path` (f32 KV cache, quiet), or an InputError that says llama.cpp refused it."""
+    llama_cpp = require("running a GGUF file")
     try:
         with quiet_native_stderr():
-            llm = llama_cpp.Llama(
+            return llama_cpp.Llama(
                 model_path=str(path),
-                n_ctx=max(seq, 16),
-                n_batch=max(seq, 16),
-                logits_all=True,
+                n_ctx=max(n_ctx, 16),
+                n_batch=max(n_ctx, 16),
+                logits_all=logits_all,
                 type_k=llama_cpp.GGML_TYPE_F32,
                 type_v=llama_cpp.GGML_TYPE_F32,
                 n_threads=threads(),
@@ -71,15 +70,48 @@ def gguf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
             f"{path}: llama.cpp cannot load this GGUF file ({e}). Re-export it, or run with QMERGE_DEBUG=1 "
             "to see llama.cpp's log."
         ) from e
+
+
+def gguf_logits(path: Path, tokens: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+    """Full fp32 logits [n, seq, vocab] from llama.cpp for each sequence of `tokens` (its first lengths[i]
+    tokens; the rest of the row is zeros), f32 KV cache."""
+    seq = tokens.shape[1]
+    llm = load(path, seq, logits_all=True)
     outs = []
     try:
-        for row in tokens.tolist():
+        for i, row in enumerate(tokens.tolist()):
+            row = row[: lengths[i]] if lengths else row
             llm.reset()
             llm.eval(row)
-            outs.append(torch.from_numpy(llm.scores[: len(row)].copy()))
+            scores = torch.from_numpy(llm.scores[: len(row)].copy())
+            outs.append(torch.cat([scores, scores.new_zeros(seq - len(row), scores.shape[1])]))
     finally:
         llm.close()
     return torch.stack(outs)
+
+
+def gguf_complete(path: Path, records: list[dict], prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions by llama.cpp with the GGUF's own tokenizer: chat records through the chat
+    template stored in the GGUF, others from their prompt text."""
+    llm = load(path, 2048)
+    out = []
+    try:
+        for row, prompt in zip(records, prompts, strict=True):
+            with quiet_native_stderr():
+                if "messages" in row:
+                    msgs = row["messages"]
+                    last = max(i for i, m in enumerate(msgs) if m.get("role") == "assistant")
+                    r = llm.create_chat_completion(
+                        messages=msgs[:last], max_tokens=max_new_tokens, temperature=0.0
+                    )
+                    text = r["choices"][0]["message"]["content"] or ""
+                else:
+                    r = llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0)
+                    text = r["choices"][0]["text"]
+            out.append(text.strip())
+    finally:
+        llm.close()
+    return out
 
 
 def gguf_vocab_size(path: Path) -> int | None:

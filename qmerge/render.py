@@ -131,8 +131,32 @@ def files_table(report) -> Table:
     return t
 
 
-def check_table(report) -> Table:
-    t = Table(title=f"{report.candidate_kind} candidate {report.candidate} vs unmerged QLoRA model")
+def check_tables(report) -> list[Table]:
+    """The check report: the contract's metrics, llama.cpp's statistics, the task, the drift from the base."""
+    tables = [_metrics_table(report)]
+    extra = report.extra
+    if extra.get("llama_cpp", {}).get("n_tokens", 0) >= 2:
+        tables.append(
+            llama_cpp_table(
+                extra["llama_cpp"], f"llama.cpp statistics ({extra['llama_cpp']['n_tokens']} tokens)"
+            )
+        )
+    if extra.get("task"):
+        tables.append(task_table(extra["task"]))
+    if extra.get("against_base"):
+        m = extra["against_base"]["metrics"]
+        t = Table(title="the candidate against the base model (no adapter), on text")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        t.add_row("mean KL", f"{m['mean_kl']:.3g}")
+        t.add_row("top-1 agreement", f"{m['top1_agreement']:.4f}")
+        tables.append(t)
+    return tables
+
+
+def _metrics_table(report) -> Table:
+    where = f"on the response tokens of {report.extra['data']}" if report.extra.get("data") else "on text"
+    t = Table(title=f"{report.candidate_kind} candidate {report.candidate} vs unmerged QLoRA model, {where}")
     t.add_column("metric")
     t.add_column("candidate", justify="right")
     if report.naive is not None:
@@ -154,10 +178,86 @@ def check_table(report) -> Table:
     return t
 
 
+def llama_cpp_lines(s: dict) -> list[tuple[str, str]]:
+    """llama-perplexity --kl-divergence's lines, as it prints them (probabilities in %)."""
+    rows = [
+        ("Mean PPL(Q)", f"{s['ppl_q']:.6f} ± {s['ppl_q_uncertainty']:.6f}"),
+        ("Mean PPL(base)", f"{s['ppl_base']:.6f} ± {s['ppl_base_uncertainty']:.6f}"),
+        ("Cor(ln(PPL(Q)), ln(PPL(base)))", f"{100 * s['cor_ln_ppl']:.2f}%"),
+        (
+            "Mean ln(PPL(Q)/PPL(base))",
+            f"{s['mean_ln_ppl_ratio']:.6f} ± {s['mean_ln_ppl_ratio_uncertainty']:.6f}",
+        ),
+        ("Mean PPL(Q)/PPL(base)", f"{s['ppl_ratio']:.6f} ± {s['ppl_ratio_uncertainty']:.6f}"),
+        ("Mean    KLD", f"{s['mean_kld']:.6f} ± {s['mean_kld_uncertainty']:.6f}"),
+        ("Maximum KLD", f"{s['max_kld']:.6f}"),
+    ]
+    rows += [(f"{name:<7} KLD", f"{v:.6f}") for name, v in s["kld_percentiles"].items()]
+    rows += [
+        ("Minimum KLD", f"{s['min_kld']:.6f}"),
+        ("Mean    Δp", f"{100 * s['mean_dp']:.3f} ± {100 * s['mean_dp_uncertainty']:.3f} %"),
+        ("Maximum Δp", f"{100 * s['max_dp']:.3f}%"),
+        ("Minimum Δp", f"{100 * s['min_dp']:.3f}%"),
+        ("RMS Δp", f"{100 * s['rms_dp']:.3f} ± {100 * s['rms_dp_uncertainty']:.3f} %"),
+        ("Same top p", f"{100 * s['same_top_p']:.3f} ± {100 * s['same_top_p_uncertainty']:.3f} %"),
+    ]
+    return rows
+
+
+def llama_cpp_table(stats: dict, title: str) -> Table:
+    t = Table(title=title, show_header=False)
+    t.add_column("statistic")
+    t.add_column("value", justify="right")
+    for k, v in llama_cpp_lines(stats):
+        t.add_row(k, v)
+    return t
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def task_table(task: dict) -> Table:
+    t = Table(title=f"greedy completions of {task['prompts']} prompts")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_row("candidate's completions equal to the unmerged model's", _pct(task["agreement"]))
+    t.add_row("unmerged model: completions equal to the data's answers", _pct(task["accuracy_reference"]))
+    t.add_row("candidate: completions equal to the data's answers", _pct(task["accuracy_candidate"]))
+    for c in task["differing"][:5]:
+        t.add_row(f"differs: {c['prompt'][-40:]!r}", f"{c['reference'][:30]!r} -> {c['candidate'][:30]!r}")
+    return t
+
+
+def bases_table(report) -> Table:
+    """--compare-merge-bases: both routes side by side, and the recommendation."""
+    t = Table(title=f"merge bases, measured on {report.measured_on}")
+    t.add_column("measure")
+    for r in report.routes:
+        t.add_column(f"merge into {r}", justify="right")
+    rows = [
+        ("mean KL vs unmerged", "vs_unmerged", "mean_kl", "{:.3g}"),
+        ("top-1 vs unmerged", "vs_unmerged", "top1_agreement", "{:.4f}"),
+        ("max |logit diff| vs unmerged", "vs_unmerged", "max_abs_logit_diff", "{:.3g}"),
+        ("mean KL vs base (text)", "vs_base", "mean_kl", "{:.3g}"),
+        ("top-1 vs base (text)", "vs_base", "top1_agreement", "{:.4f}"),
+    ]
+    for label, part, key, fmt in rows:
+        t.add_row(label, *(fmt.format(v[part]["metrics"][key]) for v in report.routes.values()))
+    t.caption = f"recommended: --merge-base {report.recommendation}: {report.reason}"
+    return t
+
+
 def demo_table(result: dict) -> Table:
     """The demo's table: what each deployment kept of the fine-tune."""
     t = Table(title="qmerge demo: what each deployment kept of the fine-tune (task: 24 code words)")
-    for col in ("variant", "task accuracy", "mean KL vs unmerged", "top-1 vs unmerged", "size"):
+    for col in (
+        "variant",
+        "task accuracy",
+        "mean KL vs unmerged",
+        "top-1 vs unmerged",
+        "size",
+    ):  # KL, top-1: answers
         t.add_column(col, justify="left" if col == "variant" else "right")
     for r in result["rows"]:
         size = f"{r['bytes'] / 1e6:.2f} MB" if r["bytes"] else "-"
@@ -169,5 +269,13 @@ def demo_table(result: dict) -> Table:
     if ret is not None:
         cap.append(f"NF4 re-export kept {ret:.0%} of the LoRA delta")
     cap.append("qmerge check on the bf16 merge: " + ("PASSED" if result["check"]["passed"] else "FAILED"))
+    gates = [
+        f"{name.split(' (')[0]} {'passes' if a >= 0.95 else 'fails'} ({a:.0%})"
+        for name, a in (result.get("task_agreement") or {}).items()
+    ]
+    if gates:
+        cap.append(
+            "--min-task-agreement 0.95 (completions equal to the unmerged model's): " + ", ".join(gates)
+        )
     t.caption = "; ".join(cap)
     return t

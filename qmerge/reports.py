@@ -40,6 +40,7 @@ class CheckReport:
     failures: list[str]
     naive: Metrics | None = None
     delta_retention: float | None = None  # an NF4 export's share of the LoRA delta kept (from its provenance)
+    extra: dict = field(default_factory=dict)  # llama_cpp statistics, task, against_base, data
 
     def to_json(self) -> dict:
         out = {
@@ -54,7 +55,7 @@ class CheckReport:
             out["naive_merge"] = asdict(self.naive)
         if self.delta_retention is not None:
             out["delta_retention"] = self.delta_retention
-        return out
+        return {**out, **self.extra}
 
 
 @dataclass(frozen=True)

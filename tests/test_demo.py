@@ -1,18 +1,30 @@
-"""The README's main job: the demo keeps the fine-tune through the qmerge merge and GGUF q8_0."""
+"""The README's main job: the demo keeps the fine-tune through the qmerge merge and GGUF q8_0; and
+`qmerge check --data --generate` on the demo's outputs tells the 4-bit GGUF that loses the task apart."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from qmerge.cli import cli
 
 
-def test_demo_end_to_end(tmp_path):
-    r = CliRunner().invoke(cli, ["demo", "-o", str(tmp_path / "demo"), "--json"], catch_exceptions=False)
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    r = run("demo", "-o", out, "--json")
     assert r.exit_code == 0, r.output
-    result = json.loads(r.stdout)
+    return out, json.loads(r.stdout)
+
+
+def test_demo_end_to_end(demo):
+    out, result = demo
     rows = {row["name"]: row for row in result["rows"]}
     reference = rows["unmerged QLoRA (reference)"]["accuracy"]
     assert reference >= 0.9 > rows["base model (no adapter)"]["accuracy"]
@@ -20,4 +32,55 @@ def test_demo_end_to_end(tmp_path):
     assert rows["GGUF q8_0 (llama.cpp)"]["accuracy"] == reference
     assert rows["qmerge merge (bf16)"]["mean_kl"] < rows["naive merge_and_unload (4-bit)"]["mean_kl"]
     assert result["check"]["passed"]
-    assert (tmp_path / "demo" / "model-q4_k_m.gguf").exists() and (tmp_path / "demo" / "demo.json").exists()
+    assert (out / "model-q4_k_m.gguf").exists() and (out / "demo.json").exists()
+
+
+@pytest.mark.parametrize("gguf,code", [("model-q8_0.gguf", 0), ("model-q4_k_m.gguf", 3)])
+def test_task_gate_on_the_demo(demo, gguf, code):
+    """The gate a CI job runs: q8_0 keeps the task, q4_k_m does not (its completions differ)."""
+    out, result = demo
+    r = run(
+        "check",
+        out / "adapter",
+        "--base",
+        out / "base",
+        "--candidate",
+        out / gguf,
+        "--data",
+        out / "data" / "train.jsonl",
+        "--generate",
+        24,
+        "--max-new-tokens",
+        8,
+        "--max-kl",
+        10,
+        "--min-top1",
+        0,
+        "--min-task-agreement",
+        0.95,
+        "--json",
+    )
+    assert r.exit_code == code, r.output
+    task = json.loads(r.stdout)["task"]
+    rows = {row["name"]: row for row in result["rows"]}
+    name = "GGUF q8_0 (llama.cpp)" if "q8_0" in gguf else "GGUF q4_k_m (llama.cpp)"
+    assert task["accuracy_candidate"] == pytest.approx(rows[name]["accuracy"])  # the demo's own figure
+
+
+def test_compare_merge_bases_on_the_demo(demo):
+    out, _ = demo
+    r = run(
+        "check",
+        out / "adapter",
+        "--base",
+        out / "base",
+        "--compare-merge-bases",
+        "--data",
+        out / "data" / "train.jsonl",
+        "--json",
+    )
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert set(rep["routes"]) == {"dequantized", "original"} and rep["recommendation"] in rep["routes"]
+    kl = {k: v["vs_unmerged"]["metrics"]["mean_kl"] for k, v in rep["routes"].items()}
+    assert rep["recommendation"] == min(kl, key=kl.get) and rep["reason"]

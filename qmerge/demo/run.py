@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError
-from .task import task_accuracy, task_batch, write_task
+from .task import task_pairs, write_task
 from .tiny import TinySpec, build_base
 
 # init_std 0.1 makes the NF4 step coarse next to what 300 steps of LoRA learn, as it is for QLoRA
@@ -112,49 +112,55 @@ def make_variants(out: Path, adapter: Path, base: Path) -> dict:
     }
 
 
-def _row(name: str, logits, reference, tokens, mask, path: Path | None) -> Row:
-    from ..verify.metrics import Drift
-
-    drift = Drift()
-    drift.add(reference[mask], logits[mask])
-    m = drift.metrics()
+def _row(name: str, measured: tuple, path: Path | None) -> Row:
+    metrics, task = measured
+    size = _size(path) if path else None
     return Row(
         name,
-        task_accuracy(logits, tokens, mask),
-        m.mean_kl,
-        m.top1_agreement,
-        _size(path) if path else None,
+        task["accuracy_candidate"],
+        metrics.mean_kl,
+        metrics.top1_agreement,
+        size,
         str(path) if path else None,
     )
 
 
-def score(out: Path, adapter: Path, base: Path, variants: dict) -> list[Row]:
-    """Every variant on the task, against the unmerged QLoRA model."""
-    from ..pipeline.source import quant_settings_for
-    from ..verify.candidates import candidate_logits
-    from ..verify.reference import model_logits, naive_merged_model, reference_model
-    from ..verify.tokens import load_tokenizer
+def score(out: Path, adapter: Path, base: Path, data: Path, variants: dict) -> tuple[list[Row], dict]:
+    """Every variant against the unmerged QLoRA model with `qmerge check`'s own machinery, once: drift on
+    the response tokens of the task data and greedy completions of all its prompts."""
+    from ..pipeline.source import Source, open_checkpoint
+    from ..verify.candidates import candidate_kind
+    from ..verify.check import Options, Runner, Session, task_summary
+    from ..verify.generate import Completion
+    from ..verify.streamed import streamed_model
 
-    tokens, mask = task_batch(load_tokenizer(base))
-    ref_model, ad, base_dir = reference_model(adapter, base)
-    reference = model_logits(ref_model, tokens)
-    with ref_model.disable_adapter():
-        base_only = model_logits(ref_model, tokens)
-    del ref_model
-    naive = model_logits(naive_merged_model(ad, base_dir, quant_settings_for(ad, None)), tokens)
+    n = len(task_pairs())
+    opts = Options(data=data, generate=n, max_seqs=n, max_new_tokens=8, device="cpu")
+    source = open_checkpoint(adapter, base)
+    session = Session(source, opts, "cpu", None)
+
+    def measure(runner: Runner) -> tuple:
+        return session.measure(runner)[0], session.task(runner)
+
     naive_dir = out / "naive-merge-nf4"
-    _save_naive(adapter, base_dir, naive_dir)
+    _save_naive(adapter, source.base, naive_dir)
+    base_only = Runner("base", streamed_model(Source(source.base, None, source.quant, source.merge_base)))
+    reference = task_summary(
+        [Completion(p, a, r, r) for (_, p, a), r in zip(session.asked, session.ref_answers, strict=True)]
+    )
     rows = [
-        _row("base model (no adapter)", base_only, reference, tokens, mask, None),
-        Row(
-            "unmerged QLoRA (reference)", task_accuracy(reference, tokens, mask), 0.0, 1.0, None, str(adapter)
-        ),
-        _row("naive merge_and_unload (4-bit)", naive, reference, tokens, mask, naive_dir),
+        _row("base model (no adapter)", measure(base_only), None),
+        Row("unmerged QLoRA (reference)", reference["accuracy_reference"], 0.0, 1.0, None, str(adapter)),
+        _row("naive merge_and_unload (4-bit)", measure(session.candidate(naive_dir, "nf4")), naive_dir),
     ]
+    gates = {}
     for label, report in variants.items():
-        logits, _kind = candidate_logits(Path(report.output), tokens)
-        rows.append(_row(label, logits, reference, tokens, mask, Path(report.output)))
-    return rows
+        path = Path(report.output)
+        metrics, task = measure(session.candidate(path, candidate_kind(path)))
+        rows.append(_row(label, (metrics, task), path))
+        gates[label] = task["agreement"]
+    session.close()
+    return rows, gates
 
 
 def _save_naive(adapter: Path, base_dir, out: Path) -> None:
@@ -201,8 +207,8 @@ def run_demo(
     log("4/6 exporting NF4 and GGUF (q8_0, q4_k_m)")
     variants = make_variants(out, out / "adapter", base)
     lap("merge_export")
-    log("5/6 scoring every variant on the task against the unmerged QLoRA model")
-    rows = score(out, out / "adapter", base, variants)
+    log("5/6 scoring every variant with qmerge check --data --generate against the unmerged QLoRA model")
+    rows, agreement = score(out, out / "adapter", base, data, variants)
     lap("score")
     log("6/6 gate: qmerge check on the bf16 merge (exit code 0 means it passed)")
     gate = check(out / "adapter", out / "merged-bf16", base=base)
@@ -214,6 +220,7 @@ def run_demo(
         "training": trained,
         "nf4_delta_retention": retention.get("total"),
         "check": gate.to_json(),
+        "task_agreement": agreement,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -114,6 +114,12 @@ def _checkpoint_names(config_json: str) -> tuple[tuple[str, str], ...]:
     return tuple((by_id.get(id(t), k), k) for k, t in saved.items())
 
 
+def checkpoint_names(config: dict) -> dict[str, str]:
+    """{model parameter name: the name save_pretrained writes for it} (identical for most models;
+    transformers 5 renames some, e.g. GPT-NeoX's embed_out -> lm_head)."""
+    return dict(_checkpoint_names(_key(config)))
+
+
 def expected_shapes(config: dict) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """({tensor name: shape}, {model name: checkpoint name}) of the model transformers builds from
     `config`: its state dict (parameters and persistent buffers, tied weights under both names), each

@@ -95,7 +95,7 @@ def _codes_full_blocks(
     """
     table, mid_ext = _bucket_lut(quant_type)
     for s in range(0, flat.numel(), _CHUNK):
-        x = flat[s : s + _CHUNK].float().view(-1, blocksize)
+        x = flat[s : s + _CHUNK].to(torch.float32, copy=True).view(-1, blocksize)  # scaled in place below
         am = x.abs().amax(dim=-1)
         absmax[s // blocksize : s // blocksize + am.numel()] = am
         y = x.mul_((1.0 / am.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
@@ -208,14 +208,21 @@ def quantize_4bit(
     Returns the packed uint8[(n+1)//2, 1] codes and their QuantState (dtype = A.dtype).
     """
     packed, absmax = quantize_4bit_codes(A, blocksize, quant_type)
+    return packed, quantize_state(absmax, A, blocksize, quant_type, double_quant)
+
+
+def quantize_state(
+    absmax: torch.Tensor, A: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool
+) -> QuantState:
+    """The QuantState quantize_4bit stores for A's fp32 block absmax (double-quantized when asked)."""
     common = dict(shape=tuple(A.shape), dtype=A.dtype, blocksize=blocksize, quant_type=quant_type)
     if not double_quant:
-        return packed, QuantState(absmax=absmax, code=code_4bit(quant_type), **common)
+        return QuantState(absmax=absmax, code=code_4bit(quant_type), **common)
     offset = absmax.mean()
     nested_code = dynamic_map()
     qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
     # The saved map keeps code[0] = -0.9929...; only the search inside quantize_cpu uses -1.0.
-    state = QuantState(
+    return QuantState(
         absmax=qabsmax,
         code=code_4bit(quant_type),
         offset=offset,
@@ -223,7 +230,6 @@ def quantize_4bit(
         nested_code=nested_code,
         **common,
     )
-    return packed, state
 
 
 def dequantize_absmax(state: QuantState) -> torch.Tensor:

@@ -1,16 +1,154 @@
-"""`qmerge check`: the candidate's logits against the unmerged QLoRA model on the same tokens, and the gate."""
+"""`qmerge check`: the candidate against the unmerged QLoRA model on the same tokens, and the gate.
+
+Text (`--text`, else a built-in paragraph): every position scored. Data (`--data`, JSONL as `qmerge train`
+reads): the positions that predict response tokens. `--generate N` also compares greedy completions of the
+data's prompts; `--against-base` measures how far the candidate moved from the base model on text.
+
+device "cpu" streams the models one module's weights at a time in fp32 (streamed.py); "cuda" runs them
+whole on the GPU, the reference in the training's compute dtype unless fp32_reference (cuda.py); "auto"
+picks cuda when there is one. Logits are computed a chunk of sequences at a time (LOGITS_BUDGET); the
+reference's are kept (on disk beyond one chunk) until the candidate's are there. A GGUF candidate runs in
+llama.cpp.
+"""
 
 from __future__ import annotations
 
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from .. import llama_cpp
 from ..pipeline.base import QuantSettings
-from ..pipeline.source import quant_settings_for
+from ..pipeline.source import Source, open_checkpoint, open_source, quant_settings_for
 from ..reports import CheckReport
-from .candidates import candidate_logits, delta_retention
-from .metrics import Thresholds, compare_logits, gate
-from .reference import model_logits, naive_merged_model, reference_model
-from .tokens import load_tokenizer, make_tokens
+from .candidates import candidate_kind, delta_retention
+from .cuda import cuda_available, cuda_base, cuda_candidate, cuda_logits, cuda_reference, require_cuda
+from .generate import Completion, hf_complete
+from .metrics import Drift, Thresholds, gate
+from .reference import model_logits, naive_merged_model
+from .streamed import logits, report_layers, streamed_model, streamed_reference
+from .tokens import Batch, data_batch, load_tokenizer, prompts, text_batch
+
+LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits per chunk of sequences
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a check runs on and measures (the CLI's options)."""
+
+    text: str | None = None
+    seq_len: int = 128
+    max_seqs: int = 8
+    data: Path | None = None
+    generate: int = 0
+    max_new_tokens: int = 64
+    against_base: bool = False
+    naive: bool = False
+    device: str = "auto"
+    fp32_reference: bool = False
+
+
+def chunks(batch: Batch, vocab: int) -> list[Batch]:
+    """The sequences in chunks whose logits [k, seq, vocab] fit LOGITS_BUDGET (at least one sequence)."""
+    per = max(1, LOGITS_BUDGET // (batch.tokens.shape[1] * vocab * 4))
+    return [batch.part(i, i + per) for i in range(0, len(batch), per)]
+
+
+class Spill:
+    """Logits of each chunk, kept in memory for one chunk or on disk for several."""
+
+    def __init__(self, n_chunks: int):
+        self._dir = tempfile.TemporaryDirectory(prefix="qmerge-check-") if n_chunks > 1 else None
+        self._held: dict[int, torch.Tensor] = {}
+
+    def put(self, i: int, t: torch.Tensor) -> None:
+        if self._dir is None:
+            self._held[i] = t
+        else:
+            t.numpy().tofile(Path(self._dir.name) / f"{i}.f32")
+            self._held[i] = torch.empty(t.shape, device="meta")
+
+    def get(self, i: int) -> torch.Tensor:
+        if self._dir is None:
+            return self._held[i]
+        shape = self._held[i].shape
+        return torch.from_numpy(np.fromfile(Path(self._dir.name) / f"{i}.f32", dtype=np.float32)).view(shape)
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
+class Runner:
+    """One model in its engine: a transformers model (streamed or on CUDA), or a GGUF file in llama.cpp."""
+
+    def __init__(self, phase: str, model=None, gguf: Path | None = None, progress: Progress | None = None):
+        self.phase, self.model, self.gguf, self.progress = phase, model, gguf, progress
+
+    def logits(self, parts: list[Batch]) -> Iterator[torch.Tensor]:
+        """Logits of each chunk, with (phase, layer) progress and tokens per second on the way."""
+        if self.gguf is not None:
+            for part in parts:
+                yield llama_cpp.gguf_logits(self.gguf, part.tokens, part.lengths)
+            return
+        hooks = report_layers(self.model, self.phase, self.progress)
+        run = cuda_logits if any(p.device.type == "cuda" for p in self.model.parameters()) else logits
+        done, start, total = 0, time.perf_counter(), sum(sum(p.lengths) for p in parts)
+        try:
+            for part in parts:
+                yield run(self.model, part.tokens)
+                done += sum(part.lengths)
+                if self.progress:
+                    rate = done / (time.perf_counter() - start)
+                    self.progress(f"{self.phase}: {done} tokens, {rate:.0f} tokens/s", done, total)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def spill(self, parts: list[Batch]) -> Spill:
+        spill = Spill(len(parts))
+        try:
+            for i, t in enumerate(self.logits(parts)):
+                spill.put(i, t)
+        except BaseException:
+            spill.close()
+            raise
+        return spill
+
+    def complete(
+        self, tokenizer, asked: list[tuple[dict, str, str | None]], max_new_tokens: int
+    ) -> list[str]:
+        if self.gguf is not None:
+            return llama_cpp.gguf_complete(
+                self.gguf, [r for r, _, _ in asked], [p for _, p, _ in asked], max_new_tokens
+            )
+        if self.progress:
+            self.progress(f"{self.phase}: completing {len(asked)} prompts", 0, len(asked))
+        return hf_complete(self.model, tokenizer, [p for _, p, _ in asked], max_new_tokens)
+
+
+def resolve_device(device: str) -> str:
+    """auto: cuda when a CUDA GPU is there, else cpu."""
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda":
+        require_cuda()
+    return device
+
+
+def drift(reference: Spill, candidate: Iterator[torch.Tensor], parts: list[Batch]) -> Drift:
+    """Drift of the candidate's logits against the reference's, over the scored positions of each chunk."""
+    d = Drift()
+    for i, (part, cand) in enumerate(zip(parts, candidate, strict=True)):
+        ref, mask = reference.get(i), part.scored
+        d.add(ref[mask], cand[mask], part.targets[mask])
+    return d
 
 
 def check(
@@ -18,27 +156,31 @@ def check(
     candidate: Path,
     base: Path | None = None,
     thresholds: Thresholds = Thresholds(),
-    text: str | None = None,
-    seq_len: int = 128,
-    max_seqs: int = 8,
-    naive: bool = False,
     quant: QuantSettings | None = None,
     merge_base: str = "dequantized",
+    progress: Progress | None = None,
+    options: Options = Options(),
+    **option_values,
 ) -> CheckReport:
-    """Compare a candidate with the unmerged QLoRA model on the same tokens and apply the thresholds."""
-    ref_model, ad, base_dir = reference_model(Path(adapter), Path(base) if base else None, quant, merge_base)
-    vocab = ref_model.get_input_embeddings().weight.shape[0]
-    tokenizer = load_tokenizer(ad.path, base_dir.path)
-    tokens = make_tokens(tokenizer, vocab, text, seq_len, max_seqs)
-    reference = model_logits(ref_model, tokens)
-    del ref_model
-    cand, kind = candidate_logits(Path(candidate), tokens)
-    metrics = compare_logits(reference, cand, tokens)
-    naive_metrics = None
-    if naive:
-        model = naive_merged_model(ad, base_dir, quant_settings_for(ad, quant))
-        naive_metrics = compare_logits(reference, model_logits(model, tokens), tokens)
-    failures = gate(metrics, thresholds)
+    """Compare a candidate with the unmerged QLoRA model and apply the thresholds (options: see Options;
+    they may also be given as keywords)."""
+    opts = Options(**{**options.__dict__, **option_values})
+    source = open_checkpoint(Path(adapter), Path(base) if base else None, quant, merge_base)
+    kind, device = candidate_kind(Path(candidate)), resolve_device(opts.device)
+    session = Session(source, opts, device, progress)
+    cand = session.candidate(Path(candidate), kind)
+    metrics, stats = session.measure(cand)
+    against = session.against_base(cand) if opts.against_base else None
+    task = session.task(cand) if opts.generate else None
+    naive = session.naive(quant) if opts.naive else None
+    session.close()
+    failures = gate(metrics, thresholds, task["agreement"] if task else None)
+    extra = {
+        "llama_cpp": stats,
+        "against_base": against,
+        "task": task,
+        "data": str(opts.data) if opts.data else None,
+    }
     return CheckReport(
         not failures,
         metrics,
@@ -46,6 +188,110 @@ def check(
         str(candidate),
         kind,
         failures,
-        naive_metrics,
+        naive,
         delta_retention(Path(candidate)),
+        {k: v for k, v in extra.items() if v is not None},
     )
+
+
+class Session:
+    """The reference's results on the check's batches (computed once, the model then dropped), against
+    which one or more candidates are measured."""
+
+    def __init__(self, source: Source, opts: Options, device: str, progress: Progress | None):
+        self.source, self.opts, self.device, self.progress = source, opts, device, progress
+        self.tokenizer = load_tokenizer(source.adapter.path, source.base.path)
+        fp32 = opts.fp32_reference
+        model = cuda_reference(source, fp32) if device == "cuda" else streamed_reference(source)
+        self.vocab = model.get_input_embeddings().weight.shape[0]
+        reference = Runner("reference", model, progress=progress)
+        text = text_batch(self.tokenizer, self.vocab, opts.text, opts.seq_len, opts.max_seqs)
+        main = (
+            data_batch(self.tokenizer, opts.data, max(opts.seq_len, 512), opts.max_seqs)
+            if opts.data
+            else text
+        )
+        self.main, self.text = chunks(main, self.vocab), chunks(text, self.vocab)
+        self.ref = reference.spill(self.main)
+        self.asked = prompts(self.tokenizer, opts.data, opts.generate) if opts.generate and opts.data else []
+        self.ref_answers = (
+            reference.complete(self.tokenizer, self.asked, opts.max_new_tokens) if self.asked else []
+        )
+        self.base = self._base().spill(self.text) if opts.against_base else None
+
+    def _base(self) -> Runner:
+        """The base model without the adapter: the weights training saw."""
+        s = self.source
+        if self.device == "cuda":
+            return Runner("base", cuda_base(s, self.opts.fp32_reference), progress=self.progress)
+        return Runner(
+            "base", streamed_model(Source(s.base, None, s.quant, s.merge_base)), progress=self.progress
+        )
+
+    def candidate(self, path: Path, kind: str) -> Runner:
+        if kind == "gguf":
+            return Runner("candidate", gguf=path, progress=self.progress)
+        fp32 = self.opts.fp32_reference
+        model = (
+            cuda_candidate(path, kind, fp32) if self.device == "cuda" else streamed_model(open_source(path))
+        )
+        return Runner("candidate", model, progress=self.progress)
+
+    def measure(self, cand: Runner) -> tuple:
+        d = drift(self.ref, cand.logits(self.main), self.main)
+        return d.metrics(), d.llama_cpp()
+
+    def against_base(self, cand: Runner) -> dict:
+        d = drift(self.base, cand.logits(self.text), self.text)
+        return {"metrics": d.metrics().__dict__, "llama_cpp": d.llama_cpp()}
+
+    def task(self, cand: Runner) -> dict:
+        if not self.asked:
+            from ..errors import InputError
+
+            raise InputError("--generate needs --data: the prompts come from the data's records.")
+        answers = cand.complete(self.tokenizer, self.asked, self.opts.max_new_tokens)
+        done = [
+            Completion(p, a, r, c)
+            for (_, p, a), r, c in zip(self.asked, self.ref_answers, answers, strict=True)
+        ]
+        return task_summary(done)
+
+    def naive(self, quant: QuantSettings | None):
+        """PEFT's merge_and_unload on the 4-bit model (whole model in memory: an opt-in comparison)."""
+        model = naive_merged_model(
+            self.source.adapter, self.source.base, quant_settings_for(self.source.adapter, quant)
+        )
+        d = Drift()
+        for i, part in enumerate(self.main):
+            d.add(
+                self.ref.get(i)[part.scored],
+                model_logits(model, part.tokens)[part.scored],
+                part.targets[part.scored],
+            )
+        return d.metrics()
+
+    def close(self) -> None:
+        for spill in (self.ref, self.base):
+            if spill is not None:
+                spill.close()
+
+
+def task_summary(done: list[Completion]) -> dict:
+    """Agreement of the candidate's completions with the reference's, and each one's accuracy on answers."""
+    with_answer = [c for c in done if c.expected is not None]
+
+    def accuracy(pick) -> float | None:
+        return (
+            sum(pick(c) == c.expected.strip() for c in with_answer) / len(with_answer)
+            if with_answer
+            else None
+        )
+
+    return {
+        "prompts": len(done),
+        "agreement": sum(c.agrees for c in done) / len(done),
+        "accuracy_reference": accuracy(lambda c: c.reference),
+        "accuracy_candidate": accuracy(lambda c: c.candidate),
+        "differing": [c.__dict__ for c in done if not c.agrees],
+    }

@@ -1,11 +1,15 @@
-"""The token sequences a check runs on: the user's text, or a built-in paragraph."""
+"""The token sequences a check runs on: the user's text (or a built-in paragraph), every position scored;
+or the user's JSONL data (the formats `qmerge train` reads), only the positions that predict a response
+token scored, since that is where a fine-tune lives."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..data import IGNORE, encode_record, prompt_and_answer, read_jsonl
 from ..errors import InputError
 from .reference import quiet_libraries
 
@@ -16,6 +20,26 @@ DEFAULT_TEXT = (
     "Question: what is the capital of France? Answer: Paris. One, two, three, four, five, six, seven. "
     "User: hello there. Assistant: hello, how can I help you today? Red orange yellow green blue indigo."
 )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Sequences right-padded to one length, and which positions are scored.
+
+    targets[i, t] is the token position t is scored on predicting (-1: none, e.g. the last position of a
+    text sequence, which still counts for KL and top-1); scored[i, t] says whether position t counts at all.
+    """
+
+    tokens: torch.Tensor  # [n, L]
+    lengths: list[int]
+    targets: torch.Tensor  # [n, L]
+    scored: torch.Tensor  # [n, L] bool
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def part(self, i: int, j: int) -> Batch:
+        return Batch(self.tokens[i:j], self.lengths[i:j], self.targets[i:j], self.scored[i:j])
 
 
 def load_tokenizer(*dirs: Path):
@@ -43,3 +67,53 @@ def make_tokens(
     seq_len = min(seq_len, len(ids))
     n = max(1, min(max_seqs, len(ids) // seq_len))
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def text_batch(tokenizer, vocab_size: int, text: str | None, seq_len: int = 128, max_seqs: int = 8) -> Batch:
+    """Every position of the text's sequences scored (the contract's text check)."""
+    tokens = make_tokens(tokenizer, vocab_size, text, seq_len, max_seqs)
+    targets = torch.full_like(tokens, -1)
+    targets[:, :-1] = tokens[:, 1:]
+    return Batch(tokens, [tokens.shape[1]] * len(tokens), targets, torch.ones_like(tokens, dtype=torch.bool))
+
+
+def data_batch(tokenizer, path: Path, seq_len: int = 512, max_records: int = 8) -> Batch:
+    """The first max_records records of a JSONL file, tokenized as `qmerge train` does; the positions that
+    predict a response token (a trained label) are scored."""
+    if tokenizer is None:
+        raise InputError("--data needs the model's tokenizer (tokenizer.json in the adapter or the base).")
+    rows = read_jsonl(path)[:max_records]
+    encoded = [encode_record(r, tokenizer, seq_len, f"{path}:{i}") for i, r in enumerate(rows, 1)]
+    encoded = [e for e in encoded if any(label != IGNORE for label in e["labels"][1:])]
+    if not encoded:
+        raise InputError(f"{path}: no record has response tokens to compare on (empty or truncated away).")
+    n, width = len(encoded), max(len(e["input_ids"]) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens = torch.full((n, width), pad, dtype=torch.long)
+    targets = torch.full((n, width), -1, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        k = len(e["input_ids"])
+        tokens[i, :k] = torch.tensor(e["input_ids"])
+        labels = torch.tensor(e["labels"][1:] + [IGNORE])
+        targets[i, :k] = torch.where(labels == IGNORE, -1, labels)
+    return Batch(tokens, [len(e["input_ids"]) for e in encoded], targets, targets >= 0)
+
+
+def prompts(tokenizer, path: Path, n: int) -> list[tuple[dict, str, str | None]]:
+    """(record, prompt text, expected answer or None) of the first n records that have a prompt."""
+    rows = read_jsonl(path)
+    out = []
+    for i, row in enumerate(rows, 1):
+        try:
+            prompt, answer = prompt_and_answer(row, tokenizer)
+        except InputError as e:
+            raise InputError(f"{path}:{i}: {e}") from e
+        if prompt:
+            out.append((row, prompt, answer))
+        if len(out) == n:
+            break
+    if not out:
+        raise InputError(
+            f"{path}: no record has a prompt to complete (--generate needs chat or instruction data)."
+        )
+    return out

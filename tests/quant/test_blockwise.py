@@ -173,3 +173,35 @@ def test_bf16_nested_dtype_dequantizes_as_bitsandbytes(qt):
         state2=st2,
     )
     assert torch.equal(dequantize_4bit(p, s), F.dequantize_4bit(p, ref_state))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(1, 40),
+    st.integers(1, 6),
+    st.sampled_from(DTYPES),
+    st.sampled_from([32, 64, 128]),
+    st.sampled_from(["nf4", "fp4"]),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_reproduce_equals_the_round_trip(rows, blocks, dtype, bs, qt, dq, seed):
+    """Dequantized values straight from the codes are the packed round trip's, bit for bit."""
+    from qmerge.quant.reproduce import reproduce_4bit, reproduce_rows
+
+    g = torch.Generator().manual_seed(seed)
+    A = (torch.randn(rows, blocks * bs, generator=g) * 0.02).to(dtype)
+    A[0, : min(bs, A.shape[1])] = 0  # an all-zero block
+    p, s = quantize_4bit(A, bs, qt, dq)
+    want = dequantize_4bit(p, s, torch.float32, round_to=dtype)
+    assert torch.equal(_bits(reproduce_4bit(A, bs, qt, dq)), _bits(want))
+    got = torch.cat([w for _, _, w in reproduce_rows(A, bs, qt, dq, 3)])
+    assert torch.equal(_bits(got), _bits(want))
+
+
+def test_quantize_leaves_its_input_alone():
+    """An fp32 input used to be scaled in place (its .float() is itself): the caller's tensor must not change."""
+    A = torch.randn(4, 128) * 0.02
+    before = A.clone()
+    quantize_4bit(A, 64, "nf4", True)
+    assert torch.equal(A, before)

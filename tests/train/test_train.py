@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
+from qmerge.data import IGNORE, encode_record
 from qmerge.errors import InputError
 from qmerge.train.config import TrainConfig, load_train_config
-from qmerge.train.data import IGNORE, encode_record
 from qmerge.train.trainer import train
 
 

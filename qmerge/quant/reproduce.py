@@ -1,0 +1,107 @@
+"""The 4-bit weights training saw, computed straight from the 16-bit tensor: the values of
+dequantize_4bit(*quantize_4bit(A)) without packing the codes only to unpack them again.
+
+Same arithmetic as the round trip, bit for bit (tested): codes from the fp32 block absmax, scales
+double-quantized as bitsandbytes stores them, each value code * scale in fp32, rounded once to the dtype
+the base was loaded in. Pure tensor code.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .blockwise import _CHUNK, QuantState, _codes_full_blocks, _sorted_code, dequantize_absmax, quantize_state
+from .codebooks import code_4bit
+
+
+def _value_table(quant_type: str) -> torch.Tensor:
+    """fp32[16]: the value of each sorted-code index (FP4 through its sort order, 0b1000 as -0.0 as the
+    kernels decode it)."""
+    code = code_4bit(quant_type).float().clone()
+    if quant_type == "fp4":
+        code[8] = -0.0
+    _, order = _sorted_code(quant_type)
+    return code[order]
+
+
+def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    out = torch.empty(flat.numel() // blocksize, dtype=torch.float32)
+    for s in range(0, flat.numel(), _CHUNK):
+        x = flat[s : s + _CHUNK].float().view(-1, blocksize)
+        out[s // blocksize : s // blocksize + len(x)] = x.abs().amax(dim=-1)
+    return out
+
+
+def scales(
+    A: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool
+) -> tuple[torch.Tensor, QuantState]:
+    """(the fp32 scale each block is dequantized with, the state quantize_4bit would store) for A, whose
+    size must be whole blocks."""
+    absmax = _block_absmax(A.reshape(-1), blocksize)
+    state = quantize_state(absmax, A, blocksize, quant_type, double_quant)
+    return dequantize_absmax(state), state
+
+
+def reproduce_rows(
+    A: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    double_quant: bool,
+    rows_per_chunk: int,
+    round_to: torch.dtype | None = None,
+    workers: int = 1,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (row_start, row_stop, fp32 rows) of the dequantized 4-bit form of 2-D A (rows whole blocks):
+    the same values as dequantize_4bit(*quantize_4bit(A, ...), torch.float32, round_to=A.dtype).
+
+    With workers > 1 the row blocks are computed on that many threads (torch releases the GIL in its
+    kernels), a few blocks ahead of the caller, and still yielded in order.
+    """
+    rows, cols = A.shape
+    if cols % blocksize:
+        raise ValueError(f"rows of {cols} values are not whole blocks of {blocksize}")
+    round_to = round_to or A.dtype
+    used, _ = scales(A, blocksize, quant_type, double_quant)
+    table = _value_table(quant_type)
+    flat = A.reshape(-1)
+
+    def block(r0: int) -> tuple[int, int, torch.Tensor]:
+        r1 = min(rows, r0 + rows_per_chunk)
+        s, e = r0 * cols, r1 * cols
+        codes = torch.empty(e - s, dtype=torch.uint8)
+        _codes_full_blocks(flat[s:e], blocksize, quant_type, codes, torch.empty((e - s) // blocksize))
+        vals = torch.index_select(table, 0, codes.int())
+        vals.view(-1, blocksize).mul_(used[s // blocksize : e // blocksize].view(-1, 1))
+        if round_to != torch.float32:
+            vals = vals.to(round_to).float()
+        return r0, r1, vals.view(r1 - r0, cols)
+
+    starts = range(0, rows, rows_per_chunk)
+    if workers <= 1 or len(starts) < 2:
+        yield from map(block, starts)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="qmerge-nf4") as pool:
+        pending = deque(pool.submit(block, r0) for r0 in starts[: 2 * workers])
+        for r0 in starts[2 * workers :]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(block, r0))
+        while pending:
+            yield pending.popleft().result()
+
+
+def reproduce_4bit(
+    A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True
+) -> torch.Tensor:
+    """fp32 values of dequantize_4bit(*quantize_4bit(A, ...), torch.float32, round_to=A.dtype), in A's shape
+    (A's size a whole number of blocks)."""
+    flat = A.reshape(-1, blocksize if A.numel() % _CHUNK else _CHUNK)
+    out = torch.empty(flat.shape, dtype=torch.float32)
+    for r0, r1, rows in reproduce_rows(
+        flat, blocksize, quant_type, double_quant, max(1, _CHUNK // flat.shape[1]), A.dtype
+    ):
+        out[r0:r1] = rows
+    return out.view(A.shape)
