@@ -32,7 +32,9 @@ def merge(
     progress: Progress | None = None,
 ) -> WriteReport:
     """Merge a QLoRA adapter into the weights its training saw and write a Hugging Face model directory."""
-    source = open_checkpoint(Path(adapter), Path(base) if base else None, quant, merge_base, allow_pickle)
+    source = open_checkpoint(
+        Path(adapter), Path(base) if base else None, quant, merge_base, allow_pickle, True
+    )
     return write_model_dir(
         source, Plain(dtypes.option_dtype(dtype)), Path(out), max_shard_size, force, progress
     )
@@ -59,7 +61,7 @@ def export(
         from .formats.gguf import check_type
 
         check_type(gguf_type)
-    src = open_source(Path(source), Path(base) if base else None, quant, merge_base, allow_pickle)
+    src = open_source(Path(source), Path(base) if base else None, quant, merge_base, allow_pickle, True)
     if to == "gguf":
         return write_gguf(src, Path(out), gguf_type, force, progress)
     fmt = NF4(nf4) if to == "nf4" else Plain(dtypes.option_dtype(to), {"export": to})

@@ -576,6 +576,11 @@ def export(
     "--compute-dtype", type=click.Choice(dtypes.OPTION_NAMES), help="Default bf16 on CUDA, fp32 on CPU."
 )
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Default on.")
+@click.option(
+    "--quant-storage",
+    type=click.Choice(["uint8", "bf16", "fp16", "fp32"]),
+    help="dtype the packed 4-bit weights are stored in (default uint8; bf16 for FSDP-QLoRA).",
+)
 @click.option("--optim", help="Default paged_adamw_32bit on CUDA, adamw_torch on CPU.")
 @click.option("--resume", "resume_from_checkpoint", help="A checkpoint directory, or 'latest'.")
 @json_option
@@ -586,6 +591,8 @@ def train(config_file, as_json, **options):
 
     cfg = load_train_config(config_file, {k: v for k, v in options.items() if v is not None})
     result = do_train(cfg, log=None if as_json else err.print)
+    if result["rank"] != 0:  # under torchrun / accelerate launch only the main process reports
+        return
     if as_json:
         _emit_json(result)
     else:

@@ -354,3 +354,18 @@ def test_disk_full_inside_llama_cpp_quantizer(tmp_path, monkeypatch):
     )
     assert_refused(r, 1, "disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_check_in_the_background_stops_the_merge(clean, tmp_path):
+    """From a 4-bit base, `qmerge merge` checks config.json in a child process while it merges (the check
+    needs transformers, which the merge does not): a mismatch still ends with exit 1 and no output."""
+    import subprocess
+    import sys
+
+    case = HOSTILE / "cases" / "config-more-layers"
+    shutil.copy(case / "base4" / "config.json", clean / "base4" / "config.json")
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "qmerge", "merge", clean / "adapter", "--base", clean / "base4", "-o", out]
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "the weights lack" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".m*"))

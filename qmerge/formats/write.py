@@ -18,6 +18,7 @@ from ..io.atomic import atomic_dir, describe_files
 from ..io.hf_dir import ShardedSafetensors, copy_side_files, not_written_by_qmerge, parse_size
 from ..io.records import PROVENANCE, provenance, write_json
 from ..io.safetensors import PlannedTensor
+from ..pipeline.fit import confirm
 from ..pipeline.source import Source
 from ..pipeline.steps import plan_steps
 from ..pipeline.stream import MergedTensor, Progress, merged_tensors
@@ -88,7 +89,10 @@ def stream_into(
             merged += t.merged
             for key, data in fmt.encode(t):
                 sink.write(key, data)
-        return merged, sink.close()
+            confirm(source, wait=False)  # stop early when the background config check found a problem
+        digests = sink.close()
+        confirm(source)  # before anything is committed
+        return merged, digests
     except BaseException:
         sink.abort()
         raise

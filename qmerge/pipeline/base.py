@@ -25,6 +25,7 @@ class QuantSettings:
     blocksize: int = 64
     double_quant: bool = True
     dtype: torch.dtype | None = None  # dtype the base was loaded in; None: as stored
+    storage: torch.dtype = torch.uint8  # bnb_4bit_quant_storage: how packed codes are held (values unchanged)
 
 
 class TrainingWeights:

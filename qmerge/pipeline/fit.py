@@ -4,6 +4,7 @@ shapes and configs alone, before any tensor is computed."""
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -255,9 +256,32 @@ def _raise(source: Source, found: list[Problem], subject: str) -> None:
     raise error("\n  ".join([head, *errors[:20]]) + more)
 
 
-def check_fit(source: Source) -> None:
-    """Raise with every error-level problem, one per line: InputError for a base whose config.json does not
-    fit its tensors, MismatchError for an adapter that does not fit its base."""
-    found = problems(source)
-    _raise(source, found, "base")
-    _raise(source, found, "adapter")
+def check_fit(source: Source, background: bool = False) -> None:
+    """Raise with every error-level problem, one per line: MismatchError for an adapter that does not fit
+    its base, InputError for a base whose config.json does not fit its tensors.
+
+    The config check builds the model on the meta device with transformers, whose import costs seconds
+    (about a third of a 1.1B merge from a 4-bit base). With `background`, when this process has no other
+    use for transformers, it runs in a child process on the other core while the merge starts;
+    `confirm` raises what it found before anything is committed.
+    """
+    if background and "transformers" not in sys.modules and not _needs_transformers(source):
+        from .background import BackgroundCheck
+
+        source.base_check = BackgroundCheck(source.base)
+    else:
+        _raise(source, base_problems(source), "base")  # a base that is wrong in itself is said first
+    _raise(source, adapter_problems(source), "adapter")
+
+
+def _needs_transformers(source: Source) -> bool:
+    """The merge itself asks transformers which layers bitsandbytes quantizes (a 16-bit base)."""
+    return not source.base.is_4bit and source.merge_base == "dequantized"
+
+
+def confirm(source: Source, wait: bool = True) -> None:
+    """Raise what the background config check found (without `wait`: only once it has finished)."""
+    check = source.base_check
+    if check is not None and (wait or check.done()):
+        source.base_check = None
+        _raise(source, check.problems(), "base")

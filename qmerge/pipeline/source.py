@@ -62,11 +62,15 @@ def quant_settings_for(adapter: Adapter | None, override: QuantSettings | None) 
     dtype = dtypes.config_dtype(rec["dtype"]) if rec.get("dtype") else None
     if rec.get("dtype") and dtype is None:
         raise InputError(f"{where}: quantization dtype {rec['dtype']!r} is not float32, float16 or bfloat16.")
+    storage = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if rec.get("quant_storage", "uint8") not in storage:
+        raise InputError(f"{where}: quant_storage {rec['quant_storage']!r} is not uint8, bf16, fp16 or fp32.")
     settings = QuantSettings(
         quant_type=rec.get("quant_type", "nf4"),
         blocksize=rec.get("blocksize", 64),
         double_quant=rec.get("double_quant", True),
         dtype=dtype,
+        storage=storage[rec.get("quant_storage", "uint8")],
     )
     if settings.quant_type not in ("nf4", "fp4") or settings.blocksize not in BLOCKSIZES_4BIT:
         raise InputError(f"{where}: quantization {rec} is not one bitsandbytes makes.")
@@ -100,6 +104,7 @@ class Source:
         self.weights = TrainingWeights(base, quant, merge_base, self.conv1d)
         self.aliases = self._untied_aliases()
         self.tensors = self._specs()
+        self.base_check = None  # a fit.BackgroundCheck while config.json is checked in a child process
 
     def _untied_aliases(self) -> dict[str, str]:
         """Tied weights the adapter changes: {name absent from the base: the tensor it is tied to}.
@@ -187,8 +192,10 @@ def open_checkpoint(
     quant: QuantSettings | None = None,
     merge_base: str = "dequantized",
     allow_pickle: bool = False,
+    background: bool = False,
 ) -> Source:
-    """Open an adapter with its base and check that they fit together (raises on any error)."""
+    """Open an adapter with its base and check that they fit together (raises on any error; with
+    background, the config check may still be running: see fit.check_fit)."""
     from .fit import check_fit
 
     adapter = Adapter(adapter_path, allow_pickle)
@@ -196,7 +203,7 @@ def open_checkpoint(
     if not adapter.layout.lora and not adapter.layout.replace:
         raise InputError(f"{adapter.path}: the adapter holds no LoRA tensors.")
     source = Source(base, adapter, quant_settings_for(adapter, quant), merge_base)
-    check_fit(source)
+    check_fit(source, background)
     return source
 
 
@@ -206,6 +213,7 @@ def open_source(
     quant: QuantSettings | None = None,
     merge_base: str = "dequantized",
     allow_pickle: bool = False,
+    background: bool = False,
 ) -> Source:
     """A QLoRA checkpoint (adapter dir) or an already merged / plain model directory, as a tensor source."""
     path = Path(path)
@@ -218,6 +226,6 @@ def open_source(
 
         base = ModelDir(path, allow_pickle)
         source = Source(base, None, quant or QuantSettings(), "dequantized" if base.is_4bit else "original")
-        check_fit(source)
+        check_fit(source, background)
         return source
-    return open_checkpoint(path, base_path, quant, merge_base, allow_pickle)
+    return open_checkpoint(path, base_path, quant, merge_base, allow_pickle, background)

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
+
 from ..errors import InputError
 
 
@@ -28,6 +30,7 @@ class TrainConfig:
     # 4-bit base: NF4 with double quantization, blocksize 64 (fixed by transformers)
     quant_type: str = "nf4"
     double_quant: bool = True
+    quant_storage: str = "uint8"  # bf16/fp16/fp32 for FSDP-QLoRA (FSDP shards only float tensors)
     compute_dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     # optimisation: constant schedule, lr 2e-4, grad-norm clip 0.3, paged AdamW on CUDA
     learning_rate: float = 2e-4
@@ -49,6 +52,8 @@ class TrainConfig:
 
 
 _PATH_FIELDS = {"base", "data", "output", "eval_data"}
+# --quant-storage: the dtype bitsandbytes stores packed 4-bit weights in (values unchanged)
+QUANT_STORAGE = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load_train_config(config_file: Path | None, overrides: dict) -> TrainConfig:
@@ -78,6 +83,10 @@ def load_train_config(config_file: Path | None, overrides: dict) -> TrainConfig:
     for k in _PATH_FIELDS:
         if values.get(k) is not None:
             values[k] = Path(values[k])
+    if values.get("quant_storage", "uint8") not in QUANT_STORAGE:
+        raise InputError(
+            f"quant_storage {values['quant_storage']!r}: choose one of {', '.join(QUANT_STORAGE)}."
+        )
     try:
         return TrainConfig(**values)
     except TypeError as e:

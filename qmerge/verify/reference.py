@@ -57,6 +57,7 @@ def bnb_config(q: QuantSettings, compute=torch.float32):
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=q.storage,
     )
 
 

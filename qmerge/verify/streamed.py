@@ -24,6 +24,7 @@ Progress = Callable[[str, int, int], None]
 # Module classes whose weights are used by more than their own forward (PEFT's LoRA layers read
 # base_layer.weight for DoRA; a modules_to_save wrapper holds copies): all their weights come at once.
 _WHOLE = ["Linear", "Embedding", "Conv1D", "ModulesToSaveWrapper"]
+_READ_BLOCK = 32 * 2**20  # bytes of a stored tensor read at a time when it is widened to fp32
 
 
 class LazyWeights(Mapping):
@@ -63,10 +64,23 @@ def base_weights(source: Source) -> Callable[[str], torch.Tensor]:
             key = tied.get(key, tied.get(name, key))
         if source.weights.is_4bit(key):
             return source.weights.dequantized(key)
-        t = source.base.store.get(key)
-        return t.float() if t.is_floating_point() else t
+        return read_fp32(source.base.store, key)
 
     return weight
+
+
+def read_fp32(store, key: str) -> torch.Tensor:
+    """A stored tensor in fp32 (non-float tensors as stored), a block of rows at a time into the result: an
+    embedding or output layer is never held in both its stored dtype and fp32 (7B: 262 MB less at peak)."""
+    dtype, shape = store.dtype(key), store.shape(key)
+    if not dtype.is_floating_point or store.nbytes(key) <= _READ_BLOCK or not shape or shape[0] < 2:
+        t = store.get(key)
+        return t.float() if t.is_floating_point() else t
+    out = torch.empty(shape, dtype=torch.float32)
+    step = max(1, shape[0] * _READ_BLOCK // store.nbytes(key))
+    for r in range(0, shape[0], step):
+        out[r : r + step] = store.get(key, (r, min(r + step, shape[0])))
+    return out
 
 
 def _empty_model(source: Source):
