@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import dtypes
 from .errors import UnsupportedError
-from .formats.gguf import write_gguf
+from .formats.gguf import CALIBRATED_TYPES, write_gguf
 from .formats.nf4 import NF4, NF4Options
 from .formats.plain import Plain
 from .formats.write import DEFAULT_MAX_SHARD, write_model_dir
@@ -16,7 +16,7 @@ from .pipeline.source import open_checkpoint, open_source
 from .pipeline.stream import Progress
 from .reports import WriteReport
 
-FORMATS = (*dtypes.OPTION_NAMES, "nf4", "gguf")
+FORMATS = (*dtypes.OPTION_NAMES, "nf4", "gguf", "gguf-lora")
 
 
 def merge(
@@ -40,6 +40,14 @@ def merge(
     )
 
 
+CALIBRATES = f"--calibrate applies to --to nf4, and to --to gguf / gguf-lora with --gguf-type {' or '.join(CALIBRATED_TYPES)}."
+
+
+def calibrates(to: str, gguf_type: str) -> bool:
+    """Whether an export to `to` (with `gguf_type`) can choose its codes on calibration data."""
+    return to == "nf4" or (to in ("gguf", "gguf-lora") and gguf_type.lower() in CALIBRATED_TYPES)
+
+
 def export(
     source: Path,
     to: str,
@@ -53,17 +61,43 @@ def export(
     force: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    calibrate: Path | None = None,
+    calibration_tokens: int = 8192,
 ) -> WriteReport:
-    """Export SOURCE (a QLoRA checkpoint, merged on the fly, or a model directory) to one format."""
+    """Export SOURCE (a QLoRA checkpoint, merged on the fly, or a model directory) to one format. With
+    `calibrate` (JSONL or text), an NF4 export or an IQ4_NL/Q4_0 GGUF chooses its codes with error feedback
+    on that data."""
     if to not in FORMATS:
         raise UnsupportedError(f"unknown export format {to!r}: choose one of {', '.join(FORMATS)}.")
-    if to == "gguf":
+    if to in ("gguf", "gguf-lora"):
         from .formats.gguf import check_type
 
         check_type(gguf_type)
+    if calibrate is not None and not calibrates(to, gguf_type):
+        raise UnsupportedError(CALIBRATES)
     src = open_source(Path(source), Path(base) if base else None, quant, merge_base, allow_pickle, True)
+    if to == "gguf" and calibrate is not None:
+        from .formats.gguf_calibrated import write_calibrated_gguf
+
+        return write_calibrated_gguf(
+            src, Path(out), gguf_type.lower(), Path(calibrate), calibration_tokens, force, progress
+        )
     if to == "gguf":
         return write_gguf(src, Path(out), gguf_type, force, progress)
+    if to == "gguf-lora":
+        if src.adapter is None:
+            raise UnsupportedError(f"{source}: --to gguf-lora exports an adapter; this is a model directory.")
+        from .formats.gguf_lora import write_gguf_lora
+
+        return write_gguf_lora(
+            src, Path(out), gguf_type.lower(), force, progress, calibrate, calibration_tokens
+        )
+    if calibrate is not None:
+        from .formats.nf4_calibrated import write_calibrated_nf4
+
+        return write_calibrated_nf4(
+            src, Path(out), Path(calibrate), nf4, calibration_tokens, max_shard_size, force, progress
+        )
     fmt = NF4(nf4) if to == "nf4" else Plain(dtypes.option_dtype(to), {"export": to})
     return write_model_dir(src, fmt, Path(out), max_shard_size, force, progress)
 

@@ -379,6 +379,11 @@ def merge(adapter, base, output, shard, force, dtype, merge_base, as_json, allow
 )
 @click.option("--fp32-reference", is_flag=True, help="On CUDA, run the reference (and candidate) in fp32.")
 @click.option(
+    "--lora",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A llama.cpp LoRA GGUF applied to a GGUF --candidate (export --to gguf-lora).",
+)
+@click.option(
     "--merge-base",
     type=click.Choice(MERGE_BASES),
     default=MERGE_BASES[0],
@@ -469,9 +474,19 @@ def _show_check(report, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--to", "to", required=True, type=click.Choice([*dtypes.OPTION_NAMES, "nf4", "gguf"]))
 @click.option(
-    "--gguf-type", default="f16", show_default=True, help="f32, f16, bf16, q8_0, or a K-quant such as q4_k_m."
+    "--to",
+    "to",
+    required=True,
+    type=click.Choice([*dtypes.OPTION_NAMES, "nf4", "gguf", "gguf-lora"]),
+    help="gguf-lora: OUT/ holds adapter.gguf, base-TYPE.gguf (--gguf-type) and an Ollama Modelfile.",
+)
+@click.option(
+    "--gguf-type",
+    default="f16",
+    show_default=True,
+    help="f32, f16, bf16, q8_0; a K-quant such as q4_k_m, or q4_0, iq4_nl, iq4_xs (llama.cpp's "
+    "quantizer; iq4_nl and q4_0 encoded by qmerge with --calibrate).",
 )
 @click.option(
     "--base", type=click.Path(path_type=Path), help="Base model directory (when SOURCE is an adapter)."
@@ -486,6 +501,13 @@ def _show_check(report, as_json: bool) -> None:
     help="Blocksize of the NF4 export (transformers loads 64).",
 )
 @click.option("--nf4-double-quant/--nf4-no-double-quant", default=True, show_default=True)
+@click.option(
+    "--calibrate",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="NF4, or GGUF (and gguf-lora's base) iq4_nl/q4_0: choose the 4-bit codes with error feedback "
+    "(GPTQ) on this JSONL (qmerge train's formats) or text.",
+)
+@click.option("--calibration-tokens", type=click.IntRange(16, 1 << 20), default=8192, show_default=True)
 @click.option(
     "--nf4-compute-dtype", type=click.Choice(dtypes.OPTION_NAMES), default="bf16", show_default=True
 )
@@ -504,15 +526,20 @@ def export(
     nf4_blocksize,
     nf4_double_quant,
     nf4_compute_dtype,
+    calibrate,
+    calibration_tokens,
     as_json,
     allow_pickle,
     **quant,
 ):
-    """Export a QLoRA checkpoint or merged directory to bf16/fp16/fp32, NF4 or GGUF."""
+    """Export a QLoRA checkpoint or merged directory to bf16/fp16/fp32, NF4, GGUF or a LoRA GGUF."""
+    from .api import CALIBRATES, calibrates
     from .api import export as do_export
     from .formats.nf4 import NF4Options
     from .render import files_table
 
+    if calibrate is not None and not calibrates(to, gguf_type):
+        raise click.UsageError(CALIBRATES)
     with progress_bar(f"exporting {to}", not as_json) as cb:
         report = do_export(
             source,
@@ -527,15 +554,23 @@ def export(
             force=force,
             allow_pickle=allow_pickle,
             progress=cb,
+            calibrate=calibrate,
+            calibration_tokens=calibration_tokens,
         )
     if as_json:
         _emit_json(report.to_json())
         return
     out.print(files_table(report))
+    cal = report.details.get("calibration")
+    if cal:
+        out.print(
+            f"calibrated on {cal['tokens']} tokens: output error {cal['output_error_vs_rounding']:.1%} of plain "
+            "rounding's"
+        )
     retention = report.details.get("delta_retention")
     if retention:
         out.print(
-            f"LoRA delta kept after NF4 requantization: {retention['total']:.1%} of ||delta|| "
+            f"LoRA delta kept after 4-bit requantization: {retention['total']:.1%} of ||delta|| "
             f"(worst layer {retention['worst_layer']}: {retention['worst']:.1%})"
         )
     out.print(f"done in {report.seconds:.1f} s")

@@ -49,13 +49,15 @@ def threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def load(path: Path, n_ctx: int, logits_all: bool = False):
-    """A llama.cpp model for `path` (f32 KV cache, quiet), or an InputError that says llama.cpp refused it."""
+def load(path: Path, n_ctx: int, logits_all: bool = False, lora: Path | None = None):
+    """A llama.cpp model for `path` (f32 KV cache, quiet) with an optional LoRA GGUF applied, or an
+    InputError that says llama.cpp refused it."""
     llama_cpp = require("running a GGUF file")
     try:
         with quiet_native_stderr():
             return llama_cpp.Llama(
                 model_path=str(path),
+                lora_path=str(lora) if lora else None,
                 n_ctx=max(n_ctx, 16),
                 n_batch=max(n_ctx, 16),
                 logits_all=logits_all,
@@ -67,16 +69,19 @@ def load(path: Path, n_ctx: int, logits_all: bool = False):
             )
     except (ValueError, RuntimeError) as e:
         raise InputError(
-            f"{path}: llama.cpp cannot load this GGUF file ({e}). Re-export it, or run with QMERGE_DEBUG=1 "
+            f"{path}{' with ' + str(lora) if lora else ''}: llama.cpp cannot load this GGUF file ({e}). "
+            "Re-export it, or run with QMERGE_DEBUG=1 "
             "to see llama.cpp's log."
         ) from e
 
 
-def gguf_logits(path: Path, tokens: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+def gguf_logits(
+    path: Path, tokens: torch.Tensor, lengths: list[int] | None = None, lora: Path | None = None
+) -> torch.Tensor:
     """Full fp32 logits [n, seq, vocab] from llama.cpp for each sequence of `tokens` (its first lengths[i]
     tokens; the rest of the row is zeros), f32 KV cache."""
     seq = tokens.shape[1]
-    llm = load(path, seq, logits_all=True)
+    llm = load(path, seq, logits_all=True, lora=lora)
     outs = []
     try:
         for i, row in enumerate(tokens.tolist()):
@@ -90,10 +95,12 @@ def gguf_logits(path: Path, tokens: torch.Tensor, lengths: list[int] | None = No
     return torch.stack(outs)
 
 
-def gguf_complete(path: Path, records: list[dict], prompts: list[str], max_new_tokens: int) -> list[str]:
+def gguf_complete(
+    path: Path, records: list[dict], prompts: list[str], max_new_tokens: int, lora: Path | None = None
+) -> list[str]:
     """Greedy completions by llama.cpp with the GGUF's own tokenizer: chat records through the chat
     template stored in the GGUF, others from their prompt text."""
-    llm = load(path, 2048)
+    llm = load(path, 2048, lora=lora)
     out = []
     try:
         for row, prompt in zip(records, prompts, strict=True):

@@ -35,6 +35,32 @@ def test_demo_end_to_end(demo):
     assert (out / "model-q4_k_m.gguf").exists() and (out / "demo.json").exists()
 
 
+def test_four_bit_deployments_that_keep_the_fine_tune(demo):
+    """Calibrated NF4 keeps >= 90% of the unmerged model's task accuracy at the size of plain NF4 (which keeps
+    none); a q4_k_m base with the adapter applied as a LoRA GGUF drifts less than the merged q4_k_m (the
+    delta is not rounded; what is left is the base's own NF4 -> q4_k_m rounding)."""
+    _, result = demo
+    rows = {row["name"]: row for row in result["rows"]}
+    reference = rows["unmerged QLoRA (reference)"]["accuracy"]
+    calibrated, plain = rows["qmerge NF4 calibrated"], rows["qmerge NF4 re-export"]
+    assert calibrated["accuracy"] >= 0.9 * reference > plain["accuracy"]
+    assert calibrated["bytes"] == plain["bytes"]
+    lora, merged = rows["GGUF q4_k_m base + LoRA GGUF"], rows["GGUF q4_k_m (llama.cpp)"]
+    assert lora["accuracy"] >= merged["accuracy"] and lora["mean_kl"] < 0.75 * merged["mean_kl"]
+
+
+def test_four_bit_ggufs_that_keep_the_fine_tune(demo):
+    """The calibrated IQ4_NL GGUF, at most 10% larger than q4_k_m, keeps >= 95% of the task; the calibrated
+    IQ4_NL base under the LoRA GGUF keeps >= 98%."""
+    _, result = demo
+    rows = {row["name"]: row for row in result["rows"]}
+    reference = rows["unmerged QLoRA (reference)"]["accuracy"]
+    calibrated, q4_k_m = rows["GGUF IQ4_NL calibrated (qmerge)"], rows["GGUF q4_k_m (llama.cpp)"]
+    assert calibrated["bytes"] <= 1.1 * q4_k_m["bytes"]
+    assert calibrated["accuracy"] >= 0.95 * reference > q4_k_m["accuracy"]
+    assert rows["GGUF IQ4_NL calibrated base + LoRA"]["accuracy"] >= 0.98 * reference
+
+
 @pytest.mark.parametrize("gguf,code", [("model-q8_0.gguf", 0), ("model-q4_k_m.gguf", 3)])
 def test_task_gate_on_the_demo(demo, gguf, code):
     """The gate a CI job runs: q8_0 keeps the task, q4_k_m does not (its completions differ)."""

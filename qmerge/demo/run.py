@@ -45,7 +45,7 @@ def _size(path: Path) -> int:
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+    return sum(p.stat().st_size for p in path.rglob("*") if p.suffix in (".safetensors", ".gguf"))
 
 
 def _quiet() -> None:
@@ -96,18 +96,40 @@ def fine_tune(base: Path, data: Path, adapter: Path, steps: int) -> dict:
     return trained
 
 
-def make_variants(out: Path, adapter: Path, base: Path) -> dict:
+def make_variants(out: Path, adapter: Path, base: Path, data: Path) -> dict:
     """The merge and the exports, by qmerge's own verbs: {label: WriteReport}."""
     from ..api import export, merge
 
     return {
         "qmerge merge (bf16)": merge(adapter, out / "merged-bf16", base=base, dtype="bf16"),
         "qmerge NF4 re-export": export(adapter, "nf4", out / "model-nf4", base=base),
+        "qmerge NF4 calibrated": export(
+            adapter, "nf4", out / "model-nf4-calibrated", base=base, calibrate=data
+        ),
         "GGUF q8_0 (llama.cpp)": export(
             adapter, "gguf", out / "model-q8_0.gguf", base=base, gguf_type="q8_0"
         ),
         "GGUF q4_k_m (llama.cpp)": export(
             adapter, "gguf", out / "model-q4_k_m.gguf", base=base, gguf_type="q4_k_m"
+        ),
+        "GGUF IQ4_NL calibrated (qmerge)": export(
+            adapter,
+            "gguf",
+            out / "model-iq4_nl-calibrated.gguf",
+            base=base,
+            gguf_type="iq4_nl",
+            calibrate=data,
+        ),
+        "GGUF q4_k_m base + LoRA GGUF": export(
+            adapter, "gguf-lora", out / "lora-q4_k_m", base=base, gguf_type="q4_k_m"
+        ),
+        "GGUF IQ4_NL calibrated base + LoRA": export(
+            adapter,
+            "gguf-lora",
+            out / "lora-iq4_nl-calibrated",
+            base=base,
+            gguf_type="iq4_nl",
+            calibrate=data,
         ),
     }
 
@@ -128,11 +150,11 @@ def _row(name: str, measured: tuple, path: Path | None) -> Row:
 def score(out: Path, adapter: Path, base: Path, data: Path, variants: dict) -> tuple[list[Row], dict]:
     """Every variant against the unmerged QLoRA model with `qmerge check`'s own machinery, once: drift on
     the response tokens of the task data and greedy completions of all its prompts."""
+    from ..pipeline.model import streamed_model
     from ..pipeline.source import Source, open_checkpoint
     from ..verify.candidates import candidate_kind
     from ..verify.check import Options, Runner, Session, task_summary
     from ..verify.generate import Completion
-    from ..verify.streamed import streamed_model
 
     n = len(task_pairs())
     opts = Options(data=data, generate=n, max_seqs=n, max_new_tokens=8, device="cpu")
@@ -155,9 +177,11 @@ def score(out: Path, adapter: Path, base: Path, data: Path, variants: dict) -> t
     ]
     gates = {}
     for label, report in variants.items():
-        path = Path(report.output)
-        metrics, task = measure(session.candidate(path, candidate_kind(path)))
-        rows.append(_row(label, (metrics, task), path))
+        path, lora = Path(report.output), None
+        if report.details.get("adapter"):  # gguf-lora: the base GGUF with the adapter applied
+            path, lora = path / report.details["base"], path / report.details["adapter"]
+        metrics, task = measure(session.candidate(path, candidate_kind(path), lora))
+        rows.append(_row(label, (metrics, task), Path(report.output)))
         gates[label] = task["agreement"]
     session.close()
     return rows, gates
@@ -167,8 +191,9 @@ def _save_naive(adapter: Path, base_dir, out: Path) -> None:
     """Save what PEFT's merge_and_unload gives on the 4-bit model, to show its size on disk."""
     from peft import PeftModel
 
+    from ..pipeline.model import quiet_libraries
     from ..pipeline.source import quant_settings_for
-    from ..verify.reference import load_4bit_base, quiet_libraries
+    from ..verify.reference import load_4bit_base
 
     with quiet_libraries():
         model = load_4bit_base(base_dir, quant_settings_for(None, None))
@@ -204,8 +229,11 @@ def run_demo(
         f"({trained['seconds']:.0f} s)"
     )
     log("3/6 merging with qmerge (bf16, into the NF4 weights training saw)")
-    log("4/6 exporting NF4 and GGUF (q8_0, q4_k_m)")
-    variants = make_variants(out, out / "adapter", base)
+    log(
+        "4/6 exporting NF4 (plain, calibrated on the task data), GGUF (q8_0, q4_k_m, calibrated IQ4_NL) and "
+        "LoRA GGUFs (on q4_k_m, on calibrated IQ4_NL)"
+    )
+    variants = make_variants(out, out / "adapter", base, data)
     lap("merge_export")
     log("5/6 scoring every variant with qmerge check --data --generate against the unmerged QLoRA model")
     rows, agreement = score(out, out / "adapter", base, data, variants)

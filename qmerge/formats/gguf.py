@@ -33,6 +33,8 @@ from .write import Layout, stream_into
 # llama.cpp quantizes from a GGUF file: qmerge writes an f32 one first (bf16 beyond this many
 # parameters, to bound the disk the intermediate takes).
 _F32_INTERMEDIATE_MAX = 3e9
+# types qmerge encodes itself when --calibrate is given (formats/gguf_calibrated.py)
+CALIBRATED_TYPES = ("iq4_nl", "q4_0")
 
 
 def check_type(gguf_type: str) -> str:
@@ -106,23 +108,31 @@ def write_gguf(
     gguf_type = check_type(gguf_type)
     out = Path(out)
     with atomic_file(out, force, source.inputs(), not_written_by_qmerge) as tmp:
-        if gguf_type in DIRECT_TYPES:
-            merged, digests, summary = GGUF(source, gguf_type).write(source, tmp, progress)
-        else:
-            n_params = sum(torch.Size(s.shape).numel() for s in source.tensors.values())
-            inter = "f32" if n_params < _F32_INTERMEDIATE_MAX else "bf16"
-            fmt = GGUF(source, inter)  # refuses an unsupported model before anything is written
-            mid = tmp.with_name(tmp.name + ".intermediate.gguf")  # removed with the temporary
-            merged, _, summary = fmt.write(source, mid, progress)
-            llama_cpp.quantize(mid, tmp, gguf_type)
-            mid.unlink()
-            summary = {**summary, "intermediate": inter, "tensor_types": _gguf_types(tmp)}
-            digests = {}
+        merged, digests, summary = write_gguf_file(source, tmp, gguf_type, progress)
         files = describe_files(tmp, digests)
     files = [OutputFile(out.name, f.bytes, f.sha256) for f in files]
     return WriteReport(
         str(out), files, merged, time.perf_counter() - start, {"gguf_type": gguf_type, **summary}
     )
+
+
+def write_gguf_file(
+    source: Source, path: Path, gguf_type: str, progress: Progress | None = None
+) -> tuple[int, dict, dict]:
+    """Write `source` as a GGUF file of any supported type at `path` (no atomicity: the caller's).
+    Returns (tensors merged, {file name: sha256} where known, summary)."""
+    if gguf_type in DIRECT_TYPES:
+        return GGUF(source, gguf_type).write(source, path, progress)
+    n_params = sum(torch.Size(s.shape).numel() for s in source.tensors.values())
+    inter = "f32" if n_params < _F32_INTERMEDIATE_MAX else "bf16"
+    fmt = GGUF(source, inter)  # refuses an unsupported model before anything is written
+    mid = path.with_name(path.name + ".intermediate.gguf")  # named after the temporary: cleaned with it
+    try:
+        merged, _, summary = fmt.write(source, mid, progress)
+        llama_cpp.quantize(mid, path, gguf_type)
+    finally:
+        mid.unlink(missing_ok=True)
+    return merged, {}, {**summary, "intermediate": inter, "tensor_types": _gguf_types(path)}
 
 
 def _gguf_types(path: Path) -> dict:

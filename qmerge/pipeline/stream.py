@@ -42,6 +42,13 @@ def merged_tensors(
         progress("", len(order), len(order))
 
 
+def merged_tensor(source: Source, name: str, keep_base: bool = False) -> MergedTensor:
+    """One tensor of the output model in fp32 (with keep_base, and the weight before the adapter)."""
+    from .steps import plan_steps
+
+    return _run(source, name, plan_steps(source, {name: None}, keep_base)[name], None, keep_base)
+
+
 def _run(source: Source, name: str, step: Step, dtype: torch.dtype | None, keep_base: bool) -> MergedTensor:
     before = None
     if keep_base and isinstance(step, Change):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..pipeline.base import QuantSettings
+from ..pipeline.model import streamed_merge
 from ..pipeline.source import open_checkpoint
 from .check import Options, Runner, Session, resolve_device
-from .streamed import streamed_merge
 
 ROUTES = ("dequantized", "original")
 # Mean KLs closer than this factor are a tie; the merge into the weights training saw is then preferred.

@@ -12,7 +12,8 @@ from ..errors import InputError
 from ..io.hf_dir import ModelDir
 from ..io.kinds import path_kind
 from ..io.records import read_provenance
-from .reference import model_logits, quiet_libraries
+from ..pipeline.model import quiet_libraries
+from .reference import model_logits
 
 
 def candidate_kind(path: Path) -> str:

@@ -24,6 +24,7 @@ import torch
 
 from .. import llama_cpp
 from ..pipeline.base import QuantSettings
+from ..pipeline.model import load_tokenizer, streamed_model
 from ..pipeline.source import Source, open_checkpoint, open_source, quant_settings_for
 from ..reports import CheckReport
 from .candidates import candidate_kind, delta_retention
@@ -31,8 +32,8 @@ from .cuda import cuda_available, cuda_base, cuda_candidate, cuda_logits, cuda_r
 from .generate import Completion, hf_complete
 from .metrics import Drift, Thresholds, gate
 from .reference import model_logits, naive_merged_model
-from .streamed import logits, report_layers, streamed_model, streamed_reference
-from .tokens import Batch, data_batch, load_tokenizer, prompts, text_batch
+from .streamed import logits, report_layers, streamed_reference
+from .tokens import Batch, data_batch, prompts, text_batch
 
 LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits per chunk of sequences
 Progress = Callable[[str, int, int], None]
@@ -52,6 +53,7 @@ class Options:
     naive: bool = False
     device: str = "auto"
     fp32_reference: bool = False
+    lora: Path | None = None  # a llama.cpp LoRA GGUF on a GGUF candidate
 
 
 def chunks(batch: Batch, vocab: int) -> list[Batch]:
@@ -88,14 +90,16 @@ class Spill:
 class Runner:
     """One model in its engine: a transformers model (streamed or on CUDA), or a GGUF file in llama.cpp."""
 
-    def __init__(self, phase: str, model=None, gguf: Path | None = None, progress: Progress | None = None):
-        self.phase, self.model, self.gguf, self.progress = phase, model, gguf, progress
+    def __init__(
+        self, phase: str, model=None, gguf: Path | None = None, progress: Progress | None = None, lora=None
+    ):
+        self.phase, self.model, self.gguf, self.progress, self.lora = phase, model, gguf, progress, lora
 
     def logits(self, parts: list[Batch]) -> Iterator[torch.Tensor]:
         """Logits of each chunk, with (phase, layer) progress and tokens per second on the way."""
         if self.gguf is not None:
             for part in parts:
-                yield llama_cpp.gguf_logits(self.gguf, part.tokens, part.lengths)
+                yield llama_cpp.gguf_logits(self.gguf, part.tokens, part.lengths, self.lora)
             return
         hooks = report_layers(self.model, self.phase, self.progress)
         run = cuda_logits if any(p.device.type == "cuda" for p in self.model.parameters()) else logits
@@ -125,9 +129,8 @@ class Runner:
         self, tokenizer, asked: list[tuple[dict, str, str | None]], max_new_tokens: int
     ) -> list[str]:
         if self.gguf is not None:
-            return llama_cpp.gguf_complete(
-                self.gguf, [r for r, _, _ in asked], [p for _, p, _ in asked], max_new_tokens
-            )
+            records, prompts_ = [r for r, _, _ in asked], [p for _, p, _ in asked]
+            return llama_cpp.gguf_complete(self.gguf, records, prompts_, max_new_tokens, self.lora)
         if self.progress:
             self.progress(f"{self.phase}: completing {len(asked)} prompts", 0, len(asked))
         return hf_complete(self.model, tokenizer, [p for _, p, _ in asked], max_new_tokens)
@@ -228,9 +231,17 @@ class Session:
             "base", streamed_model(Source(s.base, None, s.quant, s.merge_base)), progress=self.progress
         )
 
-    def candidate(self, path: Path, kind: str) -> Runner:
+    def candidate(self, path: Path, kind: str, lora: Path | None = None) -> Runner:
+        """The candidate in its engine (a GGUF with `lora`, else the check's --lora, applied)."""
+        lora = lora or self.opts.lora
         if kind == "gguf":
-            return Runner("candidate", gguf=path, progress=self.progress)
+            return Runner("candidate", gguf=path, progress=self.progress, lora=lora)
+        if lora is not None:
+            from ..errors import InputError
+
+            raise InputError(
+                f"--lora applies a llama.cpp adapter to a GGUF --candidate; {path} is a {kind} model."
+            )
         fp32 = self.opts.fp32_reference
         model = (
             cuda_candidate(path, kind, fp32) if self.device == "cuda" else streamed_model(open_source(path))

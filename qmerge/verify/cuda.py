@@ -14,8 +14,9 @@ import torch
 from ..errors import DependencyError
 from ..io.files import read_json
 from ..io.records import TRAINING_RECORD
+from ..pipeline.model import quiet_libraries
 from ..pipeline.source import Source
-from .reference import bnb_config, quiet_libraries
+from .reference import bnb_config
 
 
 def cuda_available() -> bool:

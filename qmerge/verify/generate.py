@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import quiet_libraries
+from ..pipeline.model import quiet_libraries
 
 
 @dataclass(frozen=True)

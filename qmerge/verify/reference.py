@@ -8,9 +8,6 @@ adapter unmerged on top. Merge error is then not hidden under bf16 compute noise
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 from pathlib import Path
 
 import torch
@@ -19,24 +16,8 @@ from ..errors import UnsupportedError
 from ..io.adapter import Adapter
 from ..io.hf_dir import ModelDir
 from ..pipeline.base import QuantSettings
+from ..pipeline.model import quiet_libraries
 from ..pipeline.source import quant_settings_for, resolve_base_path
-
-
-@contextlib.contextmanager
-def quiet_libraries():
-    """Silence library chatter (progress bars, warnings) so that --json stdout stays clean."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from transformers.utils import logging as hf_logging
-
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                yield
-        finally:
-            hf_logging.set_verbosity(level)
 
 
 def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:

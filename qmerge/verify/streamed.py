@@ -1,169 +1,25 @@
-"""Models whose weights exist one module at a time: transformers' own modules (and PEFT's LoRA layers for the
-unmerged reference) built on the meta device, with accelerate's offload hooks filling each module's weights
-from a lazy map just before its forward and dropping them after it.
-
-Peak memory is then one module's fp32 weights, the activations and a chunk of logits, whatever the number of
-layers. The math is transformers' and PEFT's; the weights are the ones training saw (4-bit layers
-dequantized by qmerge's codec, bit-exact with bitsandbytes) or a candidate's as stored.
-"""
+"""The unmerged QLoRA model streamed as pipeline/model.py streams a merged one: PEFT's LoRA layers over
+transformers' modules on the meta device, adapter weights captured from PEFT's own key translation, base
+weights as training saw them, one module at a time; and the forward helpers check uses on both models."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-from collections.abc import Callable, Iterator, Mapping
-from functools import lru_cache
+from collections.abc import Callable
 
 import torch
 
-from ..io.hf_meta import checkpoint_names, tied_weights
+from ..pipeline.model import (
+    LazyWeights,
+    attach,
+    base_weights,
+    decoder_layers,
+    empty_model,
+    parameter_names,
+    quiet_libraries,
+)
 from ..pipeline.source import Source
-from .reference import quiet_libraries
 
 Progress = Callable[[str, int, int], None]
-# Module classes whose weights are used by more than their own forward (PEFT's LoRA layers read
-# base_layer.weight for DoRA; a modules_to_save wrapper holds copies): all their weights come at once.
-_WHOLE = ["Linear", "Embedding", "Conv1D", "ModulesToSaveWrapper"]
-_READ_BLOCK = 32 * 2**20  # bytes of a stored tensor read at a time when it is widened to fp32
-
-
-class LazyWeights(Mapping):
-    """{parameter name: tensor}, each tensor made when a hook asks for it (and not kept).
-
-    Made on the calling thread: a read-ahead thread measured no faster on 2 cores (the forward's matmuls
-    use both) and its allocator arena fragmented, raising peak memory by up to 40% (1.1B check).
-    """
-
-    def __init__(self, make: Callable[[str], torch.Tensor], names: list[str]):
-        self._make, self._names = make, names
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._make(name)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-def base_weights(source: Source) -> Callable[[str], torch.Tensor]:
-    """A function from a model parameter name to the fp32 weight `source` holds for it: 4-bit layers as
-    bitsandbytes dequantizes them, others as stored; renamed (transformers 5) and tied names resolved."""
-    config = source.base.config
-    saved_as = checkpoint_names(config)
-    tied = tied_weights(config)
-    stored = set(source.base.weight_names())
-
-    def weight(name: str) -> torch.Tensor:
-        key = saved_as.get(name, name)
-        if key not in stored:
-            key = tied.get(key, tied.get(name, key))
-        if source.weights.is_4bit(key):
-            return source.weights.dequantized(key)
-        return read_fp32(source.base.store, key)
-
-    return weight
-
-
-def read_fp32(store, key: str) -> torch.Tensor:
-    """A stored tensor in fp32 (non-float tensors as stored), a block of rows at a time into the result: an
-    embedding or output layer is never held in both its stored dtype and fp32 (7B: 262 MB less at peak)."""
-    dtype, shape = store.dtype(key), store.shape(key)
-    if not dtype.is_floating_point or store.nbytes(key) <= _READ_BLOCK or not shape or shape[0] < 2:
-        t = store.get(key)
-        return t.float() if t.is_floating_point() else t
-    out = torch.empty(shape, dtype=torch.float32)
-    step = max(1, shape[0] * _READ_BLOCK // store.nbytes(key))
-    for r in range(0, shape[0], step):
-        out[r : r + step] = store.get(key, (r, min(r + step, shape[0])))
-    return out
-
-
-def _empty_model(source: Source):
-    """The CausalLM transformers builds from the source's config, parameters on the meta device (buffers
-    such as rotary frequencies real), in fp32, for inference."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(source.base.path))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights come dequantized through the hooks
-    with quiet_libraries(), init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
-
-
-def _names(model) -> list[str]:
-    return [n for n, _ in model.named_parameters()]
-
-
-@lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's malloc_trim(0), or nothing where there is no glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-
-    def release() -> None:
-        trim(0)
-
-    return release
-
-
-def _after_layer(module, args, output) -> None:
-    """A forward hook: give the freed memory back; returns None so the layer's output stays as it is."""
-    _malloc_trim()()
-
-
-def _attach(model, weights: Mapping) -> None:
-    """Offload hooks on every module, and a malloc_trim after each decoder layer: the freed weights of a
-    layer otherwise stay in glibc's heap, fragmented (1.1B check: peak 1.6-1.8 GiB without, 0.95 GiB with,
-    the same time)."""
-    from accelerate.hooks import attach_align_device_hook
-
-    layers = decoder_layers(model)
-    for layer in layers if layers is not None else []:
-        layer.register_forward_hook(_after_layer)
-
-    attach_align_device_hook(
-        model, execution_device="cpu", offload=True, weights_map=weights, preload_module_classes=_WHOLE
-    )
-
-
-def streamed_model(source: Source):
-    """A merged model or NF4 export (a Source without adapter), run one module's weights at a time."""
-    model = _empty_model(source)
-    _attach(model, LazyWeights(base_weights(source), _names(model)))
-    return model
-
-
-def streamed_merge(source: Source, dtype: torch.dtype = torch.bfloat16):
-    """The model `qmerge merge --dtype` would write from `source`, without writing it: each module's merged
-    weights made (qmerge's merge, cast to `dtype` as the files would hold them) when its hook asks."""
-    from ..pipeline.steps import decide
-
-    model = _empty_model(source)
-    config = source.base.config
-    saved_as, tied = checkpoint_names(config), tied_weights(config)
-    by_weight = {m.weight: m for m in source.layout.lora.values()}
-    by_bias = {m.module + ".bias": m for m in source.layout.lora.values() if m.lora_B_bias}
-
-    def weight(name: str) -> torch.Tensor:
-        key = saved_as.get(name, name)
-        if key not in source.tensors:
-            key = tied.get(key, tied.get(name, key))
-        step = decide(source, key, by_weight.get(key), by_bias.get(key), dtype, False)
-        value = step.run(source, dtype)
-        return value.to(dtype).float() if value.is_floating_point() else value
-
-    _attach(model, LazyWeights(weight, _names(model)))
-    return model
 
 
 def streamed_reference(source: Source):
@@ -175,7 +31,7 @@ def streamed_reference(source: Source):
 
     with quiet_libraries():
         model = PeftModel.from_pretrained(
-            _empty_model(source), str(source.adapter.path), low_cpu_mem_usage=True
+            empty_model(source), str(source.adapter.path), low_cpu_mem_usage=True
         )
     model.eval()
     # PEFT keeps adapter weights on the device of the base layer (here: meta). Its own key translation
@@ -203,14 +59,8 @@ def streamed_reference(source: Source):
         )
         return base(plain)
 
-    _attach(model, LazyWeights(weight, _names(model)))
+    attach(model, LazyWeights(weight, parameter_names(model)))
     return model
-
-
-def decoder_layers(model) -> torch.nn.ModuleList | None:
-    """The decoder's stack of layers (the longest ModuleList), for progress."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return max(lists, key=len) if lists else None
 
 
 def report_layers(model, phase: str, progress: Progress | None) -> list:

@@ -11,7 +11,6 @@ import torch
 
 from ..data import IGNORE, encode_record, prompt_and_answer, read_jsonl
 from ..errors import InputError
-from .reference import quiet_libraries
 
 DEFAULT_TEXT = (
     "QLoRA fine-tunes a large language model cheaply: the base weights are frozen in 4-bit NormalFloat, and "
@@ -40,17 +39,6 @@ class Batch:
 
     def part(self, i: int, j: int) -> Batch:
         return Batch(self.tokens[i:j], self.lengths[i:j], self.targets[i:j], self.scored[i:j])
-
-
-def load_tokenizer(*dirs: Path):
-    """The first transformers tokenizer found in dirs, or None."""
-    from transformers import AutoTokenizer
-
-    for d in dirs:
-        if d is not None and (Path(d) / "tokenizer_config.json").exists():
-            with quiet_libraries():
-                return AutoTokenizer.from_pretrained(str(d))
-    return None
 
 
 def make_tokens(

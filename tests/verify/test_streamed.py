@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from qmerge.api import export, merge
+from qmerge.pipeline.model import streamed_model
 from qmerge.pipeline.source import open_checkpoint, open_source
-from qmerge.verify.streamed import logits, streamed_model, streamed_reference
+from qmerge.verify.streamed import logits, streamed_reference
 from tests.helpers import TOKENS, bnb_config, logits_of, random_adapter, reference_unmerged
 from tests.test_architectures import ARCHS, make_base_and_adapter
 
@@ -108,8 +109,9 @@ def test_check_metrics_equal_whole_model_metrics(tmp_path, fixtures, base16, mon
     import dataclasses
 
     import qmerge.verify.check as chk
+    from qmerge.pipeline.model import load_tokenizer
     from qmerge.verify.metrics import Thresholds, compare_logits
-    from qmerge.verify.tokens import load_tokenizer, make_tokens
+    from qmerge.verify.tokens import make_tokens
 
     adapter = fixtures / "adapter-dora"
     merge(adapter, tmp_path / "m", base=base16, dtype="bf16")

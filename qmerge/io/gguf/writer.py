@@ -194,9 +194,11 @@ def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, name: str) 
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "iq4_nl": gguf.LlamaFileType.MOSTLY_IQ4_NL,  # written by qmerge when calibrated
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }[gguf_type]
     w.add_file_type(ftype)
-    if gguf_type == "q8_0":
+    if gguf_type not in ("f32", "f16", "bf16"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

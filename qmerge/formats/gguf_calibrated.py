@@ -1,0 +1,174 @@
+"""`qmerge export --to gguf --gguf-type iq4_nl|q4_0 --calibrate FILE`: a 4-bit GGUF whose codes keep the
+fine-tune, encoded by qmerge in llama.cpp's own block formats (quant/ggml4.py).
+
+The layers that were 4-bit in training get IQ4_NL (or Q4_0) blocks: each block's fp16 scale chosen as
+llama.cpp's quantizer chooses it with an importance matrix (the mean squared activation of each input column
+on the calibration data), then the codes chosen with GPTQ error feedback against that layer's inputs. The
+other matrices (embeddings, the output layer) are Q8_0, 1-D tensors F32. One streamed forward pass of the
+merged model hands each layer its inputs, as for calibrated NF4 (calibration.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..io.atomic import OutputFile, atomic_file, describe_files
+from ..io.gguf.arch import architecture_of
+from ..io.gguf.rope import rope_tensors
+from ..io.gguf.writer import GGUFFile, GGUFTensor, encode, gguf_head, map_tensors, not_written_by_qmerge
+from ..pipeline.source import Source
+from ..pipeline.steps import plan_steps
+from ..pipeline.stream import Progress, merged_tensor, merged_tensors
+from ..quant import ggml4
+from ..quant.gptq import gptq_codes
+from ..reports import WriteReport
+from .calibration import OutputErrors, calibrate, calibration_tokens, module_order
+from .nf4 import Retention
+
+
+class CalibratedGGUF:
+    """The calibrated GGUF of one source: its tensors, and the 4-bit layers encoded as inputs arrive."""
+
+    def __init__(self, source: Source, kind: str, base_only: bool = False):
+        import gguf
+
+        self.source, self.kind, self.base_only = source, kind, base_only
+        self.arch, self.hp = architecture_of(source.config)
+        qtype = {"iq4_nl": gguf.GGMLQuantizationType.IQ4_NL, "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
+        four = source.weights.quantized_names()
+        mapped = map_tensors(self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, "q8_0")
+        self.tensors = [
+            dataclasses.replace(t, qtype=qtype) if t.hf_name in four and t.shape[-1] % 32 == 0 else t
+            for t in mapped
+        ]
+        self.quantized = {t.hf_name for t in self.tensors if t.qtype == qtype}
+        self._by_name = {t.hf_name: t for t in self.tensors}
+        self.retention, self.errors = Retention(), OutputErrors()
+
+    def layout(self, forward_order: list[str]) -> tuple[list[GGUFTensor], list[str]]:
+        """(every GGUF tensor in file order: the plain ones, then the 4-bit ones in forward order; the
+        4-bit weights' names in that order)."""
+        fourbit = [n for n in forward_order if n in self.quantized]
+        fourbit += sorted(self.quantized - set(fourbit))
+        plain = [t for t in self.tensors if t.hf_name not in self.quantized]
+        return plain + [self._by_name[n] for n in fourbit], fourbit
+
+    def encode_plain(self, name: str, value: torch.Tensor, base: torch.Tensor | None) -> np.ndarray:
+        if self.base_only and base is not None:
+            value = base
+        return encode(self.arch.transform(name, value, self.hp), self._by_name[name].qtype)
+
+    def quantize(self, name: str, H: torch.Tensor | None) -> list[tuple[str, np.ndarray]]:
+        """The blocks of 4-bit weight `name`: scales weighted by H's diagonal, codes chosen against H
+        (llama.cpp's unweighted scales and plain rounding without one)."""
+        t = merged_tensor(self.source, name, keep_base=True)
+        value = t.base if self.base_only and t.base is not None else t.value
+        W = self.arch.transform(name, value.float(), self.hp)  # Q/K rows as llama.cpp holds them
+        scale = ggml4.block_scales(W, None if H is None else torch.diag(H), self.kind)
+        rounded = ggml4.round_codes(W, scale, self.kind)
+        if H is None:
+            codes = rounded
+        else:
+            codes = gptq_codes(W, H, ggml4.VALUES[self.kind], scale, ggml4.BLOCK)
+        Q = ggml4.dequantize(codes, scale, self.kind)
+        if (
+            t.base is not None and not self.base_only
+        ):  # the same row permutation on both sides: retention is unchanged by it
+            self.retention.add(name, self.arch.transform(name, t.base.float(), self.hp), W, Q)
+        if H is not None:
+            self.errors.add(name, Q - W, ggml4.dequantize(rounded, scale, self.kind) - W, H)
+        return [(self._by_name[name].name, ggml4.encode_blocks(codes, scale).numpy())]
+
+    def summary(self, tokens: int) -> dict:
+        return self.errors.summary(
+            tokens,
+            f"GPTQ error feedback in llama.cpp's {self.kind.upper()} blocks, fp16 block scales chosen with the "
+            "calibration's importance matrix first",
+        )
+
+
+def write_calibrated_gguf(
+    source: Source,
+    out: Path,
+    kind: str,
+    calibration: Path,
+    max_tokens: int = 8192,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> WriteReport:
+    """Write the calibrated 4-bit GGUF of `source` at `out`, atomically."""
+    start = time.perf_counter()
+    out = Path(out)
+    with atomic_file(out, force, source.inputs(), not_written_by_qmerge) as tmp:
+        digests, details = calibrated_gguf_file(source, tmp, kind, calibration, max_tokens, progress)
+        files = [OutputFile(out.name, f.bytes, f.sha256) for f in describe_files(tmp, digests)]
+    merged = len(source.layout.lora) + len(source.layout.replace)
+    return WriteReport(str(out), files, merged, time.perf_counter() - start, details)
+
+
+def calibrated_gguf_file(
+    source: Source,
+    path: Path,
+    kind: str,
+    calibration: Path,
+    max_tokens: int = 8192,
+    progress: Progress | None = None,
+    base_only: bool = False,
+) -> tuple[dict, dict]:
+    """Write the calibrated GGUF at `path` (no atomicity: the caller's): ({file name: sha256}, details).
+    With base_only, the file holds the weights training saw (for a LoRA GGUF on top), calibrated on the
+    inputs each layer receives in the fine-tuned model."""
+    from ..pipeline.model import load_tokenizer, streamed_merge
+
+    cal = CalibratedGGUF(source, kind, base_only)
+    tokenizer = load_tokenizer(source.tokenizer_dir, source.base.path)
+    if tokenizer is None:
+        raise InputError(f"{source.tokenizer_dir}: --calibrate needs the model's tokenizer (tokenizer.json).")
+    tokens, mask = calibration_tokens(Path(calibration), tokenizer, max_tokens)
+    model = streamed_merge(source, torch.float32)
+    digests, tokenizer_kind = _write_file(path, cal, model, tokens, mask, progress)
+    counts: dict[str, int] = {}
+    for t in cal.tensors:
+        counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+    details = {"gguf_type": kind, "gguf_architecture": cal.arch.gguf_arch, "tensor_types": counts}
+    details |= {"tokenizer": tokenizer_kind, "calibration": cal.summary(int(mask.sum()))}
+    if cal.retention.summary():
+        details["delta_retention"] = cal.retention.summary()
+    return digests, details
+
+
+def _write_file(path: Path, cal: CalibratedGGUF, model, tokens, mask, progress) -> tuple[dict, str]:
+    """The header, the rotary factors, the plain tensors, then the 4-bit layers as the forward reaches them:
+    ({file name: sha256}, tokenizer kind)."""
+    tensors, fourbit = cal.layout(module_order(model))
+    extra = rope_tensors(cal.arch, cal.hp)
+    scratch = path.with_name(path.name + ".head")
+    head, align, tokenizer_kind = gguf_head(
+        cal.arch, cal.hp, tensors, extra, cal.kind, cal.source.name, cal.source.tokenizer_dir, scratch
+    )
+    sink = GGUFFile(path, head, align)
+    try:
+        for extra_name, values in extra:
+            sink.write(extra_name, values.reshape(-1).view(np.uint8))
+        _write_plain(sink, cal, [t.hf_name for t in tensors if t.hf_name not in cal.quantized])
+        calibrate(sink, model, cal, fourbit, tokens, mask, progress)
+        return sink.close(), tokenizer_kind
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _write_plain(sink: GGUFFile, cal: CalibratedGGUF, names: list[str]) -> None:
+    dts = {n: torch.float32 if cal.source.tensors[n].floating else None for n in names}
+    for t in merged_tensors(
+        cal.source, plan_steps(cal.source, dts, cal.base_only), dts, names, cal.base_only
+    ):
+        data = cal.encode_plain(t.name, t.value, t.base)
+        sink.wait_for_room(data.nbytes)
+        sink.write(t.name, data)
