@@ -40,7 +40,13 @@ def merge(
     )
 
 
-CALIBRATES = f"--calibrate applies to --to nf4, and to --to gguf / gguf-lora with --gguf-type {' or '.join(CALIBRATED_TYPES)}."
+CALIBRATES = (
+    "--calibrate applies to --to nf4, and to --to gguf / gguf-lora with --gguf-type "
+    f"{', '.join(CALIBRATED_TYPES)}."
+)
+
+
+IMATRIX = "--imatrix writes the importance matrix of a calibrated GGUF export: use it with --to gguf and --calibrate."
 
 
 def calibrates(to: str, gguf_type: str) -> bool:
@@ -63,10 +69,11 @@ def export(
     progress: Progress | None = None,
     calibrate: Path | None = None,
     calibration_tokens: int = 8192,
+    imatrix: Path | None = None,
 ) -> WriteReport:
     """Export SOURCE (a QLoRA checkpoint, merged on the fly, or a model directory) to one format. With
     `calibrate` (JSONL or text), an NF4 export or an IQ4_NL/Q4_0 GGUF chooses its codes with error feedback
-    on that data."""
+    on that data, and a calibrated GGUF export can also write llama.cpp's importance matrix at `imatrix`."""
     if to not in FORMATS:
         raise UnsupportedError(f"unknown export format {to!r}: choose one of {', '.join(FORMATS)}.")
     if to in ("gguf", "gguf-lora"):
@@ -75,12 +82,16 @@ def export(
         check_type(gguf_type)
     if calibrate is not None and not calibrates(to, gguf_type):
         raise UnsupportedError(CALIBRATES)
+    if imatrix is not None and (to != "gguf" or calibrate is None):
+        raise UnsupportedError(IMATRIX)
+    if imatrix is not None and Path(imatrix).resolve() == Path(out).resolve():
+        raise UnsupportedError(f"{imatrix}: --imatrix names the output file itself; give it its own path.")
     src = open_source(Path(source), Path(base) if base else None, quant, merge_base, allow_pickle, True)
     if to == "gguf" and calibrate is not None:
         from .formats.gguf_calibrated import write_calibrated_gguf
 
         return write_calibrated_gguf(
-            src, Path(out), gguf_type.lower(), Path(calibrate), calibration_tokens, force, progress
+            src, Path(out), gguf_type.lower(), Path(calibrate), calibration_tokens, force, progress, imatrix
         )
     if to == "gguf":
         return write_gguf(src, Path(out), gguf_type, force, progress)

@@ -486,7 +486,7 @@ def _show_check(report, as_json: bool) -> None:
     default="f16",
     show_default=True,
     help="f32, f16, bf16, q8_0; a K-quant such as q4_k_m, or q4_0, iq4_nl, iq4_xs (llama.cpp's "
-    "quantizer; iq4_nl and q4_0 encoded by qmerge with --calibrate).",
+    "quantizer; iq4_xs, iq4_nl and q4_0 encoded by qmerge with --calibrate).",
 )
 @click.option(
     "--base", type=click.Path(path_type=Path), help="Base model directory (when SOURCE is an adapter)."
@@ -504,10 +504,16 @@ def _show_check(report, as_json: bool) -> None:
 @click.option(
     "--calibrate",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="NF4, or GGUF (and gguf-lora's base) iq4_nl/q4_0: choose the 4-bit codes with error feedback "
+    help="NF4, or GGUF (and gguf-lora's base) iq4_xs/iq4_nl/q4_0: choose the 4-bit codes with error feedback "
     "(GPTQ) on this JSONL (qmerge train's formats) or text.",
 )
 @click.option("--calibration-tokens", type=click.IntRange(16, 1 << 20), default=8192, show_default=True)
+@click.option(
+    "--imatrix",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --to gguf --calibrate: also write the calibration's importance matrix here (llama.cpp's "
+    "imatrix GGUF, for llama-quantize --imatrix).",
+)
 @click.option(
     "--nf4-compute-dtype", type=click.Choice(dtypes.OPTION_NAMES), default="bf16", show_default=True
 )
@@ -528,18 +534,21 @@ def export(
     nf4_compute_dtype,
     calibrate,
     calibration_tokens,
+    imatrix,
     as_json,
     allow_pickle,
     **quant,
 ):
     """Export a QLoRA checkpoint or merged directory to bf16/fp16/fp32, NF4, GGUF or a LoRA GGUF."""
-    from .api import CALIBRATES, calibrates
+    from .api import CALIBRATES, IMATRIX, calibrates
     from .api import export as do_export
     from .formats.nf4 import NF4Options
     from .render import files_table
 
     if calibrate is not None and not calibrates(to, gguf_type):
         raise click.UsageError(CALIBRATES)
+    if imatrix is not None and (to != "gguf" or calibrate is None):
+        raise click.UsageError(IMATRIX)
     with progress_bar(f"exporting {to}", not as_json) as cb:
         report = do_export(
             source,
@@ -556,6 +565,7 @@ def export(
             progress=cb,
             calibrate=calibrate,
             calibration_tokens=calibration_tokens,
+            imatrix=imatrix,
         )
     if as_json:
         _emit_json(report.to_json())

@@ -50,15 +50,15 @@ def test_four_bit_deployments_that_keep_the_fine_tune(demo):
 
 
 def test_four_bit_ggufs_that_keep_the_fine_tune(demo):
-    """The calibrated IQ4_NL GGUF, at most 10% larger than q4_k_m, keeps >= 95% of the task; the calibrated
-    IQ4_NL base under the LoRA GGUF keeps >= 98%."""
+    """The calibrated IQ4_XS GGUF, at most 10% larger than q4_k_m, keeps >= 95% of the task; the calibrated
+    IQ4_XS base under the LoRA GGUF keeps >= 98%."""
     _, result = demo
     rows = {row["name"]: row for row in result["rows"]}
     reference = rows["unmerged QLoRA (reference)"]["accuracy"]
-    calibrated, q4_k_m = rows["GGUF IQ4_NL calibrated (qmerge)"], rows["GGUF q4_k_m (llama.cpp)"]
+    calibrated, q4_k_m = rows["GGUF IQ4_XS calibrated (qmerge)"], rows["GGUF q4_k_m (llama.cpp)"]
     assert calibrated["bytes"] <= 1.1 * q4_k_m["bytes"]
     assert calibrated["accuracy"] >= 0.95 * reference > q4_k_m["accuracy"]
-    assert rows["GGUF IQ4_NL calibrated base + LoRA"]["accuracy"] >= 0.98 * reference
+    assert rows["GGUF IQ4_XS calibrated base + LoRA"]["accuracy"] >= 0.98 * reference
 
 
 @pytest.mark.parametrize("gguf,code", [("model-q8_0.gguf", 0), ("model-q4_k_m.gguf", 3)])

@@ -112,23 +112,23 @@ def make_variants(out: Path, adapter: Path, base: Path, data: Path) -> dict:
         "GGUF q4_k_m (llama.cpp)": export(
             adapter, "gguf", out / "model-q4_k_m.gguf", base=base, gguf_type="q4_k_m"
         ),
-        "GGUF IQ4_NL calibrated (qmerge)": export(
+        "GGUF IQ4_XS calibrated (qmerge)": export(
             adapter,
             "gguf",
-            out / "model-iq4_nl-calibrated.gguf",
+            out / "model-iq4_xs-calibrated.gguf",
             base=base,
-            gguf_type="iq4_nl",
+            gguf_type="iq4_xs",
             calibrate=data,
         ),
         "GGUF q4_k_m base + LoRA GGUF": export(
             adapter, "gguf-lora", out / "lora-q4_k_m", base=base, gguf_type="q4_k_m"
         ),
-        "GGUF IQ4_NL calibrated base + LoRA": export(
+        "GGUF IQ4_XS calibrated base + LoRA": export(
             adapter,
             "gguf-lora",
-            out / "lora-iq4_nl-calibrated",
+            out / "lora-iq4_xs-calibrated",
             base=base,
-            gguf_type="iq4_nl",
+            gguf_type="iq4_xs",
             calibrate=data,
         ),
     }
@@ -230,8 +230,8 @@ def run_demo(
     )
     log("3/6 merging with qmerge (bf16, into the NF4 weights training saw)")
     log(
-        "4/6 exporting NF4 (plain, calibrated on the task data), GGUF (q8_0, q4_k_m, calibrated IQ4_NL) and "
-        "LoRA GGUFs (on q4_k_m, on calibrated IQ4_NL)"
+        "4/6 exporting NF4 (plain, calibrated on the task data), GGUF (q8_0, q4_k_m, calibrated IQ4_XS) and "
+        "LoRA GGUFs (on q4_k_m, on calibrated IQ4_XS)"
     )
     variants = make_variants(out, out / "adapter", base, data)
     lap("merge_export")

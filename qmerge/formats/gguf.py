@@ -34,7 +34,7 @@ from .write import Layout, stream_into
 # parameters, to bound the disk the intermediate takes).
 _F32_INTERMEDIATE_MAX = 3e9
 # types qmerge encodes itself when --calibrate is given (formats/gguf_calibrated.py)
-CALIBRATED_TYPES = ("iq4_nl", "q4_0")
+CALIBRATED_TYPES = ("iq4_xs", "iq4_nl", "q4_0")
 
 
 def check_type(gguf_type: str) -> str:

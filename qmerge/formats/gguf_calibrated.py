@@ -1,7 +1,7 @@
-"""`qmerge export --to gguf --gguf-type iq4_nl|q4_0 --calibrate FILE`: a 4-bit GGUF whose codes keep the
+"""`qmerge export --to gguf --gguf-type iq4_xs|iq4_nl|q4_0 --calibrate FILE`: a 4-bit GGUF whose codes keep the
 fine-tune, encoded by qmerge in llama.cpp's own block formats (quant/ggml4.py).
 
-The layers that were 4-bit in training get IQ4_NL (or Q4_0) blocks: each block's fp16 scale chosen as
+The layers that were 4-bit in training get IQ4_XS, IQ4_NL or Q4_0 blocks: each block's scale chosen as
 llama.cpp's quantizer chooses it with an importance matrix (the mean squared activation of each input column
 on the calibration data), then the codes chosen with GPTQ error feedback against that layer's inputs. The
 other matrices (embeddings, the output layer) are Q8_0, 1-D tensors F32. One streamed forward pass of the
@@ -10,6 +10,7 @@ merged model hands each layer its inputs, as for calibrated NF4 (calibration.py)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -20,36 +21,50 @@ import torch
 from ..errors import InputError
 from ..io.atomic import OutputFile, atomic_file, describe_files
 from ..io.gguf.arch import architecture_of
+from ..io.gguf.imatrix import write_imatrix
 from ..io.gguf.rope import rope_tensors
 from ..io.gguf.writer import GGUFFile, GGUFTensor, encode, gguf_head, map_tensors, not_written_by_qmerge
 from ..pipeline.source import Source
 from ..pipeline.steps import plan_steps
 from ..pipeline.stream import Progress, merged_tensor, merged_tensors
 from ..quant import ggml4
-from ..quant.gptq import gptq_codes
+from ..quant.gptq import Hessian, gptq_codes
 from ..reports import WriteReport
 from .calibration import OutputErrors, calibrate, calibration_tokens, module_order
 from .nf4 import Retention
+
+
+def _types(kind: str, in_features: int):
+    """The GGML type a layer 4-bit in training gets: IQ4_XS needs rows of whole 256-weight super-blocks and
+    falls back to IQ4_NL (as llama.cpp's quantizer does); rows not of whole 32-weight blocks stay Q8_0's
+    fallback (F16)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if kind == "iq4_xs" and in_features % ggml4.SUPER == 0:
+        return T.IQ4_XS
+    if in_features % ggml4.BLOCK:
+        return None
+    return {"iq4_xs": T.IQ4_NL, "iq4_nl": T.IQ4_NL, "q4_0": T.Q4_0}[kind]
 
 
 class CalibratedGGUF:
     """The calibrated GGUF of one source: its tensors, and the 4-bit layers encoded as inputs arrive."""
 
     def __init__(self, source: Source, kind: str, base_only: bool = False):
-        import gguf
-
         self.source, self.kind, self.base_only = source, kind, base_only
         self.arch, self.hp = architecture_of(source.config)
-        qtype = {"iq4_nl": gguf.GGMLQuantizationType.IQ4_NL, "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
         four = source.weights.quantized_names()
         mapped = map_tensors(self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, "q8_0")
+        self.quantized = {t.hf_name for t in mapped if t.hf_name in four and _types(kind, t.shape[-1])}
         self.tensors = [
-            dataclasses.replace(t, qtype=qtype) if t.hf_name in four and t.shape[-1] % 32 == 0 else t
+            dataclasses.replace(t, qtype=_types(kind, t.shape[-1])) if t.hf_name in self.quantized else t
             for t in mapped
         ]
-        self.quantized = {t.hf_name for t in self.tensors if t.qtype == qtype}
         self._by_name = {t.hf_name: t for t in self.tensors}
         self.retention, self.errors = Retention(), OutputErrors()
+        self.tokens = 0  # calibration tokens, set before the pass
+        self.importance: dict[str, np.ndarray] = {}  # GGUF name -> summed squared inputs (imatrix)
 
     def layout(self, forward_order: list[str]) -> tuple[list[GGUFTensor], list[str]]:
         """(every GGUF tensor in file order: the plain ones, then the 4-bit ones in forward order; the
@@ -64,26 +79,32 @@ class CalibratedGGUF:
             value = base
         return encode(self.arch.transform(name, value, self.hp), self._by_name[name].qtype)
 
-    def quantize(self, name: str, H: torch.Tensor | None) -> list[tuple[str, np.ndarray]]:
+    def quantize(self, name: str, hessian: Hessian | None) -> list[tuple[str, np.ndarray]]:
         """The blocks of 4-bit weight `name`: scales weighted by H's diagonal, codes chosen against H
         (llama.cpp's unweighted scales and plain rounding without one)."""
         t = merged_tensor(self.source, name, keep_base=True)
         value = t.base if self.base_only and t.base is not None else t.value
         W = self.arch.transform(name, value.float(), self.hp)  # Q/K rows as llama.cpp holds them
-        scale = ggml4.block_scales(W, None if H is None else torch.diag(H), self.kind)
+        H = None if hessian is None else hessian.H
+        scale, encode_codes = self._scales(name, W, None if H is None else torch.diag(H))
+        values = ggml4.VALUES[self.kind]
         rounded = ggml4.round_codes(W, scale, self.kind)
-        if H is None:
-            codes = rounded
-        else:
-            codes = gptq_codes(W, H, ggml4.VALUES[self.kind], scale, ggml4.BLOCK)
+        codes = rounded if H is None else gptq_codes(W, hessian, values, scale, ggml4.BLOCK)
         Q = ggml4.dequantize(codes, scale, self.kind)
-        if (
-            t.base is not None and not self.base_only
-        ):  # the same row permutation on both sides: retention is unchanged by it
+        if t.base is not None and not self.base_only:  # one row permutation on both sides: no change
             self.retention.add(name, self.arch.transform(name, t.base.float(), self.hp), W, Q)
         if H is not None:
             self.errors.add(name, Q - W, ggml4.dequantize(rounded, scale, self.kind) - W, H)
-        return [(self._by_name[name].name, ggml4.encode_blocks(codes, scale).numpy())]
+            self.importance[self._by_name[name].name] = (torch.diag(H).double() * self.tokens).numpy()
+        return [(self._by_name[name].name, encode_codes(codes).numpy())]
+
+    def _scales(self, name: str, W: torch.Tensor, importance: torch.Tensor | None):
+        """(each 32-weight block's scale as stored, a function from codes to the tensor's bytes)."""
+        if self._by_name[name].qtype.name != "IQ4_XS":
+            scale = ggml4.block_scales(W, importance, self.kind)
+            return scale, lambda codes: ggml4.encode_blocks(codes, scale)
+        d, steps = ggml4.superblock_scales(ggml4.block_scales(W, importance, self.kind, fp16=False))
+        return ggml4.effective_scales(d, steps), lambda codes: ggml4.encode_superblocks(codes, d, steps)
 
     def summary(self, tokens: int) -> dict:
         return self.errors.summary(
@@ -101,13 +122,25 @@ def write_calibrated_gguf(
     max_tokens: int = 8192,
     force: bool = False,
     progress: Progress | None = None,
+    imatrix: Path | None = None,
 ) -> WriteReport:
-    """Write the calibrated 4-bit GGUF of `source` at `out`, atomically."""
+    """Write the calibrated 4-bit GGUF of `source` at `out` (and its importance matrix at `imatrix`),
+    atomically: each file is in place complete or not at all."""
     start = time.perf_counter()
     out = Path(out)
-    with atomic_file(out, force, source.inputs(), not_written_by_qmerge) as tmp:
-        digests, details = calibrated_gguf_file(source, tmp, kind, calibration, max_tokens, progress)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_file(out, force, source.inputs(), not_written_by_qmerge))
+        mat = None
+        if imatrix is not None:
+            mat = stack.enter_context(
+                atomic_file(Path(imatrix), force, source.inputs(), not_written_by_qmerge)
+            )
+        digests, details = calibrated_gguf_file(
+            source, tmp, kind, calibration, max_tokens, progress, imatrix=mat
+        )
         files = [OutputFile(out.name, f.bytes, f.sha256) for f in describe_files(tmp, digests)]
+        if mat is not None:
+            files += [OutputFile(Path(imatrix).name, f.bytes, f.sha256) for f in describe_files(mat)]
     merged = len(source.layout.lora) + len(source.layout.replace)
     return WriteReport(str(out), files, merged, time.perf_counter() - start, details)
 
@@ -120,10 +153,12 @@ def calibrated_gguf_file(
     max_tokens: int = 8192,
     progress: Progress | None = None,
     base_only: bool = False,
+    imatrix: Path | None = None,
 ) -> tuple[dict, dict]:
     """Write the calibrated GGUF at `path` (no atomicity: the caller's): ({file name: sha256}, details).
     With base_only, the file holds the weights training saw (for a LoRA GGUF on top), calibrated on the
-    inputs each layer receives in the fine-tuned model."""
+    inputs each layer receives in the fine-tuned model. With `imatrix`, the importance matrix of the
+    calibration goes there too (also the caller's to make atomic)."""
     from ..pipeline.model import load_tokenizer, streamed_merge
 
     cal = CalibratedGGUF(source, kind, base_only)
@@ -131,8 +166,11 @@ def calibrated_gguf_file(
     if tokenizer is None:
         raise InputError(f"{source.tokenizer_dir}: --calibrate needs the model's tokenizer (tokenizer.json).")
     tokens, mask = calibration_tokens(Path(calibration), tokenizer, max_tokens)
+    cal.tokens = int(mask.sum())
     model = streamed_merge(source, torch.float32)
     digests, tokenizer_kind = _write_file(path, cal, model, tokens, mask, progress)
+    if imatrix is not None:
+        write_imatrix(imatrix, cal.arch.gguf_arch, cal.importance, cal.tokens, str(Path(calibration).name))
     counts: dict[str, int] = {}
     for t in cal.tensors:
         counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1

@@ -26,7 +26,7 @@ from ..pipeline.source import Source
 from ..pipeline.steps import plan_steps
 from ..pipeline.stream import Progress, merged_tensor, merged_tensors
 from ..quant.blockwise import dequantize_4bit, quantize_4bit
-from ..quant.gptq import gptq_4bit
+from ..quant.gptq import Hessian, gptq_4bit
 from ..reports import WriteReport
 from .calibration import OutputErrors, calibrate, calibration_tokens, module_order
 from .nf4 import NF4Options, Retention
@@ -61,20 +61,23 @@ class Calibrated:
             entries += planned_entries(n, shape, o.blocksize, o.double_quant, o.quant_type, self.dtype)
         return plain, fourbit, entries
 
-    def quantize(self, name: str, H: torch.Tensor | None) -> list[tuple[str, torch.Tensor]]:
-        """The tensors of 4-bit weight `name`, its codes chosen against H (plain rounding without one)."""
+    def quantize(self, name: str, hessian: Hessian | None) -> list[tuple[str, torch.Tensor]]:
+        """The tensors of 4-bit weight `name`, its codes chosen against its inputs' Hessian (plain rounding
+        without one)."""
         o, t = self.opts, merged_tensor(self.source, name, keep_base=True)
         value, base = t.value, t.base
         if name in self.source.conv1d:  # bitsandbytes holds a Conv1D weight transposed
             value, base = value.T.contiguous(), None if base is None else base.T.contiguous()
         W = value.to(self.dtype)
         rtn = quantize_4bit(W, o.blocksize, o.quant_type, o.double_quant)
-        packed, state = gptq_4bit(W, H, o.blocksize, o.quant_type, o.double_quant) if H is not None else rtn
+        packed, state = rtn
+        if hessian is not None:
+            packed, state = gptq_4bit(W, hessian, o.blocksize, o.quant_type, o.double_quant)
         Q = dequantize_4bit(packed, state).float()
         if base is not None:
             self.retention.add(name, base, value, Q)
-        if H is not None:
-            self.errors.add(name, Q - value, dequantize_4bit(*rtn).float() - value, H)
+        if hessian is not None:
+            self.errors.add(name, Q - value, dequantize_4bit(*rtn).float() - value, hessian.H)
         return state_tensors(name, packed, state)
 
     def summary(self, tokens: int) -> dict:

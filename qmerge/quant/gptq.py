@@ -18,10 +18,10 @@ from .reproduce import _block_absmax, _value_table
 
 
 def layer_hessian(x: torch.Tensor) -> torch.Tensor:
-    """X^T X / n for a layer's inputs x [..., in] (the GPTQ Hessian, up to the factor 2), accumulated in fp64
-    and returned in fp32."""
-    x = x.reshape(-1, x.shape[-1])
-    return (x.double().T @ x.double() / max(1, x.shape[0])).float()
+    """X^T X / n for a layer's inputs x [..., in] (the GPTQ Hessian, up to the factor 2), in fp32 (as GPTQ
+    implementations accumulate it; 7B-shape down_proj over 8192 tokens: 2x faster than fp64, 3e-7 apart)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    return x.T @ x / max(1, x.shape[0])
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -34,9 +34,27 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
 
+class Hessian:
+    """H = X^T X / n of a layer's inputs and, made once, the factor of its damped inverse: layers that read
+    the same input (q/k/v, gate/up) share one."""
+
+    def __init__(self, H: torch.Tensor):
+        self.H = H
+        self._inverse: tuple[float, torch.Tensor] | None = None
+
+    @classmethod
+    def of_inputs(cls, x: torch.Tensor) -> Hessian:
+        return cls(layer_hessian(x))
+
+    def inverse(self, damp: float) -> torch.Tensor:
+        if self._inverse is None or self._inverse[0] != damp:
+            self._inverse = (damp, _inverse_cholesky(self.H, damp))
+        return self._inverse[1]
+
+
 def gptq_codes(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | Hessian,
     values: torch.Tensor,
     scale: torch.Tensor,
     blocksize: int,
@@ -55,7 +73,7 @@ def gptq_codes(
     inv = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
     values = values.float()
     midpoints = (values[:-1] + values[1:]) / 2
-    Hinv = _inverse_cholesky(H, damp)
+    Hinv = (H if isinstance(H, Hessian) else Hessian(H)).inverse(damp)
     wt = W.float().T.contiguous()  # [in, out]
     idx = torch.empty(in_f, out_f, dtype=torch.uint8)
     for c0 in range(0, in_f, columns):
@@ -66,15 +84,15 @@ def gptq_codes(
             k = torch.bucketize(block[i] * inv[g], midpoints)  # the nearest value, ties to the lower
             idx[c0 + i] = k.to(torch.uint8)
             e = (block[i] - values[k] * scale[g]) / Hinv[c0 + i, c0 + i]
-            block[i:].sub_(Hinv[c0 + i, c0 + i : c1].unsqueeze(1) * e.unsqueeze(0))
+            block[i:].addr_(Hinv[c0 + i, c0 + i : c1], e, alpha=-1)  # rank-1, in place
             err[i] = e
-        wt[c1:].sub_(Hinv[c0:c1, c1:].T @ err)
+        wt[c1:].addmm_(Hinv[c0:c1, c1:].T, err, alpha=-1)
     return idx.T.contiguous()
 
 
 def gptq_4bit(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | Hessian,
     blocksize: int = 64,
     quant_type: str = "nf4",
     double_quant: bool = True,

@@ -60,6 +60,30 @@ def test_calibrated_gguf_runs_in_llama_cpp_closer_than_its_quantizer(tmp_path, f
     assert _kl(adapter, base16, out, data) < _kl(adapter, base16, tmp_path / f"{kind}.gguf", data)
 
 
+def test_calibrated_iq4_xs_super_blocks(tmp_path):
+    """IQ4_XS on rows of whole 256-weight super-blocks (a model built here with hidden 256), IQ4_NL for the
+    others as llama.cpp falls back; llama.cpp runs it closer to the unmerged model than its own IQ4_XS."""
+    from qmerge.demo.tiny import TinySpec, build_base
+    from tests.helpers import random_adapter
+
+    base = build_base(tmp_path / "base", TinySpec(hidden_size=256, intermediate_size=320))
+    adapter = random_adapter(
+        base, tmp_path / "adapter", seed=3, r=8, lora_alpha=16, target_modules="all-linear"
+    )
+    data = _data(tmp_path)
+    report = export(adapter, "gguf", tmp_path / "cal.gguf", base=base, gguf_type="iq4_xs", calibrate=data)
+    export(adapter, "gguf", tmp_path / "theirs.gguf", base=base, gguf_type="iq4_xs")
+    assert report.details["tensor_types"]["IQ4_XS"] == 12  # down_proj's 320 inputs: IQ4_NL
+    assert report.details["tensor_types"]["IQ4_NL"] == 2
+    theirs = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "theirs.gguf")).tensors}
+    for t in gguf.GGUFReader(str(tmp_path / "cal.gguf")).tensors:
+        if t.tensor_type.name.startswith("IQ4") and theirs[t.name].tensor_type == t.tensor_type:
+            assert t.n_bytes == theirs[t.name].n_bytes
+    assert _kl(adapter, base, tmp_path / "cal.gguf", data) < _kl(
+        adapter, base, tmp_path / "theirs.gguf", data
+    )
+
+
 def test_calibrated_base_under_a_lora_gguf(tmp_path, fixtures, base16):
     """The base's codes chosen on the inputs of the fine-tuned model: base + LoRA in llama.cpp drift less than
     with llama.cpp's own IQ4_NL base."""
@@ -82,5 +106,68 @@ def test_calibrate_needs_a_type_qmerge_encodes(tmp_path, fixtures, base16):
         ["export", str(fixtures / "adapter-qlora"), "--base", str(base16), "--to", "gguf"]
         + ["--gguf-type", "q4_k_m", "--calibrate", str(data), "-o", str(tmp_path / "x.gguf")],
     )
-    assert r.exit_code == 2 and "iq4_nl or q4_0" in r.output
+    assert r.exit_code == 2 and "iq4_xs, iq4_nl, q4_0" in r.output
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_imatrix_is_the_mean_square_input_transformers_sees(tmp_path, fixtures, base16):
+    """--imatrix: llama.cpp's imatrix GGUF whose in_sum2 / counts equal each Linear's summed squared inputs
+    over the calibration tokens, measured with forward hooks on the merged model loaded by transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qmerge.formats.calibration import calibration_tokens
+
+    adapter, data = fixtures / "adapter-qlora", _data(tmp_path)
+    out, mat = tmp_path / "m.gguf", tmp_path / "m.imatrix.gguf"
+    report = export(adapter, "gguf", out, base=base16, gguf_type="iq4_nl", calibrate=data, imatrix=mat)
+    assert [f.path for f in report.files] == ["m.gguf", "m.imatrix.gguf"]
+    export(adapter, "fp32", tmp_path / "merged", base=base16)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    tokens, mask = calibration_tokens(data, AutoTokenizer.from_pretrained(str(base16)), 8192)
+    sums = {}
+
+    def hook(name):
+        return lambda m, args: sums.__setitem__(name, (args[0][mask].double() ** 2).sum(0))
+
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and "layers." in n:
+            m.register_forward_pre_hook(hook(n))
+    with torch.no_grad():
+        model(input_ids=tokens, attention_mask=mask.long())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    reader = gguf.GGUFReader(str(mat))
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["general.type"] == "imatrix" and fields["imatrix.chunk_size"] == 512
+    stored = {t.name: t.data.ravel() for t in reader.tensors}
+    assert len(stored) == 2 * len(sums) == 28
+    for hf, expected in sums.items():
+        name = names.get_name(hf + ".weight", try_suffixes=(".weight",))
+        assert stored[name + ".counts"][0] == int(mask.sum())
+        np.testing.assert_allclose(stored[name + ".in_sum2"], expected.numpy(), rtol=2e-3)
+
+
+def test_imatrix_needs_a_calibrated_gguf(tmp_path, fixtures, base16):
+    r = CliRunner().invoke(
+        cli,
+        ["export", str(fixtures / "adapter-qlora"), "--base", str(base16), "--to", "gguf"]
+        + ["--gguf-type", "q8_0", "--imatrix", str(tmp_path / "i.gguf"), "-o", str(tmp_path / "x.gguf")],
+    )
+    assert r.exit_code == 2 and "--calibrate" in r.output
+
+
+@pytest.mark.parametrize(
+    "name,content",
+    [("bad.txt", b"\xff\xfe bad"), ("empty.jsonl", b""), ("weird.jsonl", b'{"foo": 1}\n'), ("one.txt", b"a")],
+)
+def test_bad_calibration_data_is_one_message(tmp_path, fixtures, base16, name, content):
+    data = tmp_path / name
+    data.write_bytes(content)
+    out = tmp_path / "out.gguf"
+    r = CliRunner().invoke(
+        cli,
+        ["export", str(fixtures / "adapter-qlora"), "--base", str(base16), "--to", "gguf"]
+        + ["--gguf-type", "iq4_nl", "--calibrate", str(data), "-o", str(out)],
+    )
+    assert r.exit_code == 1 and "Traceback" not in r.output and str(data) in r.output.replace("\n", "")
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [name]

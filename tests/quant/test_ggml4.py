@@ -12,7 +12,11 @@ from gguf.quants import dequantize, quantize
 from qmerge.quant import ggml4
 from qmerge.quant.gptq import gptq_codes, layer_hessian
 
-TYPES = {"iq4_nl": gguf.GGMLQuantizationType.IQ4_NL, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+TYPES = {
+    "iq4_nl": gguf.GGMLQuantizationType.IQ4_NL,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    "iq4_xs": gguf.GGMLQuantizationType.IQ4_XS,
+}
 
 
 def _weights(seed=0, rows=48, cols=256):
@@ -32,6 +36,21 @@ def test_blocks_decode_in_gguf_py_to_our_values(kind):
     theirs = dequantize(blocks.reshape(W.shape[0], -1), TYPES[kind])
     assert np.array_equal(theirs, ggml4.dequantize(codes, scale, kind).numpy())
     assert np.all(theirs[3, :32] == 0)
+
+
+def test_superblocks_decode_in_gguf_py_to_our_values():
+    """IQ4_XS: 6-bit block scales under one fp16 scale per 256 weights, split into scales_l / scales_h."""
+    W = _weights(3, cols=512)
+    W[7, 256:] = 0  # an all-zero super-block
+    d, steps = ggml4.superblock_scales(ggml4.block_scales(W, None, "iq4_xs", fp16=False))
+    assert steps.min() >= -32 and steps.max() <= 31 and (steps == -32).any()
+    scale = ggml4.effective_scales(d, steps)
+    codes = ggml4.round_codes(W, scale, "iq4_xs")
+    blocks = ggml4.encode_superblocks(codes, d, steps).numpy()
+    assert blocks.size == W.numel() // 256 * 136
+    theirs = dequantize(blocks.reshape(W.shape[0], -1), TYPES["iq4_xs"])
+    assert np.array_equal(theirs, ggml4.dequantize(codes, scale, "iq4_xs").numpy())
+    assert np.all(theirs[7, 256:] == 0)
 
 
 def test_scales_no_worse_than_llama_cpp_q4_0():

@@ -196,6 +196,7 @@ def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, name: str) 
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "iq4_nl": gguf.LlamaFileType.MOSTLY_IQ4_NL,  # written by qmerge when calibrated
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "iq4_xs": gguf.LlamaFileType.MOSTLY_IQ4_XS,
     }[gguf_type]
     w.add_file_type(ftype)
     if gguf_type not in ("f32", "f16", "bf16"):
