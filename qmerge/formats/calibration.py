@@ -92,6 +92,18 @@ def calibration_tokens(path: Path, tokenizer, max_tokens: int) -> tuple[torch.Te
     return tokens, mask
 
 
+def calibration_inputs(source, calibration: Path, max_tokens: int, dtype: torch.dtype):
+    """(the merged model streamed in `dtype`, calibration token ids, their mask) for a calibrated export of
+    `source`, tokenized with the model's own tokenizer."""
+    from ..pipeline.model import load_tokenizer, streamed_merge
+
+    tokenizer = load_tokenizer(source.tokenizer_dir, source.base.path)
+    if tokenizer is None:
+        raise InputError(f"{source.tokenizer_dir}: --calibrate needs the model's tokenizer (tokenizer.json).")
+    tokens, mask = calibration_tokens(Path(calibration), tokenizer, max_tokens)
+    return streamed_merge(source, dtype), tokens, mask
+
+
 def output_error(D: torch.Tensor, H: torch.Tensor) -> float:
     """mean over calibration inputs x of ||D x||^2 = trace(D H D^T), for D [out, in], H = X^T X / n: the
     product in fp32, the sum in fp64."""

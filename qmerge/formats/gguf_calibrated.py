@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
 from ..io.atomic import OutputFile, atomic_file, describe_files
 from ..io.gguf.arch import architecture_of
 from ..io.gguf.imatrix import write_imatrix
@@ -30,7 +29,7 @@ from ..pipeline.stream import Progress, merged_tensor, merged_tensors
 from ..quant import ggml4
 from ..quant.gptq import Hessian, gptq_codes
 from ..reports import WriteReport
-from .calibration import OutputErrors, calibrate, calibration_tokens, module_order
+from .calibration import OutputErrors, calibrate, calibration_inputs, module_order
 from .nf4 import Retention
 
 
@@ -159,15 +158,9 @@ def calibrated_gguf_file(
     With base_only, the file holds the weights training saw (for a LoRA GGUF on top), calibrated on the
     inputs each layer receives in the fine-tuned model. With `imatrix`, the importance matrix of the
     calibration goes there too (also the caller's to make atomic)."""
-    from ..pipeline.model import load_tokenizer, streamed_merge
-
     cal = CalibratedGGUF(source, kind, base_only)
-    tokenizer = load_tokenizer(source.tokenizer_dir, source.base.path)
-    if tokenizer is None:
-        raise InputError(f"{source.tokenizer_dir}: --calibrate needs the model's tokenizer (tokenizer.json).")
-    tokens, mask = calibration_tokens(Path(calibration), tokenizer, max_tokens)
+    model, tokens, mask = calibration_inputs(source, calibration, max_tokens, torch.float32)
     cal.tokens = int(mask.sum())
-    model = streamed_merge(source, torch.float32)
     digests, tokenizer_kind = _write_file(path, cal, model, tokens, mask, progress)
     if imatrix is not None:
         write_imatrix(imatrix, cal.arch.gguf_arch, cal.importance, cal.tokens, str(Path(calibration).name))

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
-from ..errors import InputError
 from ..io.atomic import atomic_dir, describe_files
 from ..io.bnb import planned_entries, quantization_config, state_tensors
 from ..io.hf_dir import ShardedSafetensors, copy_side_files, not_written_by_qmerge, output_config, parse_size
@@ -28,7 +27,7 @@ from ..pipeline.stream import Progress, merged_tensor, merged_tensors
 from ..quant.blockwise import dequantize_4bit, quantize_4bit
 from ..quant.gptq import Hessian, gptq_4bit
 from ..reports import WriteReport
-from .calibration import OutputErrors, calibrate, calibration_tokens, module_order
+from .calibration import OutputErrors, calibrate, calibration_inputs, module_order
 from .nf4 import NF4Options, Retention
 from .write import DEFAULT_MAX_SHARD, provenance_of
 
@@ -97,15 +96,9 @@ def write_calibrated_nf4(
     progress: Progress | None = None,
 ) -> WriteReport:
     """Write the calibrated NF4 export of `source` at `out`, atomically."""
-    from ..pipeline.model import load_tokenizer, streamed_merge
-
     start = time.perf_counter()
     cal = Calibrated(source, opts)
-    tokenizer = load_tokenizer(source.tokenizer_dir, source.base.path)
-    if tokenizer is None:
-        raise InputError(f"{source.tokenizer_dir}: --calibrate needs the model's tokenizer (tokenizer.json).")
-    tokens, mask = calibration_tokens(Path(calibration), tokenizer, max_tokens)
-    model = streamed_merge(source, cal.dtype)
+    model, tokens, mask = calibration_inputs(source, calibration, max_tokens, cal.dtype)
     plain, fourbit, entries = cal.layout(module_order(model))
     with atomic_dir(Path(out), force, source.inputs(), not_written_by_qmerge) as tmp:
         sink = ShardedSafetensors(tmp, entries, parse_size(max_shard_size))
