@@ -72,8 +72,9 @@ def export(
     imatrix: Path | None = None,
 ) -> WriteReport:
     """Export SOURCE (a QLoRA checkpoint, merged on the fly, or a model directory) to one format. With
-    `calibrate` (JSONL or text), an NF4 export or an IQ4_NL/Q4_0 GGUF chooses its codes with error feedback
-    on that data, and a calibrated GGUF export can also write llama.cpp's importance matrix at `imatrix`."""
+    `calibrate` (JSONL or text), an NF4 export, an IQ4_XS/IQ4_NL/Q4_0 GGUF or a gguf-lora export's base of
+    those types chooses its codes with error feedback on that data; a calibrated GGUF export can also write
+    llama.cpp's importance matrix at `imatrix`."""
     if to not in FORMATS:
         raise UnsupportedError(f"unknown export format {to!r}: choose one of {', '.join(FORMATS)}.")
     if to in ("gguf", "gguf-lora"):

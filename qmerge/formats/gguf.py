@@ -4,6 +4,7 @@ types (K-quants, legacy quants, IQ4) by llama.cpp's own quantizer from an interm
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -90,9 +91,7 @@ class GGUF:
             sink.abort()
             raise
         merged, digests = stream_into(sink, source, self, self.layout(source), progress)
-        counts: dict[str, int] = {}
-        for t in self.tensors:
-            counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+        counts = type_counts(t.qtype for t in self.tensors)
         return (
             merged,
             digests,
@@ -138,7 +137,9 @@ def write_gguf_file(
 def _gguf_types(path: Path) -> dict:
     import gguf
 
-    counts: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    return counts
+    return type_counts(t.tensor_type for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def type_counts(qtypes) -> dict[str, int]:
+    """{GGML type name: how many tensors have it}, in first-seen order (the JSON's `tensor_types`)."""
+    return dict(Counter(q.name for q in qtypes))

@@ -30,6 +30,7 @@ from ..quant import ggml4
 from ..quant.gptq import Hessian, gptq_codes
 from ..reports import WriteReport
 from .calibration import OutputErrors, calibrate, calibration_inputs, module_order
+from .gguf import type_counts
 from .nf4 import Retention
 
 
@@ -164,11 +165,9 @@ def calibrated_gguf_file(
     digests, tokenizer_kind = _write_file(path, cal, model, tokens, mask, progress)
     if imatrix is not None:
         write_imatrix(imatrix, cal.arch.gguf_arch, cal.importance, cal.tokens, str(Path(calibration).name))
-    counts: dict[str, int] = {}
-    for t in cal.tensors:
-        counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+    counts = type_counts(t.qtype for t in cal.tensors)
     details = {"gguf_type": kind, "gguf_architecture": cal.arch.gguf_arch, "tensor_types": counts}
-    details |= {"tokenizer": tokenizer_kind, "calibration": cal.summary(int(mask.sum()))}
+    details |= {"tokenizer": tokenizer_kind, "calibration": cal.summary(cal.tokens)}
     if cal.retention.summary():
         details["delta_retention"] = cal.retention.summary()
     return digests, details
