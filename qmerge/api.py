@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import dtypes
 from .errors import UnsupportedError
-from .formats.gguf import CALIBRATED_TYPES, write_gguf
+from .formats.gguf import CALIBRATED_TYPES, OWN_CALIBRATED_TYPES, TensorTypes, takes_tensor_types, write_gguf
 from .formats.nf4 import NF4, NF4Options
 from .formats.plain import Plain
 from .formats.write import DEFAULT_MAX_SHARD, write_model_dir
@@ -49,6 +49,13 @@ CALIBRATES = (
 IMATRIX = "--imatrix writes the importance matrix of a calibrated GGUF export: use it with --to gguf and --calibrate."
 
 
+TENSOR_TYPES = (
+    "--gguf-embedding-type / --gguf-output-type apply where llama.cpp's quantizer writes the file: --to gguf or "
+    f"gguf-lora with a --gguf-type llama.cpp quantizes (not f32, f16, bf16, q8_0; nor {', '.join(OWN_CALIBRATED_TYPES)} "
+    "with --calibrate, which qmerge writes itself)."
+)
+
+
 def calibrates(to: str, gguf_type: str) -> bool:
     """Whether an export to `to` (with `gguf_type`) can choose its codes on calibration data."""
     return to == "nf4" or (to in ("gguf", "gguf-lora") and gguf_type.lower() in CALIBRATED_TYPES)
@@ -70,11 +77,12 @@ def export(
     calibrate: Path | None = None,
     calibration_tokens: int = 8192,
     imatrix: Path | None = None,
+    tensor_types: TensorTypes = TensorTypes(),
 ) -> WriteReport:
     """Export SOURCE (a QLoRA checkpoint, merged on the fly, or a model directory) to one format. With
-    `calibrate` (JSONL or text), an NF4 export, an IQ4_XS/IQ4_NL/Q4_0 GGUF or a gguf-lora export's base of
-    those types chooses its codes with error feedback on that data; a calibrated GGUF export can also write
-    llama.cpp's importance matrix at `imatrix`."""
+    `calibrate` (JSONL or text), an NF4 export, a GGUF of a type llama.cpp quantizes or a gguf-lora export's
+    base chooses the codes of the layers 4-bit in training on that data (error feedback, or llama.cpp's
+    importance matrix); a calibrated GGUF export can also write that importance matrix at `imatrix`."""
     if to not in FORMATS:
         raise UnsupportedError(f"unknown export format {to!r}: choose one of {', '.join(FORMATS)}.")
     if to in ("gguf", "gguf-lora"):
@@ -85,6 +93,8 @@ def export(
         raise UnsupportedError(CALIBRATES)
     if imatrix is not None and (to != "gguf" or calibrate is None):
         raise UnsupportedError(IMATRIX)
+    if tensor_types and not takes_tensor_types(to, gguf_type, calibrate is not None):
+        raise UnsupportedError(TENSOR_TYPES)
     if imatrix is not None and Path(imatrix).resolve() == Path(out).resolve():
         raise UnsupportedError(f"{imatrix}: --imatrix names the output file itself; give it its own path.")
     src = open_source(Path(source), Path(base) if base else None, quant, merge_base, allow_pickle, True)
@@ -92,17 +102,25 @@ def export(
         from .formats.gguf_calibrated import write_calibrated_gguf
 
         return write_calibrated_gguf(
-            src, Path(out), gguf_type.lower(), Path(calibrate), calibration_tokens, force, progress, imatrix
+            src,
+            Path(out),
+            gguf_type.lower(),
+            Path(calibrate),
+            calibration_tokens,
+            force,
+            progress,
+            imatrix,
+            tensor_types,
         )
     if to == "gguf":
-        return write_gguf(src, Path(out), gguf_type, force, progress)
+        return write_gguf(src, Path(out), gguf_type, force, progress, tensor_types)
     if to == "gguf-lora":
         if src.adapter is None:
             raise UnsupportedError(f"{source}: --to gguf-lora exports an adapter; this is a model directory.")
         from .formats.gguf_lora import write_gguf_lora
 
         return write_gguf_lora(
-            src, Path(out), gguf_type.lower(), force, progress, calibrate, calibration_tokens
+            src, Path(out), gguf_type.lower(), force, progress, calibrate, calibration_tokens, tensor_types
         )
     if calibrate is not None:
         from .formats.nf4_calibrated import write_calibrated_nf4

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from . import __version__, dtypes
 from .errors import QmergeError
+from .formats.gguf import TENSOR_TYPES as TENSOR_TYPE_NAMES
 
 # bitsandbytes (imported by transformers in check/train) logs a warning about an optional CPU
 # inference kernel qmerge never uses.
@@ -486,7 +487,7 @@ def _show_check(report, as_json: bool) -> None:
     default="f16",
     show_default=True,
     help="f32, f16, bf16, q8_0; a K-quant such as q4_k_m, or q4_0, iq4_nl, iq4_xs (llama.cpp's "
-    "quantizer; iq4_xs, iq4_nl and q4_0 encoded by qmerge with --calibrate).",
+    "quantizer; with --calibrate qmerge chooses the 4-bit layers' blocks).",
 )
 @click.option(
     "--base", type=click.Path(path_type=Path), help="Base model directory (when SOURCE is an adapter)."
@@ -504,10 +505,22 @@ def _show_check(report, as_json: bool) -> None:
 @click.option(
     "--calibrate",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="NF4, or GGUF (and gguf-lora's base) iq4_xs/iq4_nl/q4_0: choose the 4-bit codes with error feedback "
-    "(GPTQ) on this JSONL (qmerge train's formats) or text.",
+    help="NF4, or a GGUF (or gguf-lora's base) of a type llama.cpp quantizes: choose the codes of the "
+    "layers 4-bit in training with error feedback (GPTQ; NF4, IQ4, Q4_0, Q4_K, Q5_K, Q6_K) or llama.cpp's "
+    "importance matrix (other types) on this JSONL (qmerge train's formats) or text.",
 )
 @click.option("--calibration-tokens", type=click.IntRange(16, 1 << 20), default=8192, show_default=True)
+@click.option(
+    "--gguf-embedding-type",
+    type=click.Choice(TENSOR_TYPE_NAMES, case_sensitive=False),
+    help="The token embedding's GGML type in a file llama.cpp's quantizer writes (its "
+    "--token-embedding-type; default: its rule's, Q4_K in q4_k_m).",
+)
+@click.option(
+    "--gguf-output-type",
+    type=click.Choice(TENSOR_TYPE_NAMES, case_sensitive=False),
+    help="The output layer's GGML type, likewise (its --output-tensor-type).",
+)
 @click.option(
     "--imatrix",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -534,19 +547,27 @@ def export(
     nf4_compute_dtype,
     calibrate,
     calibration_tokens,
+    gguf_embedding_type,
+    gguf_output_type,
     imatrix,
     as_json,
     allow_pickle,
     **quant,
 ):
     """Export a QLoRA checkpoint or merged directory to bf16/fp16/fp32, NF4, GGUF or a LoRA GGUF."""
-    from .api import CALIBRATES, IMATRIX, calibrates
+    from .api import CALIBRATES, IMATRIX, TENSOR_TYPES, calibrates
     from .api import export as do_export
+    from .formats.gguf import TensorTypes, takes_tensor_types
     from .formats.nf4 import NF4Options
     from .render import files_table
 
     if calibrate is not None and not calibrates(to, gguf_type):
         raise click.UsageError(CALIBRATES)
+    tensor_types = TensorTypes(
+        gguf_embedding_type and gguf_embedding_type.lower(), gguf_output_type and gguf_output_type.lower()
+    )
+    if tensor_types and not takes_tensor_types(to, gguf_type, calibrate is not None):
+        raise click.UsageError(TENSOR_TYPES)
     if imatrix is not None and (to != "gguf" or calibrate is None):
         raise click.UsageError(IMATRIX)
     with progress_bar(f"exporting {to}", not as_json) as cb:
@@ -566,6 +587,7 @@ def export(
             calibrate=calibrate,
             calibration_tokens=calibration_tokens,
             imatrix=imatrix,
+            tensor_types=tensor_types,
         )
     if as_json:
         _emit_json(report.to_json())

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import DependencyError, InputError, OutputError, UnsupportedError
@@ -130,14 +131,17 @@ def gguf_vocab_size(path: Path) -> int | None:
     return len(field.data) if field is not None else None
 
 
-def quantize(src: Path, dst: Path, gguf_type: str) -> None:
+def quantize(
+    src: Path, dst: Path, gguf_type: str, token_embedding: str | None = None, output: str | None = None
+) -> None:
     """Quantize GGUF `src` into `dst` with llama.cpp's own quantizer (K-quants, legacy and IQ4 types),
-    in a child process that an interrupt stops."""
+    in a child process that an interrupt stops; the token embedding and the output layer as the GGML types
+    named (llama-quantize's --token-embedding-type / --output-tensor-type), else as llama.cpp's rule says."""
     llama_cpp = require(f"--gguf-type {gguf_type} (llama.cpp's quantizer)")
     if getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}", None) is None:
         raise UnsupportedError(f"the installed llama-cpp-python has no {gguf_type} quantizer.")
     proc = subprocess.Popen(
-        quantize_command(src, dst, gguf_type),
+        quantize_command(src, dst, gguf_type, token_embedding, output),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -161,24 +165,73 @@ def quantize(src: Path, dst: Path, gguf_type: str) -> None:
         )
 
 
-def quantize_command(src: Path, dst: Path, gguf_type: str) -> list[str]:
+def quantize_command(
+    src: Path, dst: Path, gguf_type: str, token_embedding: str | None = None, output: str | None = None
+) -> list[str]:
     """The child process that runs llama.cpp's quantizer (this module, run as a script)."""
-    return [sys.executable, "-m", "qmerge.llama_cpp", "quantize", str(src), str(dst), gguf_type]
+    types = [token_embedding or "-", output or "-"]
+    return [sys.executable, "-m", "qmerge.llama_cpp", "quantize", str(src), str(dst), gguf_type, *types]
 
 
-def _quantize_here(src: str, dst: str, gguf_type: str) -> int:
+def _quantize_here(src: str, dst: str, gguf_type: str, token_embedding: str = "-", output: str = "-") -> int:
     import ctypes
 
+    import gguf
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}")
     params.nthread = max(1, min(8, os.cpu_count() or 1))
+    if token_embedding != "-":
+        params.token_embedding_type = int(gguf.GGMLQuantizationType[token_embedding.upper()])
+    if output != "-":
+        params.output_tensor_type = int(gguf.GGMLQuantizationType[output.upper()])
     return int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)))
 
 
+def quantize_rows(qtype: int, rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's own quantizer for one tensor (ggml_quantize_chunk): the bytes of GGML type `qtype` for
+    float32 rows [n, k], with `importance` (float32 [k], the imatrix: mean squared activation of each
+    column) where given. In process: one call per tensor, no signal handling needed."""
+    import ctypes
+
+    lib = _ggml_base()
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n, k = rows.shape
+    size = lib.ggml_row_size(qtype, k) * n
+    out = np.empty(size, dtype=np.uint8)
+    imp = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    written = lib.ggml_quantize_chunk(
+        qtype,
+        rows.ctypes.data_as(ctypes.c_void_p),
+        out.ctypes.data_as(ctypes.c_void_p),
+        0,
+        n,
+        k,
+        None if imp is None else imp.ctypes.data_as(ctypes.c_void_p),
+    )
+    if written != size:
+        raise UnsupportedError(
+            f"llama.cpp quantized {written} bytes of GGML type {qtype} where {size} were due."
+        )
+    return out
+
+
+def _ggml_base():
+    """libggml-base from llama-cpp-python's wheel, with the two functions quantize_rows calls typed."""
+    import ctypes
+
+    llama_cpp = require("quantizing with llama.cpp's importance-matrix quantizer")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_row_size.restype, lib.ggml_row_size.argtypes = ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
+    lib.ggml_quantize_chunk.argtypes += [ctypes.c_void_p]
+    return lib
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["quantize"]:
-    rc = _quantize_here(*sys.argv[2:5])
+    rc = _quantize_here(*sys.argv[2:7])
     if rc != 0:
         print(f"llama_model_quantize returned {rc}", file=sys.stderr)
     sys.exit(1 if rc else 0)

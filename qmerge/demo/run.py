@@ -99,6 +99,7 @@ def fine_tune(base: Path, data: Path, adapter: Path, steps: int) -> dict:
 def make_variants(out: Path, adapter: Path, base: Path, data: Path) -> dict:
     """The merge and the exports, by qmerge's own verbs: {label: WriteReport}."""
     from ..api import export, merge
+    from ..formats.gguf import TensorTypes
 
     return {
         "qmerge merge (bf16)": merge(adapter, out / "merged-bf16", base=base, dtype="bf16"),
@@ -120,15 +121,24 @@ def make_variants(out: Path, adapter: Path, base: Path, data: Path) -> dict:
             gguf_type="iq4_xs",
             calibrate=data,
         ),
+        "GGUF q4_k_m calibrated, Q8_0 embedding": export(
+            adapter,
+            "gguf",
+            out / "model-q4_k_m-calibrated.gguf",
+            base=base,
+            gguf_type="q4_k_m",
+            calibrate=data,
+            tensor_types=TensorTypes(token_embedding="q8_0"),
+        ),
         "GGUF q4_k_m base + LoRA GGUF": export(
             adapter, "gguf-lora", out / "lora-q4_k_m", base=base, gguf_type="q4_k_m"
         ),
-        "GGUF IQ4_XS calibrated base + LoRA": export(
+        "GGUF q4_k_m calibrated base + LoRA": export(
             adapter,
             "gguf-lora",
-            out / "lora-iq4_xs-calibrated",
+            out / "lora-q4_k_m-calibrated",
             base=base,
-            gguf_type="iq4_xs",
+            gguf_type="q4_k_m",
             calibrate=data,
         ),
     }
@@ -230,8 +240,8 @@ def run_demo(
     )
     log("3/6 merging with qmerge (bf16, into the NF4 weights training saw)")
     log(
-        "4/6 exporting NF4 (plain, calibrated on the task data), GGUF (q8_0, q4_k_m, calibrated IQ4_XS) and "
-        "LoRA GGUFs (on q4_k_m, on calibrated IQ4_XS)"
+        "4/6 exporting NF4 (plain, calibrated on the task data), GGUF (q8_0, q4_k_m, calibrated IQ4_XS and "
+        "q4_k_m) and LoRA GGUFs (on q4_k_m, on calibrated q4_k_m)"
     )
     variants = make_variants(out, out / "adapter", base, data)
     lap("merge_export")

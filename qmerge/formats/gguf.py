@@ -3,6 +3,7 @@ types (K-quants, legacy quants, IQ4) by llama.cpp's own quantizer from an interm
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,8 +35,50 @@ from .write import Layout, stream_into
 # llama.cpp quantizes from a GGUF file: qmerge writes an f32 one first (bf16 beyond this many
 # parameters, to bound the disk the intermediate takes).
 _F32_INTERMEDIATE_MAX = 3e9
-# types qmerge encodes itself when --calibrate is given (formats/gguf_calibrated.py)
-CALIBRATED_TYPES = ("iq4_xs", "iq4_nl", "q4_0")
+# types --calibrate applies to (formats/gguf_calibrated.py): every type llama.cpp quantizes; of those, qmerge
+# writes these files itself (the others are llama.cpp's files with the 4-bit layers' blocks chosen again)
+CALIBRATED_TYPES = LLAMA_CPP_TYPES
+OWN_CALIBRATED_TYPES = ("iq4_xs", "iq4_nl", "q4_0")
+# GGML types llama.cpp's quantizer can give the token embedding or the output layer (llama-quantize's
+# --token-embedding-type / --output-tensor-type)
+TENSOR_TYPES = (
+    "f32",
+    "f16",
+    "bf16",
+    "q8_0",
+    "q6_k",
+    "q5_k",
+    "q4_k",
+    "q3_k",
+    "q2_k",
+    "q5_1",
+    "q5_0",
+    "q4_1",
+    "q4_0",
+)
+TENSOR_TYPES += ("iq4_xs", "iq4_nl")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorTypes:
+    """Types llama.cpp's quantizer gives the token embedding and the output layer instead of its own rule's
+    (None: its rule's)."""
+
+    token_embedding: str | None = None
+    output: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.token_embedding or self.output)
+
+
+def takes_tensor_types(to: str, gguf_type: str, calibrated: bool) -> bool:
+    """Whether llama.cpp's quantizer writes the GGUF of this export (so TensorTypes apply)."""
+    t = gguf_type.lower()
+    return (
+        to in ("gguf", "gguf-lora")
+        and t in LLAMA_CPP_TYPES
+        and not (calibrated and t in OWN_CALIBRATED_TYPES)
+    )
 
 
 def check_type(gguf_type: str) -> str:
@@ -100,14 +143,19 @@ class GGUF:
 
 
 def write_gguf(
-    source: Source, out: Path, gguf_type: str = "f16", force: bool = False, progress: Progress | None = None
+    source: Source,
+    out: Path,
+    gguf_type: str = "f16",
+    force: bool = False,
+    progress: Progress | None = None,
+    tensor_types: TensorTypes = TensorTypes(),
 ) -> WriteReport:
     """Write `source` as a GGUF file at `out`, atomically."""
     start = time.perf_counter()
     gguf_type = check_type(gguf_type)
     out = Path(out)
     with atomic_file(out, force, source.inputs(), not_written_by_qmerge) as tmp:
-        merged, digests, summary = write_gguf_file(source, tmp, gguf_type, progress)
+        merged, digests, summary = write_gguf_file(source, tmp, gguf_type, progress, tensor_types)
         files = describe_files(tmp, digests)
     files = [OutputFile(out.name, f.bytes, f.sha256) for f in files]
     return WriteReport(
@@ -116,22 +164,43 @@ def write_gguf(
 
 
 def write_gguf_file(
-    source: Source, path: Path, gguf_type: str, progress: Progress | None = None
+    source: Source,
+    path: Path,
+    gguf_type: str,
+    progress: Progress | None = None,
+    tensor_types: TensorTypes = TensorTypes(),
 ) -> tuple[int, dict, dict]:
-    """Write `source` as a GGUF file of any supported type at `path` (no atomicity: the caller's).
+    """Write `source` as a GGUF file of any supported type at `path` (no atomicity: the caller's), the token
+    embedding and output layer of llama.cpp's types as `tensor_types` asks.
     Returns (tensors merged, {file name: sha256} where known, summary)."""
     if gguf_type in DIRECT_TYPES:
         return GGUF(source, gguf_type).write(source, path, progress)
     n_params = sum(torch.Size(s.shape).numel() for s in source.tensors.values())
     inter = "f32" if n_params < _F32_INTERMEDIATE_MAX else "bf16"
     fmt = GGUF(source, inter)  # refuses an unsupported model before anything is written
+    _check_rows(fmt, tensor_types)
     mid = path.with_name(path.name + ".intermediate.gguf")  # named after the temporary: cleaned with it
     try:
         merged, _, summary = fmt.write(source, mid, progress)
-        llama_cpp.quantize(mid, path, gguf_type)
+        llama_cpp.quantize(mid, path, gguf_type, tensor_types.token_embedding, tensor_types.output)
     finally:
         mid.unlink(missing_ok=True)
     return merged, {}, {**summary, "intermediate": inter, "tensor_types": _gguf_types(path)}
+
+
+def _check_rows(fmt: GGUF, tensor_types: TensorTypes) -> None:
+    """llama.cpp aborts on a forced type whose blocks do not divide the rows: one message instead."""
+    import gguf
+
+    asked = {"token_embd.weight": tensor_types.token_embedding, "output.weight": tensor_types.output}
+    for t in fmt.tensors:
+        qtype = asked.get(t.name)
+        if qtype and t.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]][0]:
+            block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]][0]
+            raise UnsupportedError(
+                f"{t.name}: rows of {t.shape[-1]} values are not whole {qtype} blocks of {block}; choose a type "
+                "with smaller blocks (q8_0, q5_0, q4_0: 32; f16)."
+            )
 
 
 def _gguf_types(path: Path) -> dict:

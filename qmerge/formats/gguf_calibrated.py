@@ -1,11 +1,13 @@
-"""`qmerge export --to gguf --gguf-type iq4_xs|iq4_nl|q4_0 --calibrate FILE`: a 4-bit GGUF whose codes keep the
-fine-tune, encoded by qmerge in llama.cpp's own block formats (quant/ggml4.py).
+"""`qmerge export --to gguf --gguf-type iq4_xs|iq4_nl|q4_0|q4_k_m --calibrate FILE`: a 4-bit GGUF whose codes
+keep the fine-tune, encoded by qmerge in llama.cpp's own block formats (quant/ggml4.py, quant/kquants.py).
 
-The layers that were 4-bit in training get IQ4_XS, IQ4_NL or Q4_0 blocks: each block's scale chosen as
+IQ4_XS, IQ4_NL, Q4_0: the layers that were 4-bit in training get blocks of that type, the other matrices
+(embeddings, the output layer) Q8_0, 1-D tensors F32. Q4_K_M: llama.cpp's quantizer writes its own file
+first (its mix of Q4_K and Q6_K, every tensor), then qmerge chooses again, in place and at the same size, the
+blocks of the layers that were 4-bit in training. Either way each block's scale (and minimum) is chosen as
 llama.cpp's quantizer chooses it with an importance matrix (the mean squared activation of each input column
-on the calibration data), then the codes chosen with GPTQ error feedback against that layer's inputs. The
-other matrices (embeddings, the output layer) are Q8_0, 1-D tensors F32. One streamed forward pass of the
-merged model hands each layer its inputs, as for calibrated NF4 (calibration.py).
+on the calibration data), then the codes with GPTQ error feedback against that layer's inputs. One streamed
+forward pass of the merged model hands each layer its inputs, as for calibrated NF4 (calibration.py).
 """
 
 from __future__ import annotations
@@ -18,20 +20,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UnsupportedError
 from ..io.atomic import OutputFile, atomic_file, describe_files
 from ..io.gguf.arch import architecture_of
 from ..io.gguf.imatrix import write_imatrix
 from ..io.gguf.rope import rope_tensors
-from ..io.gguf.writer import GGUFFile, GGUFTensor, encode, gguf_head, map_tensors, not_written_by_qmerge
+from ..io.gguf.writer import (
+    LLAMA_CPP_TYPES,
+    GGUFFile,
+    GGUFTensor,
+    encode,
+    gguf_head,
+    map_tensors,
+    not_written_by_qmerge,
+)
 from ..pipeline.source import Source
 from ..pipeline.steps import plan_steps
 from ..pipeline.stream import Progress, merged_tensor, merged_tensors
-from ..quant import ggml4
+from ..quant import ggml4, kquants
 from ..quant.gptq import Hessian, gptq_codes
 from ..reports import WriteReport
 from .calibration import OutputErrors, calibrate, calibration_inputs, module_order
-from .gguf import type_counts
+from .gguf import OWN_CALIBRATED_TYPES, TensorTypes, type_counts, write_gguf_file
 from .nf4 import Retention
+
+# types of llama.cpp's own file, the 4-bit layers' blocks chosen again: Q4_K/Q6_K by qmerge (GPTQ), the others
+# by llama.cpp's quantizer with the importance matrix
+KQUANT_TYPES = tuple(t for t in LLAMA_CPP_TYPES if t not in OWN_CALIBRATED_TYPES)
+# GGML types whose llama.cpp quantizer takes an importance matrix (ggml-quants.c's quantize_* with quant_weights)
+_IMPORTANCE = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
 
 
 def _types(kind: str, in_features: int):
@@ -49,18 +66,24 @@ def _types(kind: str, in_features: int):
 
 
 class CalibratedGGUF:
-    """The calibrated GGUF of one source: its tensors, and the 4-bit layers encoded as inputs arrive."""
+    """The calibrated GGUF of one source: its tensors, and the 4-bit layers encoded as inputs arrive. With
+    `types` (GGUF name -> type of llama.cpp's own file), the 4-bit layers of a type that takes importance."""
 
-    def __init__(self, source: Source, kind: str, base_only: bool = False):
+    def __init__(self, source: Source, kind: str, base_only: bool = False, types: dict | None = None):
         self.source, self.kind, self.base_only = source, kind, base_only
         self.arch, self.hp = architecture_of(source.config)
         four = source.weights.quantized_names()
         mapped = map_tensors(self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, "q8_0")
-        self.quantized = {t.hf_name for t in mapped if t.hf_name in four and _types(kind, t.shape[-1])}
-        self.tensors = [
-            dataclasses.replace(t, qtype=_types(kind, t.shape[-1])) if t.hf_name in self.quantized else t
-            for t in mapped
-        ]
+        if types is not None:
+            mapped = [dataclasses.replace(t, qtype=types[t.name]) for t in mapped]
+            self.quantized = {t.hf_name for t in mapped if t.hf_name in four and t.qtype.name in _IMPORTANCE}
+        else:
+            self.quantized = {t.hf_name for t in mapped if t.hf_name in four and _types(kind, t.shape[-1])}
+            mapped = [
+                dataclasses.replace(t, qtype=_types(kind, t.shape[-1])) if t.hf_name in self.quantized else t
+                for t in mapped
+            ]
+        self.tensors = mapped
         self._by_name = {t.hf_name: t for t in self.tensors}
         self.retention, self.errors = Retention(), OutputErrors()
         self.tokens = 0  # calibration tokens, set before the pass
@@ -86,32 +109,61 @@ class CalibratedGGUF:
         value = t.base if self.base_only and t.base is not None else t.value
         W = self.arch.transform(name, value.float(), self.hp)  # Q/K rows as llama.cpp holds them
         H = None if hessian is None else hessian.H
-        scale, encode_codes = self._scales(name, W, None if H is None else torch.diag(H))
-        values = ggml4.VALUES[self.kind]
-        rounded = ggml4.round_codes(W, scale, self.kind)
-        codes = rounded if H is None else gptq_codes(W, hessian, values, scale, ggml4.BLOCK)
-        Q = ggml4.dequantize(codes, scale, self.kind)
+        data, Q, rounded = self._encode(name, W, hessian)
         if t.base is not None and not self.base_only:  # one row permutation on both sides: no change
             self.retention.add(name, self.arch.transform(name, t.base.float(), self.hp), W, Q)
         if H is not None:
-            self.errors.add(name, Q - W, ggml4.dequantize(rounded, scale, self.kind) - W, H)
+            self.errors.add(name, Q - W, rounded - W, H)
             self.importance[self._by_name[name].name] = (torch.diag(H).double() * self.tokens).numpy()
-        return [(self._by_name[name].name, encode_codes(codes).numpy())]
+        return [(self._by_name[name].name, data)]
 
-    def _scales(self, name: str, W: torch.Tensor, importance: torch.Tensor | None):
-        """(each 32-weight block's scale as stored, a function from codes to the tensor's bytes)."""
-        if self._by_name[name].qtype.name != "IQ4_XS":
-            scale = ggml4.block_scales(W, importance, self.kind)
-            return scale, lambda codes: ggml4.encode_blocks(codes, scale)
-        d, steps = ggml4.superblock_scales(ggml4.block_scales(W, importance, self.kind, fp16=False))
-        return ggml4.effective_scales(d, steps), lambda codes: ggml4.encode_superblocks(codes, d, steps)
+    def _encode(self, name: str, W: torch.Tensor, hessian: Hessian | None):
+        """(the tensor's bytes, the values they decode to, the values of plain rounding): qmerge's GPTQ codes
+        on its own grid, or, for a type qmerge does not encode, llama.cpp's quantizer with the importance."""
+        imp = None if hessian is None else torch.diag(hessian.H)
+        qtype = self._by_name[name].qtype
+        if qtype.name not in kquants.GRIDS and qtype.name not in ggml4.TYPES:
+            import gguf
+
+            from .. import llama_cpp
+
+            data = llama_cpp.quantize_rows(int(qtype), W.numpy(), None if imp is None else imp.numpy())
+            plain = data if imp is None else llama_cpp.quantize_rows(int(qtype), W.numpy())
+            decode = lambda d: torch.from_numpy(gguf.quants.dequantize(d.reshape(len(W), -1), qtype))  # noqa: E731
+            return data, decode(data), decode(plain)
+        grid = self._grid(name, W, imp)
+        rounded = grid.round(W)
+        codes = rounded
+        if hessian is not None:
+            codes = gptq_codes(W, hessian, grid.values, grid.scale, grid.block, offset=grid.offset)
+        return grid.encode(codes).numpy(), grid.dequantize(codes), grid.dequantize(rounded)
+
+    def _grid(self, name: str, W: torch.Tensor, importance: torch.Tensor | None) -> kquants.Grid:
+        """The values, block scales (and minimums) the codes of `name` are chosen against, and its bytes."""
+        qtype = self._by_name[name].qtype.name
+        if qtype in kquants.GRIDS:
+            return kquants.GRIDS[qtype](W, importance)
+        kind = qtype.lower()  # IQ4_NL, Q4_0 (also where llama.cpp's file has them), IQ4_XS
+        values = ggml4.VALUES[kind]
+        if qtype != "IQ4_XS":
+            scale = ggml4.block_scales(W, importance, kind)
+            return kquants.Grid(values, ggml4.BLOCK, scale, None, lambda c: ggml4.encode_blocks(c, scale))
+        d, steps = ggml4.superblock_scales(ggml4.block_scales(W, importance, kind, fp16=False))
+        scale = ggml4.effective_scales(d, steps)
+        return kquants.Grid(values, ggml4.BLOCK, scale, None, lambda c: ggml4.encode_superblocks(c, d, steps))
 
     def summary(self, tokens: int) -> dict:
-        return self.errors.summary(
+        blocks = f"llama.cpp's {self.kind.upper()} blocks"
+        if self.kind in KQUANT_TYPES:
+            blocks = (
+                f"the Q4_K/Q6_K blocks of llama.cpp's own {self.kind} file (its quantizer with the importance "
+                "matrix for other types)"
+            )
+        summary = self.errors.summary(
             tokens,
-            f"GPTQ error feedback in llama.cpp's {self.kind.upper()} blocks, fp16 block scales chosen with the "
-            "calibration's importance matrix first",
+            f"GPTQ error feedback in {blocks}, block scales chosen with the calibration's importance matrix first",
         )
+        return summary | {"tensors": len(self.quantized)}
 
 
 def write_calibrated_gguf(
@@ -123,6 +175,7 @@ def write_calibrated_gguf(
     force: bool = False,
     progress: Progress | None = None,
     imatrix: Path | None = None,
+    tensor_types: TensorTypes = TensorTypes(),
 ) -> WriteReport:
     """Write the calibrated 4-bit GGUF of `source` at `out` (and its importance matrix at `imatrix`),
     atomically: each file is in place complete or not at all."""
@@ -136,7 +189,7 @@ def write_calibrated_gguf(
                 atomic_file(Path(imatrix), force, source.inputs(), not_written_by_qmerge)
             )
         digests, details = calibrated_gguf_file(
-            source, tmp, kind, calibration, max_tokens, progress, imatrix=mat
+            source, tmp, kind, calibration, max_tokens, progress, imatrix=mat, tensor_types=tensor_types
         )
         files = [OutputFile(out.name, f.bytes, f.sha256) for f in describe_files(tmp, digests)]
         if mat is not None:
@@ -154,15 +207,26 @@ def calibrated_gguf_file(
     progress: Progress | None = None,
     base_only: bool = False,
     imatrix: Path | None = None,
+    tensor_types: TensorTypes = TensorTypes(),
 ) -> tuple[dict, dict]:
     """Write the calibrated GGUF at `path` (no atomicity: the caller's): ({file name: sha256}, details).
     With base_only, the file holds the weights training saw (for a LoRA GGUF on top), calibrated on the
     inputs each layer receives in the fine-tuned model. With `imatrix`, the importance matrix of the
     calibration goes there too (also the caller's to make atomic)."""
+    if kind in KQUANT_TYPES:
+        quantized = _llama_cpp_file(source, path, kind, progress, base_only, tensor_types)
+        return _kquant_file(
+            source, path, kind, quantized, calibration, max_tokens, progress, base_only, imatrix
+        )
     cal = CalibratedGGUF(source, kind, base_only)
     model, tokens, mask = calibration_inputs(source, calibration, max_tokens, torch.float32)
     cal.tokens = int(mask.sum())
     digests, tokenizer_kind = _write_file(path, cal, model, tokens, mask, progress)
+    return digests, _details(cal, kind, tokenizer_kind, calibration, imatrix)
+
+
+def _details(cal: CalibratedGGUF, kind: str, tokenizer_kind: str, calibration: Path, imatrix) -> dict:
+    """The importance matrix written (with one asked for) and the export's details."""
     if imatrix is not None:
         write_imatrix(imatrix, cal.arch.gguf_arch, cal.importance, cal.tokens, str(Path(calibration).name))
     counts = type_counts(t.qtype for t in cal.tensors)
@@ -170,7 +234,53 @@ def calibrated_gguf_file(
     details |= {"tokenizer": tokenizer_kind, "calibration": cal.summary(cal.tokens)}
     if cal.retention.summary():
         details["delta_retention"] = cal.retention.summary()
-    return digests, details
+    return details
+
+
+def _llama_cpp_file(source, path, kind, progress, base_only, tensor_types) -> tuple[dict, str]:
+    """llama.cpp's own file of type `kind` at `path` (of the merged weights, or of the base with base_only):
+    ({GGUF name: (type, data offset, bytes)}, tokenizer kind)."""
+    import gguf
+
+    plain = Source(source.base, None, source.quant, "dequantized") if base_only else source
+    _, _, summary = write_gguf_file(plain, path, kind, progress, tensor_types)
+    reader = gguf.GGUFReader(str(path))
+    table = {t.name: (t.tensor_type, t.data_offset, t.n_bytes) for t in reader.tensors}
+    del reader  # its memory map, before the file is written
+    return table, summary["tokenizer"]
+
+
+def _kquant_file(source, path, kind, quantized, calibration, max_tokens, progress, base_only, imatrix):
+    """The 4-bit layers' blocks of llama.cpp's file at `path` (`quantized`: _llama_cpp_file's) chosen again
+    in place: the same tensors, types and size. ({}, details)."""
+    table, tokenizer_kind = quantized
+    cal = CalibratedGGUF(source, kind, base_only, types={n: t[0] for n, t in table.items()})
+    if not cal.quantized:
+        raise UnsupportedError(
+            f"{source.base.path}: no layer that was 4-bit in training got a type that takes an importance "
+            f"matrix in llama.cpp's {kind} (K-quants need rows of whole 256-weight super-blocks; llama.cpp fell "
+            "back to other types). Calibrate --gguf-type iq4_nl instead."
+        )
+    model, tokens, mask = calibration_inputs(source, calibration, max_tokens, torch.float32)
+    cal.tokens = int(mask.sum())
+    fourbit = cal.layout(module_order(model))[1]
+    with open(path, "r+b") as f:
+        calibrate(_InPlace(f, table), model, cal, fourbit, tokens, mask, progress)
+    return {}, _details(cal, kind, tokenizer_kind, calibration, imatrix)
+
+
+class _InPlace:
+    """A sink that writes each tensor's bytes over the same tensor of an existing GGUF file."""
+
+    def __init__(self, f, table: dict):
+        self.f, self.table = f, table
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        _, offset, nbytes = self.table[name]
+        if data.nbytes != nbytes:
+            raise AssertionError(f"{name}: {data.nbytes} bytes where llama.cpp's file holds {nbytes}")
+        self.f.seek(offset)
+        self.f.write(data.tobytes())
 
 
 def _write_file(path: Path, cal: CalibratedGGUF, model, tokens, mask, progress) -> tuple[dict, str]:

@@ -26,7 +26,7 @@ from ..lora.scaling import module_scaling
 from ..pipeline.source import Source
 from ..pipeline.stream import Progress
 from ..reports import WriteReport
-from .gguf import check_type, write_gguf_file
+from .gguf import TensorTypes, check_type, write_gguf_file
 from .gguf_calibrated import calibrated_gguf_file
 from .write import provenance_of
 
@@ -106,9 +106,10 @@ def write_gguf_lora(
     progress: Progress | None = None,
     calibrate: Path | None = None,
     calibration_tokens: int = 8192,
+    tensor_types: TensorTypes = TensorTypes(),
 ) -> WriteReport:
     """Write OUT/adapter.gguf, OUT/base-TYPE.gguf (the base weights training saw) and OUT/Modelfile. With
-    `calibrate`, the base's 4-bit codes (iq4_nl, q4_0) are chosen with error feedback on the inputs its
+    `calibrate`, the codes of the base's layers 4-bit in training are chosen with error feedback on the inputs its
     layers receive in the fine-tuned model."""
     start = time.perf_counter()
     base_type = check_type(base_type)
@@ -120,10 +121,18 @@ def write_gguf_lora(
         write_adapter(source, tmp / ADAPTER_FILE)
         if calibrate is not None:
             digests, summary = calibrated_gguf_file(
-                source, tmp / base_name, base_type, calibrate, calibration_tokens, progress, base_only=True
+                source,
+                tmp / base_name,
+                base_type,
+                calibrate,
+                calibration_tokens,
+                progress,
+                True,
+                None,
+                tensor_types,
             )
         else:
-            _, digests, summary = write_gguf_file(base, tmp / base_name, base_type, progress)
+            _, digests, summary = write_gguf_file(base, tmp / base_name, base_type, progress, tensor_types)
         (tmp / MODELFILE).write_text(f"FROM ./{base_name}\nADAPTER ./{ADAPTER_FILE}\n", encoding="utf-8")
         prov = provenance_of(source, {"export": "gguf-lora", "base_gguf_type": base_type})
         if calibrate is not None:

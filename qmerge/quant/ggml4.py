@@ -20,6 +20,7 @@ BLOCK_BYTES = 18  # 2 bytes of fp16 scale + 16 bytes of nibbles
 _IQ4 = torch.tensor(
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32
 )
+TYPES = ("IQ4_NL", "IQ4_XS", "Q4_0")  # the GGML types encoded here
 VALUES = {"iq4_nl": _IQ4, "iq4_xs": _IQ4, "q4_0": torch.arange(-8, 8, dtype=torch.float32)}
 _CHUNK = 1 << 18  # weights per chunk of rows in block_scales
 _TRIES = 7  # llama.cpp's ntry for IQ4_NL: scales for the largest weight at values[0] +- 7 steps
@@ -45,12 +46,23 @@ def block_scales(
 
 def _chunk_scales(W: torch.Tensor, importance: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
     x = W.float().reshape(W.shape[0], -1, BLOCK)
-    w = x * x if importance is None else importance.expand_as(x)
-    top = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # the signed weight of largest magnitude
+    return weighted_scales(x, x * x if importance is None else importance.expand_as(x), values)
+
+
+def weighted_scales(
+    x: torch.Tensor, w: torch.Tensor, values: torch.Tensor, tries: int = _TRIES
+) -> torch.Tensor:
+    """Each block's scale d [..., 1 dropped] for blocks x [..., B] with weights w [..., B]: the d that
+    minimises sum(w * (x - d * values[q])^2) over the candidates d = max / (values[0] + t), t = -tries..tries,
+    each refined by least squares (max the block's signed weight of largest magnitude); 0 for a zero block."""
+    top = x.gather(-1, x.abs().argmax(-1, keepdim=True))
     best_d, best = torch.zeros_like(top), torch.full_like(top, -1.0)
     safe = torch.where(top == 0, torch.ones_like(top), top)
-    for t in range(-_TRIES, _TRIES + 1):
-        q = values[_nearest(x * ((values[0] + t) / safe), values)]
+    lo, hi = float(values[0]), float(values[-1])
+    integers = bool((values[1:] - values[:-1] == 1).all())  # Q4_0, Q6_K: round and clamp, no search
+    for t in range(-tries, tries + 1):
+        y = x * ((values[0] + t) / safe)
+        q = torch.round(y).clamp_(lo, hi) if integers else values[_nearest(y, values)]
         wq = w * q
         sqx, sq2 = (wq * x).sum(-1, keepdim=True), (wq * q).sum(-1, keepdim=True)
         d = torch.where(sq2 > 0, sqx / sq2, torch.zeros_like(sqx))

@@ -60,10 +60,12 @@ def gptq_codes(
     blocksize: int,
     damp: float = 0.01,
     columns: int = 128,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices [out, in] (uint8) into the sorted codebook `values` (fp32[k]) for W [out, in], each weight
-    standing for values[i] * scale of its block (`scale` fp32 [out, in / blocksize], fixed beforehand),
-    chosen column by column with error feedback against H [in, in].
+    standing for values[i] * scale + offset of its block (`scale`, `offset` fp32 [out, in / blocksize], fixed
+    beforehand; offset 0 without one, llama.cpp's K-quant minimums with one), chosen column by column with
+    error feedback against H [in, in].
 
     Works on W transposed, so that each input column is a contiguous row; fp32, as GPTQ implementations do.
     A block whose scale is 0 gets the code nearest 0.
@@ -71,6 +73,7 @@ def gptq_codes(
     out_f, in_f = W.shape
     scale = scale.float().T.contiguous()  # [in / blocksize, out]
     inv = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    offset = torch.zeros_like(scale) if offset is None else offset.float().T.contiguous()
     values = values.float()
     midpoints = (values[:-1] + values[1:]) / 2
     Hinv = (H if isinstance(H, Hessian) else Hessian(H)).inverse(damp)
@@ -81,9 +84,9 @@ def gptq_codes(
         block, err = wt[c0:c1].clone(), torch.empty(c1 - c0, out_f)
         for i in range(c1 - c0):
             g = (c0 + i) // blocksize
-            k = torch.bucketize(block[i] * inv[g], midpoints)  # the nearest value, ties to the lower
+            k = torch.bucketize((block[i] - offset[g]) * inv[g], midpoints)  # nearest, ties to the lower
             idx[c0 + i] = k.to(torch.uint8)
-            e = (block[i] - values[k] * scale[g]) / Hinv[c0 + i, c0 + i]
+            e = (block[i] - values[k] * scale[g] - offset[g]) / Hinv[c0 + i, c0 + i]
             block[i:].addr_(Hinv[c0 + i, c0 + i : c1], e, alpha=-1)  # rank-1, in place
             err[i] = e
         wt[c1:].addmm_(Hinv[c0:c1, c1:].T, err, alpha=-1)

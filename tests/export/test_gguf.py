@@ -91,6 +91,45 @@ def test_k_quant_runs_and_is_reported(tmp_path, arch_adapters):
     assert rep.candidate_kind == "gguf" and rep.metrics.n_tokens > 0
 
 
+def test_token_embedding_and_output_types(tmp_path, arch_adapters):
+    """--gguf-embedding-type / --gguf-output-type reach llama.cpp's quantizer (its --token-embedding-type /
+    --output-tensor-type): the file holds those types there, llama.cpp's rule elsewhere, and runs; for a file
+    qmerge writes itself they are refused with one message, nothing written."""
+    import gguf
+    from click.testing import CliRunner
+
+    from qmerge.cli import cli
+    from qmerge.formats.gguf import TensorTypes
+
+    base, adapter = arch_adapters["llama"]
+    types = TensorTypes("q8_0", "q5_0")
+    export(adapter, "gguf", tmp_path / "a.gguf", base=base, gguf_type="q4_k_m", tensor_types=types)
+    export(adapter, "gguf", tmp_path / "b.gguf", base=base, gguf_type="q4_k_m")
+    ours = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "a.gguf")).tensors}
+    rule = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "b.gguf")).tensors}
+    assert ours.pop("token_embd.weight") == "Q8_0" and ours.pop("output.weight") == "Q5_0"
+    assert rule.pop("token_embd.weight") != "Q8_0"
+    del rule["output.weight"]
+    assert ours == rule
+    assert torch.isfinite(llama_cpp_logits(tmp_path / "a.gguf")).all()
+    r = CliRunner().invoke(
+        cli,
+        ["export", str(adapter), "--base", str(base), "--to", "gguf", "--gguf-type", "f16"]
+        + ["--gguf-embedding-type", "q8_0", "-o", str(tmp_path / "c.gguf")],
+    )
+    assert r.exit_code == 2 and "llama.cpp's quantizer writes the file" in r.output
+    with pytest.raises(UnsupportedError, match="not whole q6_k blocks of 256"):  # llama.cpp would abort
+        export(
+            adapter,
+            "gguf",
+            tmp_path / "c.gguf",
+            base=base,
+            gguf_type="q4_k_m",
+            tensor_types=TensorTypes(None, "q6_k"),
+        )
+    assert not (tmp_path / "c.gguf").exists()
+
+
 def test_gguf_metadata_and_inspect(tmp_path, arch_adapters):
     base, adapter = arch_adapters["qwen2"]
     export(adapter, "gguf", tmp_path / "q.gguf", base=base, gguf_type="f16")

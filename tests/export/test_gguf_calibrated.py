@@ -84,6 +84,91 @@ def test_calibrated_iq4_xs_super_blocks(tmp_path):
     )
 
 
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A model with hidden 256 (rows of whole 256-weight super-blocks except down_proj's 320 inputs) and an
+    rsLoRA adapter with rank/alpha patterns."""
+    from qmerge.demo.tiny import TinySpec, build_base
+    from tests.helpers import random_adapter
+
+    root = tmp_path_factory.mktemp("wide")
+    base = build_base(root / "base", TinySpec(hidden_size=256, intermediate_size=320))
+    adapter = random_adapter(
+        base,
+        root / "adapter",
+        seed=4,
+        r=8,
+        lora_alpha=16,
+        target_modules="all-linear",
+        use_rslora=True,
+        rank_pattern={"o_proj": 4},
+        alpha_pattern={"v_proj": 32},
+    )
+    return base, adapter
+
+
+@pytest.mark.parametrize("kind", ["q4_k_m", "q3_k_m"])
+def test_calibrated_k_quants_are_llama_cpps_file_with_better_blocks(tmp_path, wide, kind):
+    """llama.cpp's own file (same tensors, types, offsets, size); the blocks of the layers 4-bit in training
+    chosen again (Q4_K/Q5_K/Q6_K by qmerge's GPTQ, Q3_K and the Q5_0 fallback of down_proj's 320 columns by
+    llama.cpp's quantizer with the importance matrix), every other tensor byte for byte llama.cpp's;
+    llama.cpp runs it closer to the unmerged model than its own file of that type."""
+    base, adapter = wide
+    data = _data(tmp_path)
+    report = export(adapter, "gguf", tmp_path / "cal.gguf", base=base, gguf_type=kind, calibrate=data)
+    export(adapter, "gguf", tmp_path / "theirs.gguf", base=base, gguf_type=kind)
+    assert (tmp_path / "cal.gguf").stat().st_size == (tmp_path / "theirs.gguf").stat().st_size
+    cal = report.details["calibration"]
+    assert cal["output_error_vs_rounding"] < 0.9
+    theirs = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "theirs.gguf")).tensors}
+    changed = {}
+    for t in gguf.GGUFReader(str(tmp_path / "cal.gguf")).tensors:
+        peer = theirs[t.name]
+        assert (t.tensor_type, t.data_offset) == (peer.tensor_type, peer.data_offset)
+        if not np.array_equal(t.data, peer.data):
+            changed[t.name] = t.tensor_type.name
+            assert t.name.startswith("blk.") and t.tensor_type.name in (
+                "Q3_K",
+                "Q4_K",
+                "Q5_K",
+                "Q6_K",
+                "Q5_0",
+            )
+    assert len(changed) == cal["tensors"] >= 12
+    if kind == "q3_k_m":
+        assert "Q3_K" in changed.values()
+    assert _kl(adapter, base, tmp_path / "cal.gguf", data) < _kl(
+        adapter, base, tmp_path / "theirs.gguf", data
+    )
+
+
+def test_calibrated_q4_k_m_base_under_a_lora_gguf(tmp_path, wide):
+    """gguf-lora on a calibrated q4_k_m base: closer to PEFT's unmerged model in llama.cpp than the same
+    adapter on llama.cpp's own q4_k_m base of the weights training saw."""
+    base, adapter = wide
+    data = _data(tmp_path)
+    export(adapter, "gguf-lora", tmp_path / "cal", base=base, gguf_type="q4_k_m", calibrate=data)
+    export(adapter, "gguf-lora", tmp_path / "plain", base=base, gguf_type="q4_k_m")
+    kl = {
+        d: _kl(adapter, base, tmp_path / d / "base-q4_k_m.gguf", data, tmp_path / d / "adapter.gguf")
+        for d in ("cal", "plain")
+    }
+    assert kl["cal"] < kl["plain"]
+
+
+def test_calibrated_k_quant_with_nothing_to_calibrate(tmp_path, fixtures, base16):
+    """The fixture's rows of 64 weights: llama.cpp's q6_k gives no layer a type that takes importance (K-quants
+    need 256-weight rows; Q6_K falls back to Q8_0 here), so there is nothing to calibrate: one message."""
+    r = CliRunner().invoke(
+        cli,
+        ["export", str(fixtures / "adapter-qlora"), "--base", str(base16), "--to", "gguf"]
+        + ["--gguf-type", "q6_k", "--calibrate", str(_data(tmp_path)), "-o", str(tmp_path / "x.gguf")],
+    )
+    message = r.output.replace("\n", "")
+    assert r.exit_code == 1 and "256-weight super-blocks" in message and "Traceback" not in message
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_calibrated_base_under_a_lora_gguf(tmp_path, fixtures, base16):
     """The base's codes chosen on the inputs of the fine-tuned model: base + LoRA in llama.cpp drift less than
     with llama.cpp's own IQ4_NL base."""
@@ -104,9 +189,9 @@ def test_calibrate_needs_a_type_qmerge_encodes(tmp_path, fixtures, base16):
     r = CliRunner().invoke(
         cli,
         ["export", str(fixtures / "adapter-qlora"), "--base", str(base16), "--to", "gguf"]
-        + ["--gguf-type", "q4_k_m", "--calibrate", str(data), "-o", str(tmp_path / "x.gguf")],
+        + ["--gguf-type", "q8_0", "--calibrate", str(data), "-o", str(tmp_path / "x.gguf")],
     )
-    assert r.exit_code == 2 and "iq4_xs, iq4_nl, q4_0" in r.output
+    assert r.exit_code == 2 and "q4_k_m" in r.output and "q8_0" not in r.output.split("--gguf-type")[-1]
     assert not (tmp_path / "x.gguf").exists()
 
 
