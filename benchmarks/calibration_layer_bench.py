@@ -24,62 +24,67 @@ import torch
 SHAPES = {"down": (4096, 11008), "gate": (11008, 4096)}
 
 
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
-
-
 def out_err(D: torch.Tensor, H: torch.Tensor) -> float:
     step = max(1, D.shape[0] // 512)  # sampled rows, as the exports report it
     D = D[::step].float()
     return float(((D @ H) * D).sum(dtype=torch.float64))
 
 
-def layer(shape: tuple[int, int], tokens: int, grids: list[str]) -> dict:
+def grid_of(name: str, W: torch.Tensor, imp: torch.Tensor):
+    from qmerge.quant import ggml4, kquants
+
+    if name != "IQ4_XS":
+        return kquants.GRIDS[name](W, imp)
+    d, steps = ggml4.superblock_scales(ggml4.block_scales(W, imp, "iq4_xs", fp16=False))
+    return kquants.Grid(ggml4.VALUES["iq4_xs"], 32, ggml4.effective_scales(d, steps), None, None)
+
+
+def one_grid(name: str, W: torch.Tensor, H) -> dict:
     import gguf
 
     from qmerge import llama_cpp
-    from qmerge.quant import ggml4, kquants
-    from qmerge.quant.gptq import Hessian, gptq_codes
+    from qmerge.quant.gptq import gptq_codes
+
+    imp = torch.diag(H.H)
+    t0 = time.perf_counter()
+    grid = grid_of(name, W, imp)
+    t1 = time.perf_counter()
+    codes = gptq_codes(W, H, grid.values, grid.scale, grid.block, offset=grid.offset)
+    t2 = time.perf_counter()
+    qtype = gguf.GGMLQuantizationType[name]
+    data = llama_cpp.quantize_rows(int(qtype), W.numpy(), imp.numpy())
+    t3 = time.perf_counter()
+    theirs = torch.from_numpy(gguf.quants.dequantize(data.reshape(W.shape[0], -1), qtype))
+    rounding = out_err(grid.dequantize(grid.round(W)) - W, H.H)
+    return {
+        "scales_s": t1 - t0,
+        "gptq_s": t2 - t1,
+        "llama_cpp_imatrix_s": t3 - t2,
+        "output_error_vs_rounding": out_err(grid.dequantize(codes) - W, H.H) / rounding,
+        "llama_cpp_imatrix_error_vs_rounding": out_err(theirs - W, H.H) / rounding,
+    }
+
+
+def layer(shape: tuple[int, int], tokens: int, grids: list[str]) -> dict:
+    from qmerge.quant.gptq import Hessian
 
     g = torch.Generator().manual_seed(0)
     out_f, in_f = shape
     W = torch.randn(out_f, in_f, generator=g) * 0.02
     mix = torch.randn(in_f, in_f, generator=g) / in_f**0.5 + torch.eye(in_f)
     X = torch.randn(tokens, in_f, generator=g) @ mix
-    H, t_h = timed(lambda: Hessian.of_inputs(X))
+    t0 = time.perf_counter()
+    H = Hessian.of_inputs(X)
+    t1 = time.perf_counter()
     del X, mix
-    _, t_inv = timed(lambda: H.inverse(0.01))
-    imp = torch.diag(H.H)
-    row = {"shape": list(shape), "hessian_s": t_h, "inverse_s": t_inv, "grids": {}}
+    H.inverse(0.01)
+    t2 = time.perf_counter()
+    row = {"shape": list(shape), "hessian_s": t1 - t0, "inverse_s": t2 - t1, "grids": {}}
+    print(shape, f"Hessian {t1 - t0:.1f} s, inverse {t2 - t1:.1f} s", flush=True)
     for name in grids:
-        if name == "IQ4_XS":
-
-            def make():
-                d, steps = ggml4.superblock_scales(ggml4.block_scales(W, imp, "iq4_xs", fp16=False))
-                return kquants.Grid(ggml4.VALUES["iq4_xs"], 32, ggml4.effective_scales(d, steps), None, None)
-
-            grid, t_grid = timed(make)
-        else:
-            grid, t_grid = timed(lambda: kquants.GRIDS[name](W, imp))
-        codes, t_gptq = timed(
-            lambda: gptq_codes(W, H, grid.values, grid.scale, grid.block, offset=grid.offset)
-        )
-        rounding = out_err(grid.dequantize(grid.round(W)) - W, H.H)
-        qtype = gguf.GGMLQuantizationType[name]
-        data, t_llama = timed(lambda: llama_cpp.quantize_rows(int(qtype), W.numpy(), imp.numpy()))
-        theirs = torch.from_numpy(gguf.quants.dequantize(data.reshape(out_f, -1), qtype))
-        row["grids"][name] = {
-            "scales_s": t_grid,
-            "gptq_s": t_gptq,
-            "llama_cpp_imatrix_s": t_llama,
-            "output_error_vs_rounding": out_err(grid.dequantize(codes) - W, H.H) / rounding,
-            "llama_cpp_imatrix_error_vs_rounding": out_err(theirs - W, H.H) / rounding,
-        }
+        row["grids"][name] = one_grid(name, W, H)
         print(shape, name, json.dumps({k: round(v, 3) for k, v in row["grids"][name].items()}), flush=True)
     row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(shape, f"Hessian {t_h:.1f} s, inverse {t_inv:.1f} s", flush=True)
     return row
 
 

@@ -56,6 +56,9 @@ TENSOR_TYPES = (
 )
 
 
+KEEP_DELTA = "--keep-delta applies to a calibrated GGUF of an adapter: --to gguf --calibrate DATA."
+
+
 def calibrates(to: str, gguf_type: str) -> bool:
     """Whether an export to `to` (with `gguf_type`) can choose its codes on calibration data."""
     return to == "nf4" or (to in ("gguf", "gguf-lora") and gguf_type.lower() in CALIBRATED_TYPES)
@@ -78,6 +81,7 @@ def export(
     calibration_tokens: int = 8192,
     imatrix: Path | None = None,
     tensor_types: TensorTypes = TensorTypes(),
+    keep_delta: float | None = None,
 ) -> WriteReport:
     """Export SOURCE (a QLoRA checkpoint, merged on the fly, or a model directory) to one format. With
     `calibrate` (JSONL or text), an NF4 export, a GGUF of a type llama.cpp quantizes or a gguf-lora export's
@@ -95,9 +99,15 @@ def export(
         raise UnsupportedError(IMATRIX)
     if tensor_types and not takes_tensor_types(to, gguf_type, calibrate is not None):
         raise UnsupportedError(TENSOR_TYPES)
+    if keep_delta is not None and (to != "gguf" or calibrate is None):
+        raise UnsupportedError(KEEP_DELTA)
     if imatrix is not None and Path(imatrix).resolve() == Path(out).resolve():
         raise UnsupportedError(f"{imatrix}: --imatrix names the output file itself; give it its own path.")
     src = open_source(Path(source), Path(base) if base else None, quant, merge_base, allow_pickle, True)
+    if keep_delta is not None and src.adapter is None:
+        raise UnsupportedError(
+            f"{source}: {KEEP_DELTA} This is a model directory: there is no delta to keep."
+        )
     if to == "gguf" and calibrate is not None:
         from .formats.gguf_calibrated import write_calibrated_gguf
 
@@ -111,6 +121,7 @@ def export(
             progress,
             imatrix,
             tensor_types,
+            keep_delta,
         )
     if to == "gguf":
         return write_gguf(src, Path(out), gguf_type, force, progress, tensor_types)

@@ -511,6 +511,12 @@ def _show_check(report, as_json: bool) -> None:
 )
 @click.option("--calibration-tokens", type=click.IntRange(16, 1 << 20), default=8192, show_default=True)
 @click.option(
+    "--keep-delta",
+    type=click.FloatRange(0, 1),
+    help="With --to gguf --calibrate: layers that keep less than this share of their LoRA delta go to Q8_0 "
+    "(the size added is reported).",
+)
+@click.option(
     "--gguf-embedding-type",
     type=click.Choice(TENSOR_TYPE_NAMES, case_sensitive=False),
     help="The token embedding's GGML type in a file llama.cpp's quantizer writes (its "
@@ -547,6 +553,7 @@ def export(
     nf4_compute_dtype,
     calibrate,
     calibration_tokens,
+    keep_delta,
     gguf_embedding_type,
     gguf_output_type,
     imatrix,
@@ -555,7 +562,7 @@ def export(
     **quant,
 ):
     """Export a QLoRA checkpoint or merged directory to bf16/fp16/fp32, NF4, GGUF or a LoRA GGUF."""
-    from .api import CALIBRATES, IMATRIX, TENSOR_TYPES, calibrates
+    from .api import CALIBRATES, IMATRIX, KEEP_DELTA, TENSOR_TYPES, calibrates
     from .api import export as do_export
     from .formats.gguf import TensorTypes, takes_tensor_types
     from .formats.nf4 import NF4Options
@@ -568,6 +575,8 @@ def export(
     )
     if tensor_types and not takes_tensor_types(to, gguf_type, calibrate is not None):
         raise click.UsageError(TENSOR_TYPES)
+    if keep_delta is not None and (to != "gguf" or calibrate is None):
+        raise click.UsageError(KEEP_DELTA)
     if imatrix is not None and (to != "gguf" or calibrate is None):
         raise click.UsageError(IMATRIX)
     with progress_bar(f"exporting {to}", not as_json) as cb:
@@ -588,6 +597,7 @@ def export(
             calibration_tokens=calibration_tokens,
             imatrix=imatrix,
             tensor_types=tensor_types,
+            keep_delta=keep_delta,
         )
     if as_json:
         _emit_json(report.to_json())
@@ -598,6 +608,12 @@ def export(
         out.print(
             f"calibrated on {cal['tokens']} tokens: output error {cal['output_error_vs_rounding']:.1%} of plain "
             "rounding's"
+        )
+    kept = report.details.get("keep_delta")
+    if kept:
+        out.print(
+            f"--keep-delta {kept['threshold']}: {len(kept['layers'])} layer(s) at Q8_0, "
+            f"+{kept['bytes_added']:,} bytes ({kept['size_increase']:.1%})"
         )
     retention = report.details.get("delta_retention")
     if retention:

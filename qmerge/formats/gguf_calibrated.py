@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UnsupportedError
 from ..io.atomic import OutputFile, atomic_file, describe_files
 from ..io.gguf.arch import architecture_of
 from ..io.gguf.imatrix import write_imatrix
@@ -41,7 +40,7 @@ from ..quant import ggml4, kquants
 from ..quant.gptq import Hessian, gptq_codes
 from ..reports import WriteReport
 from .calibration import OutputErrors, calibrate, calibration_inputs, module_order
-from .gguf import OWN_CALIBRATED_TYPES, TensorTypes, type_counts, write_gguf_file
+from .gguf import OWN_CALIBRATED_TYPES, TensorTypes, type_counts
 from .nf4 import Retention
 
 # types of llama.cpp's own file, the 4-bit layers' blocks chosen again: Q4_K/Q6_K by qmerge (GPTQ), the others
@@ -176,9 +175,11 @@ def write_calibrated_gguf(
     progress: Progress | None = None,
     imatrix: Path | None = None,
     tensor_types: TensorTypes = TensorTypes(),
+    keep: float | None = None,
 ) -> WriteReport:
     """Write the calibrated 4-bit GGUF of `source` at `out` (and its importance matrix at `imatrix`),
-    atomically: each file is in place complete or not at all."""
+    atomically: each file is in place complete or not at all. With `keep`, the layers whose delta retention
+    stays below it are rewritten at Q8_0 (gguf_keep.py)."""
     start = time.perf_counter()
     out = Path(out)
     with contextlib.ExitStack() as stack:
@@ -191,6 +192,14 @@ def write_calibrated_gguf(
         digests, details = calibrated_gguf_file(
             source, tmp, kind, calibration, max_tokens, progress, imatrix=mat, tensor_types=tensor_types
         )
+        if keep is not None:
+            from .gguf_keep import keep_delta
+
+            details["keep_delta"] = keep_delta(source, tmp, details.get("delta_retention"), keep)
+            if details["keep_delta"]["layers"]:
+                from .gguf_kquant import file_types
+
+                digests, details["tensor_types"] = {}, file_types(tmp)
         files = [OutputFile(out.name, f.bytes, f.sha256) for f in describe_files(tmp, digests)]
         if mat is not None:
             files += [OutputFile(Path(imatrix).name, f.bytes, f.sha256) for f in describe_files(mat)]
@@ -214,18 +223,20 @@ def calibrated_gguf_file(
     inputs each layer receives in the fine-tuned model. With `imatrix`, the importance matrix of the
     calibration goes there too (also the caller's to make atomic)."""
     if kind in KQUANT_TYPES:
-        quantized = _llama_cpp_file(source, path, kind, progress, base_only, tensor_types)
-        return _kquant_file(
+        from .gguf_kquant import kquant_file, llama_cpp_file
+
+        quantized = llama_cpp_file(source, path, kind, progress, base_only, tensor_types)
+        return kquant_file(
             source, path, kind, quantized, calibration, max_tokens, progress, base_only, imatrix
         )
     cal = CalibratedGGUF(source, kind, base_only)
     model, tokens, mask = calibration_inputs(source, calibration, max_tokens, torch.float32)
     cal.tokens = int(mask.sum())
     digests, tokenizer_kind = _write_file(path, cal, model, tokens, mask, progress)
-    return digests, _details(cal, kind, tokenizer_kind, calibration, imatrix)
+    return digests, details_of(cal, kind, tokenizer_kind, calibration, imatrix)
 
 
-def _details(cal: CalibratedGGUF, kind: str, tokenizer_kind: str, calibration: Path, imatrix) -> dict:
+def details_of(cal: CalibratedGGUF, kind: str, tokenizer_kind: str, calibration: Path, imatrix) -> dict:
     """The importance matrix written (with one asked for) and the export's details."""
     if imatrix is not None:
         write_imatrix(imatrix, cal.arch.gguf_arch, cal.importance, cal.tokens, str(Path(calibration).name))
@@ -235,52 +246,6 @@ def _details(cal: CalibratedGGUF, kind: str, tokenizer_kind: str, calibration: P
     if cal.retention.summary():
         details["delta_retention"] = cal.retention.summary()
     return details
-
-
-def _llama_cpp_file(source, path, kind, progress, base_only, tensor_types) -> tuple[dict, str]:
-    """llama.cpp's own file of type `kind` at `path` (of the merged weights, or of the base with base_only):
-    ({GGUF name: (type, data offset, bytes)}, tokenizer kind)."""
-    import gguf
-
-    plain = Source(source.base, None, source.quant, "dequantized") if base_only else source
-    _, _, summary = write_gguf_file(plain, path, kind, progress, tensor_types)
-    reader = gguf.GGUFReader(str(path))
-    table = {t.name: (t.tensor_type, t.data_offset, t.n_bytes) for t in reader.tensors}
-    del reader  # its memory map, before the file is written
-    return table, summary["tokenizer"]
-
-
-def _kquant_file(source, path, kind, quantized, calibration, max_tokens, progress, base_only, imatrix):
-    """The 4-bit layers' blocks of llama.cpp's file at `path` (`quantized`: _llama_cpp_file's) chosen again
-    in place: the same tensors, types and size. ({}, details)."""
-    table, tokenizer_kind = quantized
-    cal = CalibratedGGUF(source, kind, base_only, types={n: t[0] for n, t in table.items()})
-    if not cal.quantized:
-        raise UnsupportedError(
-            f"{source.base.path}: no layer that was 4-bit in training got a type that takes an importance "
-            f"matrix in llama.cpp's {kind} (K-quants need rows of whole 256-weight super-blocks; llama.cpp fell "
-            "back to other types). Calibrate --gguf-type iq4_nl instead."
-        )
-    model, tokens, mask = calibration_inputs(source, calibration, max_tokens, torch.float32)
-    cal.tokens = int(mask.sum())
-    fourbit = cal.layout(module_order(model))[1]
-    with open(path, "r+b") as f:
-        calibrate(_InPlace(f, table), model, cal, fourbit, tokens, mask, progress)
-    return {}, _details(cal, kind, tokenizer_kind, calibration, imatrix)
-
-
-class _InPlace:
-    """A sink that writes each tensor's bytes over the same tensor of an existing GGUF file."""
-
-    def __init__(self, f, table: dict):
-        self.f, self.table = f, table
-
-    def write(self, name: str, data: np.ndarray) -> None:
-        _, offset, nbytes = self.table[name]
-        if data.nbytes != nbytes:
-            raise AssertionError(f"{name}: {data.nbytes} bytes where llama.cpp's file holds {nbytes}")
-        self.f.seek(offset)
-        self.f.write(data.tobytes())
 
 
 def _write_file(path: Path, cal: CalibratedGGUF, model, tokens, mask, progress) -> tuple[dict, str]:

@@ -142,6 +142,54 @@ def test_calibrated_k_quants_are_llama_cpps_file_with_better_blocks(tmp_path, wi
     )
 
 
+def test_keep_delta_puts_the_layers_that_lose_their_delta_at_q8_0(tmp_path, wide):
+    """--keep-delta X: the layers whose calibrated delta retention is below X rewritten at Q8_0 (retention near
+    1 after), every other tensor and the metadata byte for byte the calibrated file's; the bytes added are
+    reported; llama.cpp runs it closer to the unmerged model."""
+    base, adapter = wide
+    data = _data(tmp_path)
+    a = export(adapter, "gguf", tmp_path / "a.gguf", base=base, gguf_type="q4_k_m", calibrate=data)
+    layers = a.details["delta_retention"]["layers"]
+    threshold = sorted(r["kept"] for r in layers.values())[len(layers) // 2]  # about half of them
+    b = export(
+        adapter,
+        "gguf",
+        tmp_path / "b.gguf",
+        base=base,
+        gguf_type="q4_k_m",
+        calibrate=data,
+        keep_delta=threshold,
+    )
+    kept = b.details["keep_delta"]
+    assert set(kept["layers"]) == {n for n, r in layers.items() if r["kept"] < threshold} != set()
+    for r in kept["layers"].values():
+        assert r["type"] == "Q8_0" and r["kept_after"] > max(r["kept_before"], 0.99)
+    size = {p: (tmp_path / p).stat().st_size for p in ("a.gguf", "b.gguf")}
+    assert kept["bytes_added"] == size["b.gguf"] - size["a.gguf"] > 0
+    assert b.files[0].sha256 != a.files[0].sha256 and b.files[0].bytes == size["b.gguf"]
+    ra, rb = gguf.GGUFReader(str(tmp_path / "a.gguf")), gguf.GGUFReader(str(tmp_path / "b.gguf"))
+    fields = lambda r: {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}  # noqa: E731
+    assert fields(ra) == fields(rb)
+    old = {t.name: t for t in ra.tensors}
+    upgraded = {t.name for t in rb.tensors if t.tensor_type != old[t.name].tensor_type}
+    assert len(upgraded) == len(kept["layers"])
+    for t in rb.tensors:
+        if t.name in upgraded:
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        else:
+            assert np.array_equal(t.data, old[t.name].data), t.name
+    assert _kl(adapter, base, tmp_path / "b.gguf", data) < _kl(adapter, base, tmp_path / "a.gguf", data)
+
+
+def test_keep_delta_needs_a_calibrated_gguf(tmp_path, fixtures, base16):
+    r = CliRunner().invoke(
+        cli,
+        ["export", str(fixtures / "adapter-qlora"), "--base", str(base16), "--to", "gguf"]
+        + ["--gguf-type", "q4_k_m", "--keep-delta", "0.5", "-o", str(tmp_path / "x.gguf")],
+    )
+    assert r.exit_code == 2 and "--calibrate" in r.output and not (tmp_path / "x.gguf").exists()
+
+
 def test_calibrated_q4_k_m_base_under_a_lora_gguf(tmp_path, wide):
     """gguf-lora on a calibrated q4_k_m base: closer to PEFT's unmerged model in llama.cpp than the same
     adapter on llama.cpp's own q4_k_m base of the weights training saw."""
