@@ -8,8 +8,12 @@ RSS (VmHWM):
   nf4                 qmerge export --to nf4                            (plain rounding: the peer)
   nf4 calibrated      qmerge export --to nf4 --calibrate TEXT           (GPTQ, bitsandbytes' scales)
   iq4_nl calibrated   qmerge export --to gguf --gguf-type iq4_nl --calibrate TEXT
+  q4_k_m              qmerge export --to gguf --gguf-type q4_k_m        (llama.cpp's quantizer: the peer)
+  q4_k_m calibrated   qmerge export --to gguf --gguf-type q4_k_m --calibrate TEXT   (llama.cpp's file, then
+                      the 4-bit layers' Q4_K/Q6_K blocks chosen again)
 
-Usage: python benchmarks/calibration_bench.py [--size 1.1b|0.3b|tiny] [--tokens 8192] [--routes nf4|all]
+Usage: python benchmarks/calibration_bench.py [--size 1.1b|0.3b|tiny] [--tokens 8192]
+                                              [--routes nf4|q4_k_m|all]
                                               [--workdir DIR] [--json FILE]
 """
 
@@ -36,7 +40,17 @@ CHILDREN = {
         "OUT.mkdir(); R = export(ADAPTER, 'gguf', OUT / 'model.gguf', base=BASE, gguf_type='iq4_nl',"
         " calibrate=DATA, calibration_tokens=TOKENS)"
     ),
+    "q4km": "OUT.mkdir(); R = export(ADAPTER, 'gguf', OUT / 'model.gguf', base=BASE, gguf_type='q4_k_m')",
+    "q4km-cal": (
+        "OUT.mkdir(); R = export(ADAPTER, 'gguf', OUT / 'model.gguf', base=BASE, gguf_type='q4_k_m',"
+        " calibrate=DATA, calibration_tokens=TOKENS)"
+    ),
 }
+ROUTES = {
+    "nf4": {"nf4": "nf4", "nf4 calibrated": "nf4-cal"},
+    "q4_k_m": {"q4_k_m": "q4km", "q4_k_m calibrated": "q4km-cal"},
+}
+ROUTES["all"] = ROUTES["nf4"] | {"iq4_nl calibrated": "iq4-cal"} | ROUTES["q4_k_m"]
 
 
 def child(kind: str, adapter: str, base: str, out: str, data: str, tokens: str) -> None:
@@ -88,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1.1b", choices=sorted(SHAPES))
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--routes", choices=["nf4", "all"], default="all")
+    ap.add_argument("--routes", choices=sorted(ROUTES), default="all")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
@@ -105,18 +119,20 @@ def main() -> None:
             shutil.copy(FIXTURE / name, base4 / name)
         data = work / "calibration.txt"
         data.write_text(CORPUS * 200)
-        routes = {"nf4": "nf4", "nf4 calibrated": "nf4-cal", "iq4_nl calibrated": "iq4-cal"}
-        if args.routes == "nf4":
-            routes.pop("iq4_nl calibrated")
         results = {}
-        for label, kind in routes.items():
+        for label, kind in ROUTES[args.routes].items():
             results[label] = run(kind, adapter, base4, work / "out", data, args.tokens)
             print(label, json.dumps(results[label]), file=sys.stderr)
         summary = {"size": args.size, "parameters": n, "tokens": args.tokens, "routes": results}
-        plain, cal = results["nf4"], results["nf4 calibrated"]
-        if "seconds" in plain and "seconds" in cal:
-            summary["calibrated_over_plain_seconds"] = cal["wall_seconds"] / plain["wall_seconds"]
-            summary["calibrated_over_plain_rss"] = cal["max_rss_gib"] / plain["max_rss_gib"]
+        for plain_label in ("nf4", "q4_k_m"):
+            plain, cal = results.get(plain_label, {}), results.get(plain_label + " calibrated", {})
+            if "seconds" in plain and "seconds" in cal:
+                summary[f"{plain_label}_calibrated_over_plain_seconds"] = (
+                    cal["wall_seconds"] / plain["wall_seconds"]
+                )
+                summary[f"{plain_label}_calibrated_over_plain_rss"] = (
+                    cal["max_rss_gib"] / plain["max_rss_gib"]
+                )
         print(json.dumps(summary, indent=2))
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2))

@@ -143,6 +143,17 @@ def _check_target(out: Path, force: bool, owned: Ownership | None) -> None:
         )
 
 
+def _sync(tmp: Path) -> None:
+    """fsync every file of the output before the rename, so that a renamed output is on the disk: the
+    streaming writers sync their own files (a no-op here), llama.cpp's quantizer and gguf-py's writer do not."""
+    for p in [tmp] if tmp.is_file() else sorted(q for q in tmp.rglob("*") if q.is_file()):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
         old = _sibling(out, f"old-{os.getpid()}")
@@ -199,6 +210,7 @@ def atomic_output(
             if kind == "dir":
                 tmp.mkdir()
             yield tmp
+            _sync(tmp)
             _replace(tmp, out)
         except OSError as e:
             raise _translate(e, out) from e
