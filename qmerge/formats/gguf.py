@@ -194,7 +194,9 @@ def _check_rows(fmt: GGUF, tensor_types: TensorTypes) -> None:
 
     asked = {"token_embd.weight": tensor_types.token_embedding, "output.weight": tensor_types.output}
     if tensor_types.output and "output.weight" not in {t.name for t in fmt.tensors}:
-        asked["token_embd.weight"] = tensor_types.output  # tied: llama.cpp gives the embedding the output's type
+        asked["token_embd.weight"] = (
+            tensor_types.output
+        )  # tied: llama.cpp gives the embedding the output's type
     for t in fmt.tensors:
         qtype = asked.get(t.name)
         if qtype and t.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]][0]:
