@@ -130,6 +130,35 @@ def test_token_embedding_and_output_types(tmp_path, arch_adapters):
     assert not (tmp_path / "c.gguf").exists()
 
 
+def test_output_type_of_a_tied_model_lands_on_the_embedding(tmp_path, arch_adapters):
+    """Tied embeddings (qwen2): llama.cpp gives the embedding the output type, so that is what is checked
+    against its rows; a fitting type is written there."""
+    import gguf
+
+    from qmerge.formats.gguf import TensorTypes
+
+    base, adapter = arch_adapters["qwen2"]
+    with pytest.raises(UnsupportedError, match="token_embd.weight: rows of 64"):
+        export(
+            adapter,
+            "gguf",
+            tmp_path / "a.gguf",
+            base=base,
+            gguf_type="q4_k_m",
+            tensor_types=TensorTypes(None, "q6_k"),
+        )
+    export(
+        adapter,
+        "gguf",
+        tmp_path / "b.gguf",
+        base=base,
+        gguf_type="q4_k_m",
+        tensor_types=TensorTypes(None, "q8_0"),
+    )
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "b.gguf")).tensors}
+    assert "output.weight" not in types and types["token_embd.weight"] == "Q8_0"
+
+
 def test_gguf_metadata_and_inspect(tmp_path, arch_adapters):
     base, adapter = arch_adapters["qwen2"]
     export(adapter, "gguf", tmp_path / "q.gguf", base=base, gguf_type="f16")
