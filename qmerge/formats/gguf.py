@@ -185,7 +185,7 @@ def write_gguf_file(
         llama_cpp.quantize(mid, path, gguf_type, tensor_types.token_embedding, tensor_types.output)
     finally:
         mid.unlink(missing_ok=True)
-    return merged, {}, {**summary, "intermediate": inter, "tensor_types": _gguf_types(path)}
+    return merged, {}, {**summary, "intermediate": inter, "tensor_types": file_types(path)}
 
 
 def _check_rows(fmt: GGUF, tensor_types: TensorTypes) -> None:
@@ -194,20 +194,20 @@ def _check_rows(fmt: GGUF, tensor_types: TensorTypes) -> None:
 
     asked = {"token_embd.weight": tensor_types.token_embedding, "output.weight": tensor_types.output}
     if tensor_types.output and "output.weight" not in {t.name for t in fmt.tensors}:
-        asked["token_embd.weight"] = (
-            tensor_types.output
-        )  # tied: llama.cpp gives the embedding the output's type
+        asked["token_embd.weight"] = tensor_types.output  # tied: llama.cpp gives the embedding this type
     for t in fmt.tensors:
-        qtype = asked.get(t.name)
-        if qtype and t.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]][0]:
-            block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]][0]
+        if not asked.get(t.name):
+            continue
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[asked[t.name].upper()]][0]
+        if t.shape[-1] % block:
             raise UnsupportedError(
-                f"{t.name}: rows of {t.shape[-1]} values are not whole {qtype} blocks of {block}; choose a type "
-                "with smaller blocks (q8_0, q5_0, q4_0: 32; f16)."
+                f"{t.name}: rows of {t.shape[-1]} values are not whole {asked[t.name]} blocks of {block}; choose "
+                "a type with smaller blocks (q8_0, q5_0, q4_0: 32; f16)."
             )
 
 
-def _gguf_types(path: Path) -> dict:
+def file_types(path: Path) -> dict:
+    """{GGML type name: how many tensors} of the GGUF file at `path`."""
     import gguf
 
     return type_counts(t.tensor_type for t in gguf.GGUFReader(str(path)).tensors)

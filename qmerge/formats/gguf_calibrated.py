@@ -40,10 +40,10 @@ from ..quant import ggml4, kquants
 from ..quant.gptq import Hessian, gptq_codes
 from ..reports import WriteReport
 from .calibration import OutputErrors, calibrate, calibration_inputs, module_order
-from .gguf import OWN_CALIBRATED_TYPES, TensorTypes, type_counts
+from .gguf import OWN_CALIBRATED_TYPES, TensorTypes, file_types, type_counts
 from .nf4 import Retention
 
-# types of llama.cpp's own file, the 4-bit layers' blocks chosen again: Q4_K/Q6_K by qmerge (GPTQ), the others
+# types of llama.cpp's own file, the 4-bit layers' blocks chosen again: Q4_K/Q5_K/Q6_K by qmerge (GPTQ), the others
 # by llama.cpp's quantizer with the importance matrix
 KQUANT_TYPES = tuple(t for t in LLAMA_CPP_TYPES if t not in OWN_CALIBRATED_TYPES)
 # GGML types whose llama.cpp quantizer takes an importance matrix (ggml-quants.c's quantize_* with quant_weights)
@@ -155,7 +155,7 @@ class CalibratedGGUF:
         blocks = f"llama.cpp's {self.kind.upper()} blocks"
         if self.kind in KQUANT_TYPES:
             blocks = (
-                f"the Q4_K/Q6_K blocks of llama.cpp's own {self.kind} file (its quantizer with the importance "
+                f"the Q4_K/Q5_K/Q6_K blocks of llama.cpp's own {self.kind} file (its quantizer with the importance "
                 "matrix for other types)"
             )
         summary = self.errors.summary(
@@ -197,8 +197,6 @@ def write_calibrated_gguf(
 
             details["keep_delta"] = keep_delta(source, tmp, details.get("delta_retention"), keep)
             if details["keep_delta"]["layers"]:
-                from .gguf_kquant import file_types
-
                 digests, details["tensor_types"] = {}, file_types(tmp)
         files = [OutputFile(out.name, f.bytes, f.sha256) for f in describe_files(tmp, digests)]
         if mat is not None:

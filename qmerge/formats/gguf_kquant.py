@@ -5,15 +5,13 @@ error feedback, other types by llama.cpp's own quantizer with the calibration's 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from ..errors import UnsupportedError
 from ..pipeline.source import Source
 from .calibration import calibrate, calibration_inputs, module_order
-from .gguf import type_counts, write_gguf_file
+from .gguf import write_gguf_file
 from .gguf_calibrated import CalibratedGGUF, details_of
 
 
@@ -47,12 +45,6 @@ def kquant_file(source, path, kind, quantized, calibration, max_tokens, progress
     with open(path, "r+b") as f:
         calibrate(_InPlace(f, table), model, cal, fourbit, tokens, mask, progress)
     return {}, details_of(cal, kind, tokenizer_kind, calibration, imatrix)
-
-
-def file_types(path: Path) -> dict:
-    import gguf
-
-    return type_counts(t.tensor_type for t in gguf.GGUFReader(str(path)).tensors)
 
 
 class _InPlace:
