@@ -39,16 +39,24 @@ def keep_delta(source: Source, path: Path, retention: dict | None, fraction: flo
     tmp = path.with_name(path.name + ".keep")
     reader = gguf.GGUFReader(str(path))
     try:
-        planned = []
+        planned = []  # (name, stored shape, dtype, type, the data when it is written): one tensor in memory
         for t in reader.tensors:
             if t.name not in mapped:
-                planned.append((t.name, t.data, t.tensor_type))
+                planned.append((t.name, t.data.shape, t.data.dtype, t.tensor_type, lambda t=t: t.data))
                 continue
-            data, qtype, kept = _kept_layer(source, mapped[t.name], arch, hp)
-            hf = mapped[t.name].hf_name
-            report["layers"][hf] = {"kept_before": layers[hf]["kept"], "kept_after": kept, "type": qtype.name}
+            qtype = _kept_type(int(t.shape[0]))
             shape = gguf.quant_shape_to_byte_shape(tuple(int(d) for d in reversed(t.shape)), qtype)
-            planned.append((t.name, data.reshape(shape), qtype))
+
+            def encoded(g=mapped[t.name], shape=shape, qtype=qtype):
+                data, kept = _kept_layer(source, g, arch, hp, qtype)
+                report["layers"][g.hf_name] = {
+                    "kept_before": layers[g.hf_name]["kept"],
+                    "kept_after": kept,
+                    "type": qtype.name,
+                }
+                return data.reshape(shape)
+
+            planned.append((t.name, shape, np.dtype(np.uint8), qtype, encoded))
         _write(tmp, reader, planned)
         del reader, planned
         os.replace(tmp, path)
@@ -60,18 +68,18 @@ def keep_delta(source: Source, path: Path, retention: dict | None, fraction: flo
 
 
 def _write(path: Path, reader, planned: list) -> None:
-    """A GGUF at `path` with `reader`'s metadata and the (name, data, type) tensors, one at a time."""
+    """A GGUF at `path` with `reader`'s metadata and the planned tensors, written one at a time."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch=str(reader.fields["general.architecture"].contents()))
     _copy_fields(reader, writer)
-    for name, data, qtype in planned:
-        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, qtype)
+    for name, shape, dtype, qtype, _ in planned:
+        writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, data, _ in planned:
-        writer.write_tensor_data(data)
+    for *_, data in planned:
+        writer.write_tensor_data(data())
     writer.close()
 
 
@@ -86,16 +94,20 @@ def _copy_fields(reader, writer) -> None:
         writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
 
 
-def _kept_layer(source: Source, tensor, arch, hp) -> tuple[np.ndarray, object, float]:
-    """(Q8_0 bytes of the merged layer as llama.cpp holds it, their type, the delta retention they give)."""
+def _kept_type(columns: int):
     import gguf
 
-    T = gguf.GGMLQuantizationType
+    return gguf.GGMLQuantizationType.Q8_0 if columns % 32 == 0 else gguf.GGMLQuantizationType.F16
+
+
+def _kept_layer(source: Source, tensor, arch, hp, qtype) -> tuple[np.ndarray, float]:
+    """(the bytes of the merged layer as llama.cpp holds it in `qtype`, the delta retention they give)."""
+    import gguf
+
     t = merged_tensor(source, tensor.hf_name, keep_base=True)
     W = arch.transform(tensor.hf_name, t.value.float(), hp)
-    qtype = T.Q8_0 if W.shape[-1] % 32 == 0 else T.F16
     data = encode(W, qtype)
     Q = torch.from_numpy(gguf.quants.dequantize(data.reshape(W.shape[0], -1), qtype).astype(np.float32))
     kept = Retention()
     kept.add(tensor.hf_name, arch.transform(tensor.hf_name, t.base.float(), hp), W, Q)
-    return data, qtype, kept.layers.get(tensor.hf_name, {"kept": 1.0})["kept"]
+    return data, kept.layers.get(tensor.hf_name, {"kept": 1.0})["kept"]
