@@ -64,6 +64,28 @@ def calibrates(to: str, gguf_type: str) -> bool:
     return to == "nf4" or (to in ("gguf", "gguf-lora") and gguf_type.lower() in CALIBRATED_TYPES)
 
 
+def option_conflict(
+    to: str,
+    gguf_type: str,
+    calibrate,
+    imatrix=None,
+    tensor_types: TensorTypes = TensorTypes(),
+    keep_delta: float | None = None,
+) -> str | None:
+    """What is wrong with this combination of export options (the CLI's usage error, the API's
+    UnsupportedError), or None."""
+    gguf_calibrated = to == "gguf" and calibrate is not None
+    if calibrate is not None and not calibrates(to, gguf_type):
+        return CALIBRATES
+    if tensor_types and not takes_tensor_types(to, gguf_type, calibrate is not None):
+        return TENSOR_TYPES
+    if keep_delta is not None and not gguf_calibrated:
+        return KEEP_DELTA
+    if imatrix is not None and not gguf_calibrated:
+        return IMATRIX
+    return None
+
+
 def export(
     source: Path,
     to: str,
@@ -93,14 +115,9 @@ def export(
         from .formats.gguf import check_type
 
         check_type(gguf_type)
-    if calibrate is not None and not calibrates(to, gguf_type):
-        raise UnsupportedError(CALIBRATES)
-    if imatrix is not None and (to != "gguf" or calibrate is None):
-        raise UnsupportedError(IMATRIX)
-    if tensor_types and not takes_tensor_types(to, gguf_type, calibrate is not None):
-        raise UnsupportedError(TENSOR_TYPES)
-    if keep_delta is not None and (to != "gguf" or calibrate is None):
-        raise UnsupportedError(KEEP_DELTA)
+    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta)
+    if conflict:
+        raise UnsupportedError(conflict)
     if imatrix is not None and Path(imatrix).resolve() == Path(out).resolve():
         raise UnsupportedError(f"{imatrix}: --imatrix names the output file itself; give it its own path.")
     src = open_source(Path(source), Path(base) if base else None, quant, merge_base, allow_pickle, True)

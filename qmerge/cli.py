@@ -562,23 +562,18 @@ def export(
     **quant,
 ):
     """Export a QLoRA checkpoint or merged directory to bf16/fp16/fp32, NF4, GGUF or a LoRA GGUF."""
-    from .api import CALIBRATES, IMATRIX, KEEP_DELTA, TENSOR_TYPES, calibrates
     from .api import export as do_export
-    from .formats.gguf import TensorTypes, takes_tensor_types
+    from .api import option_conflict
+    from .formats.gguf import TensorTypes
     from .formats.nf4 import NF4Options
     from .render import files_table
 
-    if calibrate is not None and not calibrates(to, gguf_type):
-        raise click.UsageError(CALIBRATES)
     tensor_types = TensorTypes(
         gguf_embedding_type and gguf_embedding_type.lower(), gguf_output_type and gguf_output_type.lower()
     )
-    if tensor_types and not takes_tensor_types(to, gguf_type, calibrate is not None):
-        raise click.UsageError(TENSOR_TYPES)
-    if keep_delta is not None and (to != "gguf" or calibrate is None):
-        raise click.UsageError(KEEP_DELTA)
-    if imatrix is not None and (to != "gguf" or calibrate is None):
-        raise click.UsageError(IMATRIX)
+    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta)
+    if conflict:
+        raise click.UsageError(conflict)
     with progress_bar(f"exporting {to}", not as_json) as cb:
         report = do_export(
             source,

@@ -7,6 +7,7 @@ so Ctrl-C (or SIGTERM) stops the child instead, and nothing it wrote survives.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -217,6 +218,7 @@ def quantize_rows(qtype: int, rows: np.ndarray, importance: np.ndarray | None = 
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _ggml_base():
     """libggml-base from llama-cpp-python's wheel, with the two functions quantize_rows calls typed."""
     import ctypes

@@ -41,22 +41,8 @@ CALIBRATED_TYPES = LLAMA_CPP_TYPES
 OWN_CALIBRATED_TYPES = ("iq4_xs", "iq4_nl", "q4_0")
 # GGML types llama.cpp's quantizer can give the token embedding or the output layer (llama-quantize's
 # --token-embedding-type / --output-tensor-type)
-TENSOR_TYPES = (
-    "f32",
-    "f16",
-    "bf16",
-    "q8_0",
-    "q6_k",
-    "q5_k",
-    "q4_k",
-    "q3_k",
-    "q2_k",
-    "q5_1",
-    "q5_0",
-    "q4_1",
-    "q4_0",
-)
-TENSOR_TYPES += ("iq4_xs", "iq4_nl")
+TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
+TENSOR_TYPES += ("q5_1", "q5_0", "q4_1", "q4_0", "iq4_xs", "iq4_nl")
 
 
 @dataclasses.dataclass(frozen=True)
