@@ -64,11 +64,11 @@ def _sorted_code(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @lru_cache(maxsize=2)
 def _bucket_lut(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A table that replaces bucketize for values in [-1, 1], indexed by the fp32's high 16 bits (+32768).
+    """Tables that replace bucketize for values in [-1, 1], indexed by the fp32's high 16 bits (+32768).
 
-    Each uint8 entry holds, in its low 4 bits, how many midpoints lie below every float whose high half is
-    that index, and in bit 4 whether a midpoint falls inside that range (15 of 65536 ranges): such an
-    element needs one exact comparison. Also returns the midpoints with +inf appended.
+    (uint8[65536]: how many midpoints lie below every float whose high half is that index; fp32[65536]: the
+    midpoint inside that range of floats, +inf where none is: 15 of the 65536 ranges hold one). A value y
+    in range i is count[i] + (y > midpoint[i]): bucketize with ties to the lower code, without a branch.
     """
     midpoints, _ = _sorted_code(quant_type)
     bits = (torch.arange(65536, dtype=torch.int64) - 32768) << 16
@@ -77,9 +77,14 @@ def _bucket_lut(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = torch.minimum(lo, hi), torch.maximum(lo, hi)
     count_a = torch.searchsorted(midpoints, a, side="left")
     count_b = torch.searchsorted(midpoints, b, side="left")
-    ambiguous = (count_a != count_b) & ~torch.isnan(a)
-    table = count_a.to(torch.uint8) | (ambiguous.to(torch.uint8) << 4)
-    return table, torch.cat([midpoints, torch.tensor([float("inf")])])
+    inside = (count_a != count_b) & ~torch.isnan(a)
+    midpoint = torch.where(inside, midpoints[count_a.clamp(max=len(midpoints) - 1)], float("inf"))
+    return count_a.to(torch.uint8), midpoint
+
+
+def _bucket_index(y: torch.Tensor) -> torch.Tensor:
+    """int32 index into _bucket_lut's tables of each value of fp32 y: its high 16 bits, + 32768."""
+    return y.view(torch.int32).bitwise_right_shift(16).add_(32768)
 
 
 _CHUNK = 1 << 18  # elements per pass: keeps the intermediates in cache (a multiple of every blocksize)
@@ -90,22 +95,18 @@ def _codes_full_blocks(
 ) -> None:
     """Sorted-code indices and absmax of whole blocks, written into codes/absmax, chunk by chunk.
 
-    Same result as bucketize(clamp(x * (1 / absmax), -1, 1), midpoints) (ties to the lower code): a table
-    lookup on the float's high bits, then an exact comparison in the few ranges that hold a midpoint.
+    Same result as bucketize(clamp(x * (1 / absmax), -1, 1), midpoints) (ties to the lower code), by
+    _bucket_lut's two tables.
     """
-    table, mid_ext = _bucket_lut(quant_type)
+    count, midpoint = _bucket_lut(quant_type)
     for s in range(0, flat.numel(), _CHUNK):
         x = flat[s : s + _CHUNK].to(torch.float32, copy=True).view(-1, blocksize)  # scaled in place below
         am = x.abs().amax(dim=-1)
         absmax[s // blocksize : s // blocksize + am.numel()] = am
         y = x.mul_((1.0 / am.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
-        idx = y.view(torch.int16)[1::2].to(torch.int32).add_(32768)  # high half of each fp32 (little-endian)
-        c = torch.index_select(table, 0, idx)
-        fix = (c >= 16).nonzero().squeeze(1)
-        if fix.numel():
-            cf = (c[fix] & 15).long()
-            c[fix] = (cf + (mid_ext[cf] < y[fix])).to(torch.uint8)
-        codes[s : s + y.numel()] = c
+        index = _bucket_index(y)
+        c = torch.index_select(count, 0, index)
+        codes[s : s + y.numel()] = c.add_(y > torch.index_select(midpoint, 0, index))
 
 
 def quantize_4bit_codes(
@@ -280,8 +281,9 @@ def _prepare(packed: torch.Tensor, state: QuantState) -> _Prepared:
         raise ValueError(f"absmax has {absmax.numel()} blocks, shape {state.shape} needs {blocks}")
     code = state.code.float()
     if state.quant_type == "fp4":
-        # bitsandbytes' native kernels (CPU dequantize_4bit, CUDA dDequantizeFP4Tree) decode FP4 code
-        # 0b1000 as -0.0 (sign bit, zero magnitude); the saved quant_map holds +0.0 there.
+        # bitsandbytes' CUDA kernel (dDequantizeFP4Tree, training's) decodes FP4 code 0b1000 as -0.0 (sign
+        # bit, zero magnitude); the saved quant_map holds +0.0 there, and its CPU kernel (0.50.2, on an
+        # AVX-512 machine) gives +0.0. qmerge keeps training's -0.0.
         code = code.clone()
         code[8] = -0.0
     # Each byte's two fp32 values packed into one int64: a 1-D gather, 1.5x faster than gathering rows.

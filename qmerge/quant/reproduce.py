@@ -11,10 +11,19 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import torch
 
-from .blockwise import _CHUNK, QuantState, _codes_full_blocks, _sorted_code, dequantize_absmax, quantize_state
+from .blockwise import (
+    _CHUNK,
+    QuantState,
+    _bucket_index,
+    _bucket_lut,
+    _sorted_code,
+    dequantize_absmax,
+    quantize_state,
+)
 from .codebooks import code_4bit
 
 
@@ -26,6 +35,29 @@ def _value_table(quant_type: str) -> torch.Tensor:
         code[8] = -0.0
     _, order = _sorted_code(quant_type)
     return code[order]
+
+
+@lru_cache(maxsize=2)
+def _value_lut(quant_type: str) -> torch.Tensor:
+    """int64[65536]: for each of _bucket_lut's ranges, the fp32 bits of the code value below its midpoint
+    and of the one above (the same where the range holds no midpoint), packed low | high << 32."""
+    count, midpoint = _bucket_lut(quant_type)
+    values = torch.cat([_value_table(quant_type), torch.zeros(1)])
+    c = count.long()
+    low, high = values[c], torch.where(midpoint < float("inf"), values[c + 1], values[c])
+    return (low.view(torch.int32).long() & 0xFFFFFFFF) | (high.view(torch.int32).long() << 32)
+
+
+def _values(x: torch.Tensor, blocksize: int, quant_type: str) -> torch.Tensor:
+    """fp32 code values (not yet scaled) of fp32 x's whole blocks, x scaled in place on the way: the values
+    of the codes _codes_full_blocks gives, without the codes (two gathers, one select)."""
+    _, midpoint = _bucket_lut(quant_type)
+    blocks = x.view(-1, blocksize)
+    am = blocks.abs().amax(dim=-1)
+    y = blocks.mul_((1.0 / am.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
+    index = _bucket_index(y)
+    both = torch.index_select(_value_lut(quant_type), 0, index).view(torch.float32).view(-1, 2)
+    return torch.where(y > torch.index_select(midpoint, 0, index), both[:, 1], both[:, 0])
 
 
 def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -66,15 +98,12 @@ def reproduce_rows(
         raise ValueError(f"rows of {cols} values are not whole blocks of {blocksize}")
     round_to = round_to or A.dtype
     used, _ = scales(A, blocksize, quant_type, double_quant)
-    table = _value_table(quant_type)
     flat = A.reshape(-1)
 
     def block(r0: int) -> tuple[int, int, torch.Tensor]:
         r1 = min(rows, r0 + rows_per_chunk)
         s, e = r0 * cols, r1 * cols
-        codes = torch.empty(e - s, dtype=torch.uint8)
-        _codes_full_blocks(flat[s:e], blocksize, quant_type, codes, torch.empty((e - s) // blocksize))
-        vals = torch.index_select(table, 0, codes.int())
+        vals = _values(flat[s:e].to(torch.float32, copy=True), blocksize, quant_type)
         vals.view(-1, blocksize).mul_(used[s // blocksize : e // blocksize].view(-1, 1))
         if round_to != torch.float32:
             vals = vals.to(round_to).float()
