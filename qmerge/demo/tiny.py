@@ -36,7 +36,9 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", 
 class TinySpec:
     """Shape of a tiny model."""
 
-    arch: str = "llama"  # llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3 | phi3
+    arch: str = (
+        "llama"  # llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3 | phi3 | granite | smollm3
+    )
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 2
@@ -103,11 +105,13 @@ def model_config(spec: TinySpec, vocab_size: int):
         Gemma2Config,
         Gemma3TextConfig,
         GemmaConfig,
+        GraniteConfig,
         LlamaConfig,
         MistralConfig,
         Phi3Config,
         Qwen2Config,
         Qwen3Config,
+        SmolLM3Config,
     )
 
     common = dict(
@@ -142,9 +146,19 @@ def model_config(spec: TinySpec, vocab_size: int):
         return Gemma3TextConfig(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim)
     if spec.arch == "phi3":
         return Phi3Config(**common, original_max_position_embeddings=spec.max_position_embeddings)
+    if spec.arch == "granite":  # multipliers away from 1, so that a scale written wrong shows
+        return GraniteConfig(
+            **common,
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.3 / head_dim**0.5,
+            logits_scaling=2.0,
+        )
+    if spec.arch == "smollm3":
+        return SmolLM3Config(**common, use_sliding_window=False)
     raise ValueError(
         f"unknown tiny architecture {spec.arch!r}: expected llama, mistral, qwen2, qwen3, gemma, gemma2, "
-        "gemma3 or phi3"
+        "gemma3, phi3, granite or smollm3"
     )
 
 

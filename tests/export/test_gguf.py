@@ -1,5 +1,5 @@
 """GGUF export checked by loading the files in llama.cpp (llama-cpp-python) and comparing logits with
-the merged model run by transformers, for llama, mistral (GQA) and qwen2 (biases, tied embeddings)."""
+the merged model run by transformers, on every architecture GGUF export supports."""
 
 from __future__ import annotations
 
@@ -53,10 +53,12 @@ def arch_adapters(tmp_path_factory):
         ("gemma2", True),
         ("gemma3", True),
         ("phi3", False),
+        ("granite", False),
+        ("smollm3", True),
     ):
-        base = build_base(
-            root / arch / "base", TinySpec(arch=arch, tie_word_embeddings=tied, num_key_value_heads=2)
-        )
+        layers = 4 if arch == "smollm3" else 2  # its 4th layer is the one without RoPE
+        spec = TinySpec(arch=arch, tie_word_embeddings=tied, num_key_value_heads=2, num_hidden_layers=layers)
+        base = build_base(root / arch / "base", spec)
         adapter = random_adapter(
             base, root / arch / "adapter", seed=7, r=8, lora_alpha=16, target_modules="all-linear"
         )
@@ -64,7 +66,9 @@ def arch_adapters(tmp_path_factory):
     return made
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite", "smollm3"]
+)
 def test_gguf_types_against_transformers(tmp_path, arch_adapters, arch):
     base, adapter = arch_adapters[arch]
     export(adapter, "fp32", tmp_path / "merged", base=base)
@@ -331,3 +335,22 @@ def test_gemma_attention_scale_llama_cpp_cannot_express_is_refused():
     assert model_info({**g3, "layer_types": [sliding] * 5 + [full, sliding]}).gguf_arch == "gemma3"
     with pytest.raises(UnsupportedError, match="layer_types"):
         model_info({**g3, "layer_types": [sliding, full] * 3 + [sliding]})
+
+
+def test_granite_and_smollm3_configs_llama_cpp_cannot_express_are_refused():
+    from qmerge.io.gguf.arch import architecture_of
+
+    cfg = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=320)
+    granite = {**cfg, "architectures": ["GraniteForCausalLM"], "num_hidden_layers": 2}
+    assert architecture_of({**granite, "head_dim": 16})[0].gguf_arch == "granite"
+    with pytest.raises(UnsupportedError, match="head_dim"):
+        architecture_of({**granite, "head_dim": 32})
+    smol = {**cfg, "architectures": ["SmolLM3ForCausalLM"], "num_hidden_layers": 8}
+    assert architecture_of({**smol, "no_rope_layers": [1, 1, 1, 0] * 2})[0].gguf_arch == "smollm3"
+    for other in (
+        {"no_rope_layers": [1] * 8},
+        {"no_rope_layers": [1, 1, 0, 1] * 2},
+        {"use_sliding_window": True},
+    ):
+        with pytest.raises(UnsupportedError, match="every 4th layer"):
+            architecture_of({**smol, **other})

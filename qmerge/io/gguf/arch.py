@@ -32,6 +32,7 @@ class HParams:
     sliding_window: int | None
     attn_softcap: float | None = None  # gemma2
     final_softcap: float | None = None  # gemma2, gemma3
+    config: dict | None = None  # config.json itself, for keys only one architecture reads
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -78,6 +79,7 @@ def read_hparams(config: dict, arch: str) -> HParams:
         sliding_window=config.get("sliding_window"),
         attn_softcap=config.get("attn_logit_softcapping"),
         final_softcap=config.get("final_logit_softcapping"),
+        config=config,
     )
 
 
@@ -198,8 +200,59 @@ class Phi3(Architecture):
         w.add_sliding_window(int(hp.sliding_window or 0))
 
 
+class Granite(Architecture):
+    """Granite: a Llama whose embedding, residual branches, attention and logits are scaled by four
+    config multipliers, written as llama.cpp's scales (convert_hf_to_gguf's GraniteModel)."""
+
+    hf_class, model_type, gguf_arch = "GraniteForCausalLM", "granite", "granite"
+    SCALES = {
+        "attention_multiplier": "add_attention_scale",
+        "embedding_multiplier": "add_embedding_scale",
+        "residual_multiplier": "add_residual_scale",
+        "logits_scaling": "add_logit_scale",
+    }
+
+    def check(self, config: dict, hp: HParams) -> None:
+        if hp.head_dim != hp.hidden // hp.n_head:
+            raise UnsupportedError(
+                f"head_dim is {hp.head_dim}, not hidden_size / heads ({hp.hidden // hp.n_head}); llama.cpp's "
+                "granite architecture has no head_dim of its own, so the GGUF would not match."
+            )
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        for key, add in self.SCALES.items():
+            if value := (hp.config or {}).get(key):  # as convert_hf_to_gguf: 0 or absent is not written
+                getattr(w, add)(float(value))
+
+
+class SmolLM3(Architecture):
+    """SmolLM3: a Llama without RoPE in every 4th layer, which llama.cpp's smollm3 architecture fixes."""
+
+    hf_class, model_type, gguf_arch = "SmolLM3ForCausalLM", "smollm3", "smollm3"
+
+    def check(self, config: dict, hp: HParams) -> None:
+        llama_cpp_rope = [int((i + 1) % 4 != 0) for i in range(hp.n_layers)]
+        if config.get("no_rope_layers", llama_cpp_rope) != llama_cpp_rope or config.get("use_sliding_window"):
+            raise UnsupportedError(
+                "llama.cpp runs smollm3 with RoPE left out of every 4th layer and no sliding window; this "
+                "model's no_rope_layers or use_sliding_window differ, so the GGUF would not match."
+            )
+
+
 ARCHITECTURES: dict[str, Architecture] = {
-    a.hf_class: a for a in (Architecture(), Mistral(), Qwen2(), Qwen3(), Gemma(), Gemma2(), Gemma3(), Phi3())
+    a.hf_class: a
+    for a in (
+        Architecture(),
+        Mistral(),
+        Qwen2(),
+        Qwen3(),
+        Gemma(),
+        Gemma2(),
+        Gemma3(),
+        Phi3(),
+        Granite(),
+        SmolLM3(),
+    )
 }
 GEMMA_ARCHS = tuple(a.gguf_arch for a in ARCHITECTURES.values() if a.gemma_norm)
 
