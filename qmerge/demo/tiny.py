@@ -36,9 +36,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", 
 class TinySpec:
     """Shape of a tiny model."""
 
-    arch: str = (
-        "llama"  # llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3 | phi3 | granite | smollm3
-    )
+    arch: str = "llama"  # llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3 | phi3 | granite | smollm3 | olmo2
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 2
@@ -108,6 +106,7 @@ def model_config(spec: TinySpec, vocab_size: int):
         GraniteConfig,
         LlamaConfig,
         MistralConfig,
+        Olmo2Config,
         Phi3Config,
         Qwen2Config,
         Qwen3Config,
@@ -154,11 +153,13 @@ def model_config(spec: TinySpec, vocab_size: int):
             attention_multiplier=0.3 / head_dim**0.5,
             logits_scaling=2.0,
         )
+    if spec.arch == "olmo2":
+        return Olmo2Config(**common)
     if spec.arch == "smollm3":
         return SmolLM3Config(**common, use_sliding_window=False)
     raise ValueError(
         f"unknown tiny architecture {spec.arch!r}: expected llama, mistral, qwen2, qwen3, gemma, gemma2, "
-        "gemma3, phi3, granite or smollm3"
+        "gemma3, phi3, granite, smollm3 or olmo2"
     )
 
 

@@ -34,6 +34,14 @@ def llama_cpp_logits(path, tokens=SEQ) -> torch.Tensor:
     return out
 
 
+def _tie_gap(ref: torch.Tensor, cand: torch.Tensor) -> float:
+    """The largest gap, in the reference's logits, between its top token and the candidate's top token
+    (0 where they agree): a flip between two tokens the reference nearly ties is rounding, not a wrong
+    mapping (a tiny random model has such near ties at a few positions)."""
+    picked = ref.gather(-1, cand.argmax(-1, keepdim=True)).squeeze(-1)
+    return float((ref.max(-1).values - picked).max())
+
+
 @pytest.fixture(scope="module")
 def arch_adapters(tmp_path_factory):
     """A tiny base of each architecture with a random-B all-linear adapter made by PEFT.
@@ -55,6 +63,7 @@ def arch_adapters(tmp_path_factory):
         ("phi3", False),
         ("granite", False),
         ("smollm3", True),
+        ("olmo2", False),
     ):
         layers = 4 if arch == "smollm3" else 2  # its 4th layer is the one without RoPE
         spec = TinySpec(arch=arch, tie_word_embeddings=tied, num_key_value_heads=2, num_hidden_layers=layers)
@@ -67,7 +76,20 @@ def arch_adapters(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite", "smollm3"]
+    "arch",
+    [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "granite",
+        "smollm3",
+        "olmo2",
+    ],
 )
 def test_gguf_types_against_transformers(tmp_path, arch_adapters, arch):
     base, adapter = arch_adapters[arch]
@@ -77,11 +99,12 @@ def test_gguf_types_against_transformers(tmp_path, arch_adapters, arch):
         out = tmp_path / f"m-{gtype}.gguf"
         export(adapter, "gguf", out, base=base, gguf_type=gtype)
         cand = llama_cpp_logits(out)
-        _kl, top1 = kl_top1(ref, cand)
+        kl, _top1 = kl_top1(ref, cand)
         if gtype == "f32":
             assert (cand - ref).abs().max() <= F32_TOL, arch
-        else:
-            assert top1 >= 0.98, (arch, gtype, top1)
+        else:  # measured 2e-9 to 1.6e-4; top-1 may differ only where the reference is a near tie
+            assert kl <= 1e-3, (arch, gtype, kl)
+            assert _tie_gap(ref, cand) <= 0.05, (arch, gtype)
 
 
 def test_k_quant_runs_and_is_reported(tmp_path, arch_adapters):
@@ -337,7 +360,7 @@ def test_gemma_attention_scale_llama_cpp_cannot_express_is_refused():
         model_info({**g3, "layer_types": [sliding, full] * 3 + [sliding]})
 
 
-def test_granite_and_smollm3_configs_llama_cpp_cannot_express_are_refused():
+def test_granite_smollm3_olmo2_configs_llama_cpp_cannot_express_are_refused():
     from qmerge.io.gguf.arch import architecture_of
 
     cfg = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=320)
@@ -354,3 +377,9 @@ def test_granite_and_smollm3_configs_llama_cpp_cannot_express_are_refused():
     ):
         with pytest.raises(UnsupportedError, match="every 4th layer"):
             architecture_of({**smol, **other})
+    olmo2 = {**cfg, "architectures": ["Olmo2ForCausalLM"], "num_hidden_layers": 2}
+    assert architecture_of(olmo2)[0].gguf_arch == "olmo2"
+    with pytest.raises(UnsupportedError, match="output layer of its own"):
+        architecture_of({**olmo2, "tie_word_embeddings": True})
+    with pytest.raises(UnsupportedError, match="sliding window"):
+        architecture_of({**olmo2, "sliding_window": 4096})

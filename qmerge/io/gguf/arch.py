@@ -239,6 +239,25 @@ class SmolLM3(Architecture):
             )
 
 
+class Olmo2(Architecture):
+    """OLMo 2: Q/K norms over the whole projection, norms after attention and MLP instead of before, NEOX
+    RoPE (convert_hf_to_gguf's Olmo2Model); no sliding window."""
+
+    hf_class, model_type, gguf_arch, permute_qk = "Olmo2ForCausalLM", "olmo2", "olmo2", False
+
+    def check(self, config: dict, hp: HParams) -> None:
+        if hp.tied:
+            raise UnsupportedError(
+                "llama.cpp's olmo2 architecture needs an output layer of its own, but this model ties it to "
+                "the embedding (OLMo 2 checkpoints do not); export it as safetensors instead."
+            )
+        if hp.sliding_window:
+            raise UnsupportedError(
+                "this olmo2 model has a sliding window; qmerge writes OLMo 2 without one (as OLMo 2 runs), "
+                "so the GGUF would not match."
+            )
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_class: a
     for a in (
@@ -252,6 +271,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Phi3(),
         Granite(),
         SmolLM3(),
+        Olmo2(),
     )
 }
 GEMMA_ARCHS = tuple(a.gguf_arch for a in ARCHITECTURES.values() if a.gemma_norm)
