@@ -30,6 +30,13 @@ ARCHS = {
         dict(ffn_dim=128, word_embed_proj_dim=64, intermediate_size=None),
         {},
     ),
+    # transformers 5 fuses the per-expert linears the checkpoint holds into 3-D parameters at load time
+    "qwen2_moe": (
+        dict(
+            num_key_value_heads=2, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64
+        ),
+        {},
+    ),
 }
 
 
@@ -58,3 +65,16 @@ def test_fp32_merge_equals_unmerged(tmp_path, model_type):
     ref = reference_unmerged(adapter, base)
     cand = logits_of(tmp_path / "m")
     assert (cand - ref).abs().max() <= FP32_TOL
+
+
+def test_moe_experts_fused_at_load_are_merged_and_refused_by_streaming(tmp_path):
+    """A MoE checkpoint holds one tensor per expert where the model has one fused parameter: merge keeps
+    the checkpoint's layout (transformers loads the output, above); the streamed check cannot build the
+    fused parameters one module at a time and says so (one message, no traceback)."""
+    from qmerge.errors import UnsupportedError
+    from qmerge.verify.check import check
+
+    base, adapter = make_base_and_adapter(tmp_path, "qwen2_moe")
+    merge(adapter, tmp_path / "m", base=base, dtype="bf16")
+    with pytest.raises(UnsupportedError, match="experts.gate_up_proj .* from several checkpoint tensors"):
+        check(adapter, tmp_path / "m", base=base, device="cpu")

@@ -114,6 +114,31 @@ def _checkpoint_names(config_json: str) -> tuple[tuple[str, str], ...]:
     return tuple((by_id.get(id(t), k), k) for k, t in saved.items())
 
 
+@lru_cache(maxsize=4)
+def _split(config_json: str) -> tuple[tuple[str, ...], tuple[tuple[str, tuple[int, ...]], ...]]:
+    """(model tensors transformers 5 builds from several checkpoint tensors at load time, e.g. a MoE
+    layer's per-expert linears fused into one 3-D parameter; (checkpoint name, shape) of those pieces)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = _meta_model(config_json)
+    state = model.state_dict()
+    try:
+        saved = revert_weight_conversion(model, dict(state))
+    except Exception:  # noqa: BLE001 - as _checkpoint_names
+        return (), ()
+    kept = {id(t) for t in saved.values()}
+    ids = {id(t) for t in state.values()}
+    fused = tuple(k for k, t in state.items() if id(t) not in kept and k not in saved)
+    pieces = tuple((k, tuple(t.shape)) for k, t in saved.items() if id(t) not in ids and k not in state)
+    return fused, pieces
+
+
+def fused_at_load(config: dict) -> tuple[str, ...]:
+    """Model tensors transformers builds from several checkpoint tensors when it loads `config` (empty
+    for most models; MoE experts in transformers 5)."""
+    return _split(_key(config))[0]
+
+
 def checkpoint_names(config: dict) -> dict[str, str]:
     """{model parameter name: the name save_pretrained writes for it} (identical for most models;
     transformers 5 renames some, e.g. GPT-NeoX's embed_out -> lm_head)."""
@@ -131,7 +156,9 @@ def expected_shapes(config: dict) -> tuple[dict[str, tuple[int, ...]], dict[str,
     for model_name, ckpt_name in list(saved.items()):
         if model_name in shapes:
             shapes.setdefault(ckpt_name, shapes[model_name])
-    return shapes, {m: c for m, c in saved.items() if m in shapes}
+    model_names = {m: c for m, c in saved.items() if m in shapes}
+    shapes.update(_split(_key(config))[1])
+    return shapes, model_names
 
 
 def unexpected_ok(config: dict):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..io.hf_meta import checkpoint_names, tied_weights
+from ..errors import UnsupportedError
+from ..io.hf_meta import checkpoint_names, fused_at_load, tied_weights
 from .source import Source
 
 # Module classes whose weights are used by more than their own forward (PEFT's LoRA layers read
@@ -119,6 +120,14 @@ def empty_model(source: Source):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    fused = fused_at_load(source.base.config)
+    if fused:
+        raise UnsupportedError(
+            f"{source.base.path}: transformers builds {fused[0]} (and {len(fused) - 1} more) from several "
+            "checkpoint tensors at load time (per-expert weights fused into one); qmerge cannot stream such "
+            "a model one module at a time (check on the CPU, calibration). merge and export to safetensors "
+            "work; check it with --device cuda, which loads it whole."
+        )
     config = AutoConfig.from_pretrained(str(source.base.path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights come dequantized through the hooks
