@@ -1,7 +1,9 @@
 """NF4 requantization speed: qmerge's codec against bitsandbytes' quantize_4bit on the same tensors.
 
 Both are run in this process on the same bf16 tensors (Llama-7B linear shapes by default) and must give
-identical bytes (codes, absmax, nested absmax, offset); the ratio of their throughputs is reported.
+identical bytes (codes, absmax, nested absmax, offset); the ratio of their throughputs is reported. Also
+the weights training saw from a 16-bit base (what merge, check and the exports do with one): qmerge's
+reproduce_4bit against bitsandbytes' round trip dequantize_4bit(quantize_4bit(W)), identical values.
 
 Usage: python benchmarks/nf4_bench.py [--repeats 5] [--json FILE]
 """
@@ -31,6 +33,7 @@ def main() -> None:
     import bitsandbytes.functional as F
 
     from qmerge.quant.blockwise import dequantize_4bit, quantize_4bit
+    from qmerge.quant.reproduce import reproduce_4bit
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5, help="best of this many runs (the machine is noisy)")
@@ -55,6 +58,14 @@ def main() -> None:
         t_q = best_of(lambda W=W: quantize_4bit(W, 64, "nf4", True), args.repeats)
         t_dq_bnb = best_of(lambda p_ref=p_ref, s_ref=s_ref: F.dequantize_4bit(p_ref, s_ref), args.repeats)
         t_dq_q = best_of(lambda p=p, s=s: dequantize_4bit(p, s), args.repeats)
+        same_values = torch.equal(
+            reproduce_4bit(W).view(torch.int32), F.dequantize_4bit(p_ref, s_ref).float().view(torch.int32)
+        )
+        t_rt_bnb = best_of(
+            lambda W=W: F.dequantize_4bit(*F.quantize_4bit(W, blocksize=64, compress_statistics=True)),
+            args.repeats,
+        )
+        t_rt_q = best_of(lambda W=W: reproduce_4bit(W), args.repeats)
         n = W.numel()
         rows.append(
             {
@@ -64,6 +75,9 @@ def main() -> None:
                 "quantize_mparam_s": {"qmerge": n / t_q / 1e6, "bitsandbytes": n / t_bnb / 1e6},
                 "quantize_speedup": t_bnb / t_q,
                 "dequantize_mparam_s": {"qmerge": n / t_dq_q / 1e6, "bitsandbytes": n / t_dq_bnb / 1e6},
+                "reproduce_identical_values": same_values,
+                "reproduce_mparam_s": {"qmerge": n / t_rt_q / 1e6, "bitsandbytes": n / t_rt_bnb / 1e6},
+                "reproduce_speedup": t_rt_bnb / t_rt_q,
             }
         )
         total["qmerge"] += t_q
@@ -73,7 +87,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "layers": rows,
         "quantize_speedup_total": total["bitsandbytes"] / total["qmerge"],
-        "all_identical": all(r["identical_bytes"] for r in rows),
+        "all_identical": all(r["identical_bytes"] and r["reproduce_identical_values"] for r in rows),
     }
     print(json.dumps(out, indent=2))
     if args.json:
