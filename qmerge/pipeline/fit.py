@@ -240,8 +240,8 @@ def _bias_problems(source: Source, mod: LoraModule) -> list[Problem]:
             Problem(
                 "error",
                 f"{mod.module}: the adapter has a LoRA bias (lora_bias=True) but the base layer has no bias "
-                "to add it to, so no merged model of this architecture can hold it (PEFT's merge fails on it "
-                "too); train with lora_bias=False or on a base whose layers have biases.",
+                "to add it to: the merged model would need a bias its config does not give it (PEFT's merge fails "
+                "on it too); train with lora_bias=False or on a base whose layers have biases.",
             )
         ]
     if tuple(source.adapter.store.shape(mod.lora_B_bias)) != tuple(source.tensors[bias].shape):
