@@ -40,10 +40,6 @@ ARCHS = {
 }
 
 
-# what the streamed check runs on: every architecture whose parameters are its checkpoint's tensors
-STREAMED = sorted(a for a in ARCHS if a != "qwen2_moe")
-
-
 def make_base_and_adapter(root, model_type: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -71,14 +67,13 @@ def test_fp32_merge_equals_unmerged(tmp_path, model_type):
     assert (cand - ref).abs().max() <= FP32_TOL
 
 
-def test_moe_experts_fused_at_load_are_merged_and_refused_by_streaming(tmp_path):
-    """A MoE checkpoint holds one tensor per expert where the model has one fused parameter: merge keeps
-    the checkpoint's layout (transformers loads the output, above); the streamed check cannot build the
-    fused parameters one module at a time and says so (one message, no traceback)."""
-    from qmerge.errors import UnsupportedError
+def test_moe_experts_fused_at_load_merge_and_check(tmp_path):
+    """A MoE checkpoint holds one tensor per expert where the model has one fused 3-D parameter: merge keeps
+    the checkpoint's layout (transformers loads it, above), and the streamed check builds each fused
+    parameter from its pieces with transformers' own conversion, as from_pretrained does."""
     from qmerge.verify.check import check
 
     base, adapter = make_base_and_adapter(tmp_path, "qwen2_moe")
-    merge(adapter, tmp_path / "m", base=base, dtype="bf16")
-    with pytest.raises(UnsupportedError, match="experts.gate_up_proj .* from several checkpoint tensors"):
-        check(adapter, tmp_path / "m", base=base, device="cpu")
+    merge(adapter, tmp_path / "m", base=base, dtype="fp32")
+    report = check(adapter, tmp_path / "m", base=base, device="cpu")
+    assert report.passed and report.metrics.max_abs_logit_diff < 1e-4

@@ -7,9 +7,14 @@ time, which weights are tied, which are GPT-2 style Conv1D, and the shape of eve
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from ..errors import InputError, UnsupportedError
+
+if TYPE_CHECKING:
+    import torch
 
 # Causal-LM families whose linear layers are transformers' Conv1D (weights stored [in, out]).
 CONV1D_MODEL_TYPES = frozenset({"gpt2"})
@@ -133,10 +138,61 @@ def _split(config_json: str) -> tuple[tuple[str, ...], tuple[tuple[str, tuple[in
     return fused, pieces
 
 
-def fused_at_load(config: dict) -> tuple[str, ...]:
-    """Model tensors transformers builds from several checkpoint tensors when it loads `config` (empty
-    for most models; MoE experts in transformers 5)."""
-    return _split(_key(config))[0]
+def _converters(model):
+    """transformers' own load-time conversions for `model`: (renamings, converters), as from_pretrained
+    applies them to a checkpoint written by save_pretrained."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
+
+    transforms = [
+        t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)
+    ]
+    return (
+        [t for t in transforms if isinstance(t, WeightRenaming)],
+        [t for t in transforms if isinstance(t, WeightConverter)],
+    )
+
+
+@lru_cache(maxsize=4)
+def _fused_sources(config_json: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(model tensor, the checkpoint tensors transformers builds it from, in load order) for every tensor
+    built from several (the pieces _split finds, grouped as from_pretrained groups them)."""
+    from transformers.core_model_loading import apply_converters, apply_renamings, dot_natural_key
+
+    renamings, converters = _converters(_meta_model(config_json))
+    groups: dict[str, list[str]] = {}
+    for piece, _ in sorted(_split(config_json)[1], key=lambda kv: dot_natural_key(kv[0])):
+        name, pattern = apply_converters(apply_renamings(piece, renamings), converters)
+        if pattern is not None:
+            groups.setdefault(name, []).append(piece)
+    return tuple((name, tuple(pieces)) for name, pieces in groups.items())
+
+
+def fused_at_load(config: dict) -> dict[str, tuple[str, ...]]:
+    """{model tensor: the checkpoint tensors transformers builds it from when it loads `config`} for the
+    tensors built from several (none for most models; MoE experts fused into 3-D parameters in
+    transformers 5)."""
+    return dict(_fused_sources(_key(config)))
+
+
+def fuse(config: dict, name: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """Model tensor `name` built from its checkpoint pieces (read(piece) gives each) by transformers' own
+    load-time conversion (e.g. per-expert linears stacked and concatenated), exactly as from_pretrained
+    builds it."""
+    from copy import deepcopy
+
+    from transformers.core_model_loading import apply_converters, apply_renamings
+
+    config_json = _key(config)
+    model = _meta_model(config_json)
+    renamings, converters = _converters(model)
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    converter = None
+    for piece in fused_at_load(config)[name]:
+        target, pattern = apply_converters(apply_renamings(piece, renamings), converters)
+        converter = converter or deepcopy(by_pattern[pattern])
+        converter.add_tensor(target, piece, pattern, read(piece))
+    return converter.convert(name, model=model, config=model.config)[name]
 
 
 def checkpoint_names(config: dict) -> dict[str, str]:

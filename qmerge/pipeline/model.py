@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UnsupportedError
-from ..io.hf_meta import checkpoint_names, fused_at_load, tied_weights
+from ..io.hf_meta import checkpoint_names, fuse, fused_at_load, tied_weights
 from .source import Source
 
 # Module classes whose weights are used by more than their own forward (PEFT's LoRA layers read
@@ -89,7 +88,13 @@ def base_weights(source: Source) -> Callable[[str], torch.Tensor]:
     tied = tied_weights(config)
     stored = set(source.base.weight_names())
 
+    fused = fused_at_load(config)
+
     def weight(name: str) -> torch.Tensor:
+        if (
+            name in fused
+        ):  # one model tensor from several stored ones (MoE experts), as transformers builds it
+            return fuse(config, name, weight)
         key = saved_as.get(name, name)
         if key not in stored:
             key = tied.get(key, tied.get(name, key))
@@ -120,14 +125,6 @@ def empty_model(source: Source):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fused = fused_at_load(source.base.config)
-    if fused:
-        raise UnsupportedError(
-            f"{source.base.path}: transformers builds {fused[0]} (and {len(fused) - 1} more) from several "
-            "checkpoint tensors at load time (per-expert weights fused into one); qmerge cannot stream such "
-            "a model one module at a time (check on the CPU, calibration). merge and export to safetensors "
-            "work; check it with --device cuda, which loads it whole."
-        )
     config = AutoConfig.from_pretrained(str(source.base.path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights come dequantized through the hooks
@@ -193,7 +190,11 @@ def streamed_merge(source: Source, dtype: torch.dtype = torch.bfloat16):
     by_weight = {m.weight: m for m in source.layout.lora.values()}
     by_bias = {m.module + ".bias": m for m in source.layout.lora.values() if m.lora_B_bias}
 
+    fused = fused_at_load(config)
+
     def weight(name: str) -> torch.Tensor:
+        if name in fused:
+            return fuse(config, name, weight)
         key = saved_as.get(name, name)
         if key not in source.tensors:
             key = tied.get(key, tied.get(name, key))

@@ -13,7 +13,7 @@ from qmerge.pipeline.model import streamed_model
 from qmerge.pipeline.source import open_checkpoint, open_source
 from qmerge.verify.streamed import logits, streamed_reference
 from tests.helpers import TOKENS, bnb_config, logits_of, random_adapter, reference_unmerged
-from tests.test_architectures import STREAMED, make_base_and_adapter
+from tests.test_architectures import ARCHS, make_base_and_adapter
 
 # The same transformers modules on the same fp32 weights: only the order of float operations may differ
 # (none does today: the measured difference is 0).
@@ -36,7 +36,7 @@ def test_reference_on_the_original_base(fixtures, base16):
     _reference_matches(fixtures / "adapter-qlora", base16, original=True)
 
 
-@pytest.mark.parametrize("model_type", STREAMED)
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
 def test_reference_and_merged_candidate_on_every_architecture(tmp_path, model_type):
     base, adapter = make_base_and_adapter(tmp_path, model_type)
     _reference_matches(adapter, base)
