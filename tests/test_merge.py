@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -252,32 +253,51 @@ def test_inputs_are_not_modified(tmp_path, fixtures, base16):
     assert digest(fixtures) == before
 
 
-@pytest.mark.parametrize("variant", ["modules_to_save", "lora_on_lm_head"])
-def test_tied_embeddings_are_untied_when_the_adapter_changes_them(tmp_path, variant):
-    """Llama 3.2 / small Qwen2.5 tie lm_head to the embedding; PEFT trains a separate copy of it."""
+TIED_VARIANTS = {
+    # variant: (LoraConfig extras, whether the merged model stays tied)
+    "modules_to_save": ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, False),
+    "lora_on_lm_head": ({"target_modules": ["q_proj", "lm_head"]}, False),
+    # the adapter changes the embedding; PEFT's forward leaves the tied lm_head as the base has it
+    "lora_on_embedding": ({"target_modules": ["q_proj", "embed_tokens"]}, False),
+    "embedding_to_save": ({"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]}, False),
+    # ensure_weight_tying: PEFT gives lm_head the embedding's LoRA too (saved as lm_head's own keys), so
+    # the merge carries both changed copies, untied
+    "lora_on_embedding_tied": (
+        {"target_modules": ["q_proj", "embed_tokens"], "ensure_weight_tying": True},
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(TIED_VARIANTS))
+def test_tied_embeddings_merge_as_peft_runs_them(tmp_path, variant):
+    """Llama 3.2 / small Qwen2.5 tie lm_head to the embedding. PEFT trains a separate copy of a tied weight
+    it changes, and leaves lm_head as the base has it when it changes only the embedding (unless
+    ensure_weight_tying): the merge is untied and runs as PEFT's unmerged forward (PEFT's own
+    merge_and_unload keeps the tie and gives lm_head the embedding's change)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from qmerge.demo.tiny import TinySpec, build_base
 
     base = build_base(tmp_path / "base", TinySpec(arch="qwen2", tie_word_embeddings=True))
-    kw = (
-        {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}
-        if variant == "modules_to_save"
-        else {"target_modules": ["q_proj", "lm_head"]}
-    )
+    kw, stays_tied = TIED_VARIANTS[variant]
     torch.manual_seed(0)
-    peft = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-        LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's advice to set ensure_weight_tying
+        peft = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+            LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw),
+        )
     with torch.no_grad():
         for n, p in peft.named_parameters():
             if "modules_to_save" in n:
                 p.add_(0.01 * torch.randn_like(p))
+            if "lora_embedding_B" in n:
+                p.mul_(0.05)
     peft.save_pretrained(str(tmp_path / "adapter"))
     merge(tmp_path / "adapter", tmp_path / "m", base=base, dtype="fp32")
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is stays_tied
     assert (
         logits_of(tmp_path / "m") - reference_unmerged(tmp_path / "adapter", base)
     ).abs().max() <= FP32_TOL

@@ -107,20 +107,28 @@ class Source:
         self.base_check = None  # a fit.BackgroundCheck while config.json is checked in a child process
 
     def _untied_aliases(self) -> dict[str, str]:
-        """Tied weights the adapter changes: {name absent from the base: the tensor it is tied to}.
+        """Tied weights the merged model must carry on their own: {name absent from the base: the base
+        tensor it is tied to, which it starts from}. Written untied.
 
-        PEFT trains a separate copy of a tied weight (modules_to_save, or LoRA on lm_head), so the merged
-        model must carry it on its own and be written untied.
+        - The adapter changes the tied weight itself (modules_to_save, or LoRA on lm_head): PEFT trained a
+          separate copy of it.
+        - The adapter changes the tensor it is tied to (LoRA on embed_tokens, or embed_tokens in
+          modules_to_save) and was not trained with `ensure_weight_tying`: PEFT's forward leaves the tied
+          weight (lm_head) as the base has it, so it stays the base tensor while the other one changes.
+          (PEFT's own merge_and_unload writes such a model tied, with the changed tensor as both.)
         """
         names = set(self.base.weight_names())
         touched = set(self.layout.replace) | {m.weight for m in self.layout.lora.values()}
-        missing = touched - names
-        if not missing:
+        if not touched:
             return {}
         from ..io.hf_meta import tied_weights
 
-        tied = tied_weights(self.base.config)
-        return {n: tied[n] for n in missing if tied.get(n) in names}
+        follows = bool(self.adapter and self.adapter.config.get("ensure_weight_tying"))
+        return {
+            name: to
+            for name, to in tied_weights(self.base.config).items()
+            if name not in names and to in names and (name in touched or (to in touched and not follows))
+        }
 
     def _specs(self) -> dict[str, TensorSpec]:
         """The output model's tensors, sorted by name: the base's (a Conv1D weight in its 16-bit
