@@ -97,6 +97,8 @@ def _modules(source: Source) -> list[dict]:
         }
         if name in source.layout.replace:
             row["replaced_by_adapter"] = True  # modules_to_save (or a saved base layer) replaces the weight
+        if name in source.layout.rows:
+            row["trainable_tokens"] = len(source.layout.rows[name][1])  # rows the adapter replaces
         out.append(row)
     return out
 
@@ -135,6 +137,7 @@ def _adapter_summary(ad: Adapter) -> dict:
         "alpha_pattern": s.alpha_pattern,
         "fan_in_fan_out": s.fan_in_fan_out,
         "base_model_name_or_path": ad.base_model_name_or_path,
+        "trainable_tokens": {k.removesuffix(".weight"): list(v[1]) for k, v in ad.layout.rows.items()},
         "num_lora_modules": len(ad.layout.lora),
         "num_parameters": sum(prod(ad.store.shape(k)) for k in ad.store.keys()),
     }

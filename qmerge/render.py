@@ -117,7 +117,11 @@ def _cell(row: dict, col: str) -> str:
     if col == "scaling":
         return _fmt(row.get("scaling"), ".4g")
     if col == "lora_rank":
-        return "replaced" if row.get("replaced_by_adapter") else _fmt(row.get("lora_rank") or None)
+        if row.get("replaced_by_adapter"):
+            return "replaced"
+        if row.get("trainable_tokens"):
+            return f"{row['trainable_tokens']} tokens"
+        return _fmt(row.get("lora_rank") or None)
     return _fmt(row.get(col))
 
 

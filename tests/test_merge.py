@@ -303,6 +303,75 @@ def test_tied_embeddings_merge_as_peft_runs_them(tmp_path, variant):
     ).abs().max() <= FP32_TOL
 
 
+TOKEN_VARIANTS = {
+    # variant: (arch, tied, trainable_token_indices)
+    "embedding": ("llama", False, [5, 17, 300]),
+    # tied: PEFT gives the tied lm_head the same new rows, so the merge stays tied
+    "tied_embedding": ("qwen2", True, [5, 17, 300]),
+    "embedding_and_lm_head": ("llama", False, {"embed_tokens": [5, 17], "lm_head": [17, 42]}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(TOKEN_VARIANTS))
+def test_trainable_tokens_merge_and_check_as_peft_runs_them(tmp_path, variant):
+    """PEFT's trainable tokens (new rows for chosen token ids, e.g. a chat template's special tokens) beside
+    LoRA: merged equal to PEFT's unmerged forward, and the streamed check of the merge passes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qmerge.demo.tiny import TinySpec, build_base
+    from qmerge.verify.check import check
+
+    arch, tied, indices = TOKEN_VARIANTS[variant]
+    base = build_base(tmp_path / "base", TinySpec(arch=arch, tie_word_embeddings=tied))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                init_lora_weights=False,
+                target_modules=["q_proj"],
+                trainable_token_indices=indices,
+            ),
+        )
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.add_(0.5 * torch.randn_like(p))
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    merge(tmp_path / "adapter", tmp_path / "m", base=base, dtype="fp32")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is tied
+    ref = reference_unmerged(tmp_path / "adapter", base)
+    assert (logits_of(tmp_path / "m") - ref).abs().max() <= FP32_TOL
+    report = check(tmp_path / "adapter", tmp_path / "m", base=base, device="cpu")
+    assert report.passed and report.metrics.max_abs_logit_diff <= FP32_TOL
+
+
+def test_trainable_tokens_that_do_not_fit_are_refused(tmp_path, fixtures, base16):
+    """Token ids beyond the vocabulary, or rows of the wrong width: one message, exit 1, nothing written."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from qmerge.cli import cli
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(fixtures / "adapter-qlora", adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    hidden = tensors[next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))].shape[1]
+    for ids, width, message in (([1, 999999], hidden, "beyond the"), ([1, 2], hidden + 1, "configured")):
+        (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "trainable_token_indices": ids}))
+        key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+        save_file({**tensors, key: torch.zeros(len(ids), width)}, str(adapter / "adapter_model.safetensors"))
+        r = CliRunner().invoke(cli, ["merge", str(adapter), "--base", str(base16), "-o", str(tmp_path / "m")])
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "m").exists()
+
+
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     """GPT-2's Conv1D layers ([in, out] on disk, quantized transposed) with a fan_in_fan_out adapter,
     from the 16-bit base and from the 4-bit base transformers saves."""

@@ -40,6 +40,8 @@ def refuse_unsupported(source: Source) -> None:
         why.append("DoRA (a magnitude vector per module)")
     if layout.replace:
         why.append(f"whole tensors it replaces (modules_to_save: {sorted(layout.replace)[0]}, ...)")
+    if layout.rows:
+        why.append(f"trainable tokens (new rows of {sorted(layout.rows)[0]})")
     if any(m.kind == "embedding" for m in layout.lora.values()):
         why.append("LoRA on embeddings")
     if any(m.lora_B_bias for m in layout.lora.values()):

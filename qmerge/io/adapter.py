@@ -20,7 +20,6 @@ CONFIG = "adapter_config.json"
 _UNSUPPORTED_OPTIONS = {
     "use_qalora": "QA-LoRA",
     "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable tokens",
     "target_parameters": "LoRA on nn.Parameter targets",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_bdlora": "BD-LoRA",
@@ -53,6 +52,8 @@ class AdapterLayout:
 
     lora: dict[str, LoraModule] = field(default_factory=dict)  # module name -> its tensors
     replace: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter key
+    # trainable tokens: weight name -> (adapter key of the new rows, the token ids they replace)
+    rows: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
 
 def resolve_adapter_dir(path: Path) -> Path:
@@ -148,7 +149,7 @@ class Adapter:
             )
         self.settings = read_settings(self.config, self.path)
         self.store: TensorStore = open_store(self.path, "adapter_model", allow_pickle)
-        self.layout = layout_adapter(self.store.keys(), self.path)
+        self.layout = layout_adapter(self.store.keys(), self.path, self.config.get("trainable_token_indices"))
 
     @property
     def base_model_name_or_path(self) -> str | None:
@@ -181,10 +182,33 @@ _PART_FIELD = {
 }
 
 
-def layout_adapter(keys: list[str], where: Path) -> AdapterLayout:
-    """Sort adapter tensor keys into LoRA modules and whole-tensor replacements; reject anything else."""
+_TOKENS_KEY = ".token_adapter.trainable_tokens_delta"
+
+
+def _token_rows(module: str, indices: object, where: Path) -> tuple[int, ...]:
+    """The token ids PEFT's trainable_token_indices gives `module`: a list (the input embedding), or
+    {layer name or suffix: list}."""
+    if isinstance(indices, dict):
+        found = [v for k, v in indices.items() if module == k or module.endswith("." + k)]
+        if len(found) != 1:
+            raise InputError(
+                f"{where}/{CONFIG}: trainable_token_indices names {len(found)} entries for {module}; "
+                "expected exactly one."
+            )
+        indices = found[0]
+    if not isinstance(indices, list) or not indices or not all(type(i) is int and i >= 0 for i in indices):
+        raise InputError(f"{where}/{CONFIG}: trainable_token_indices is {indices!r}; expected token ids.")
+    if len(set(indices)) != len(indices):
+        raise InputError(f"{where}/{CONFIG}: trainable_token_indices repeats a token id.")
+    return tuple(indices)
+
+
+def layout_adapter(keys: list[str], where: Path, token_indices: object = None) -> AdapterLayout:
+    """Sort adapter tensor keys into LoRA modules, whole-tensor replacements and trainable-token rows;
+    reject anything else."""
     parts: dict[str, dict] = {}
     replace: dict[str, str] = {}
+    rows: dict[str, tuple[str, tuple[int, ...]]] = {}
     for key in keys:
         if not key.startswith(PEFT_PREFIX):
             raise InputError(
@@ -203,6 +227,14 @@ def layout_adapter(keys: list[str], where: Path) -> AdapterLayout:
             continue
         if ".lora_" in rest:
             raise UnsupportedError(f"{where}: adapter tensor {key!r} is a LoRA part qmerge does not know.")
+        if rest.endswith(_TOKENS_KEY):
+            if token_indices is None:
+                raise InputError(
+                    f"{where}: adapter tensor {key!r} but no trainable_token_indices in {CONFIG}."
+                )
+            module = rest[: -len(_TOKENS_KEY)]
+            rows[module + ".weight"] = (key, _token_rows(module, token_indices, where))
+            continue
         # modules_to_save, bias="all"/"lora_only", and saved embedding base layers replace base tensors.
         target = rest.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
         if target in replace:
@@ -216,4 +248,4 @@ def layout_adapter(keys: list[str], where: Path) -> AdapterLayout:
             raise InputError(
                 f"{where}: module {mod.module!r} has only one of lora_A/lora_B; the adapter is incomplete."
             )
-    return AdapterLayout(lora, replace)
+    return AdapterLayout(lora, replace, rows)

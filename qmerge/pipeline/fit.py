@@ -132,6 +132,8 @@ def adapter_problems(source: Source) -> list[Problem]:
         found += _module_problems(source, mod)
     for target, key in source.layout.replace.items():
         found += _replacement_problems(source, target, key)
+    for target, (key, indices) in source.layout.rows.items():
+        found += _rows_problems(source, target, key, indices)
     if source.settings.lora_alpha == 0 and source.layout.lora:
         found.append(
             Problem("warning", "lora_alpha is 0: every LoRA scaling is zero and the adapter changes nothing.")
@@ -246,6 +248,30 @@ def _bias_problems(source: Source, mod: LoraModule) -> list[Problem]:
         ]
     if tuple(source.adapter.store.shape(mod.lora_B_bias)) != tuple(source.tensors[bias].shape):
         return [Problem("error", f"{mod.module}: the LoRA bias does not have the base bias's shape.")]
+    return []
+
+
+def _rows_problems(source: Source, target: str, key: str, indices: tuple[int, ...]) -> list[Problem]:
+    """Trainable tokens: rows of a 2-D base weight the adapter changes in no other way."""
+    where = target.removesuffix(".weight")
+    spec = source.tensors.get(target)
+    if spec is None or len(spec.shape) != 2:
+        return [
+            Problem("error", f"{where}: trainable tokens on a weight the base does not hold as a 2-D tensor.")
+        ]
+    if target in source.layout.replace or any(m.weight == target for m in source.layout.lora.values()):
+        return [Problem("error", f"{where}: trainable tokens and another change of the same weight.")]
+    shape = tuple(source.adapter.store.shape(key))
+    if shape != (len(indices), spec.shape[1]):
+        return [
+            Problem(
+                "error",
+                f"{where}: trainable tokens hold {list(shape)} but {len(indices)} token ids of "
+                f"{spec.shape[1]} values were configured.",
+            )
+        ]
+    if max(indices) >= spec.shape[0]:
+        return [Problem("error", f"{where}: token id {max(indices)} is beyond the {spec.shape[0]} rows.")]
     return []
 
 

@@ -208,7 +208,7 @@ def open_checkpoint(
 
     adapter = Adapter(adapter_path, allow_pickle)
     base = ModelDir(resolve_base_path(adapter, base_path), allow_pickle)
-    if not adapter.layout.lora and not adapter.layout.replace:
+    if not adapter.layout.lora and not adapter.layout.replace and not adapter.layout.rows:
         raise InputError(f"{adapter.path}: the adapter holds no LoRA tensors.")
     source = Source(base, adapter, quant_settings_for(adapter, quant), merge_base)
     check_fit(source, background)

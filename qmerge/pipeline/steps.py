@@ -1,7 +1,7 @@
 """How each tensor of the output model is made, decided once per tensor before anything is computed.
 
 A step starts from the base (Copy a 16-bit tensor, Dequantize a 4-bit one, Replace it with an adapter
-tensor) and may change it (AddLoRA, DoRA, AddBias); FusedLoRA does Dequantize + AddLoRA + cast a block of
+tensor) and may change it (AddLoRA, DoRA, AddBias, SetRows); FusedLoRA does Dequantize + AddLoRA + cast a block of
 rows at a time when nothing else needs the whole fp32 weight. Math lives in lora/ and quant/; a step
 says which pieces to combine and which stored tensors it reads.
 """
@@ -158,6 +158,22 @@ class AddBias(Change):
         return weight + source.adapter_tensor(self.key) * self.scaling
 
 
+@dataclass(frozen=True)
+class SetRows(Change):
+    """PEFT's trainable tokens: the rows of the given token ids replaced by the adapter's (index_copy)."""
+
+    key: str = ""
+    indices: tuple[int, ...] = ()
+
+    @property
+    def keys(self) -> list[str]:
+        return [self.key]
+
+    def apply(self, source: Source, weight: torch.Tensor) -> torch.Tensor:
+        rows = source.adapter_tensor(self.key).to(weight.dtype)
+        return weight.index_copy(0, torch.tensor(self.indices), rows)
+
+
 Step = Copy | Dequantize | Replace | FusedLoRA | Change
 
 
@@ -201,6 +217,8 @@ def decide(
         return AddLoRA(start, lora, scaling, fifo)
     if bias_of is not None:
         return AddBias(start, bias_of.lora_B_bias, module_scaling(source.settings, bias_of.module))
+    if name in source.layout.rows:
+        return SetRows(start, *source.layout.rows[name])
     return start
 
 

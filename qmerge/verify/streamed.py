@@ -48,14 +48,28 @@ def streamed_reference(source: Source):
     finally:
         del model.load_state_dict
     base = base_weights(source)
+    for module in model.modules():  # trainable tokens' original rows: used by unmerge only, made on meta
+        originals = getattr(module, "trainable_tokens_original", None)
+        for name in list(originals or ()):
+            if originals[name].is_meta:
+                originals[name] = torch.zeros(originals[name].shape, dtype=originals[name].dtype)
+
+    # A parameter PEFT shares between modules (a tied lm_head's trainable tokens are the embedding's) is
+    # asked for under each name; the adapter holds it under one.
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    held = {n: k for names in shared.values() for k in names if k in adapter for n in names}
 
     def weight(name: str) -> torch.Tensor:
+        name = held.get(name, name)
         if name in adapter:
             return adapter[name].float() if adapter[name].is_floating_point() else adapter[name]
         plain = (
             name.removeprefix("base_model.model.")
             .replace(".base_layer.", ".")
             .replace(".original_module.", ".")
+            .replace(".token_adapter.", ".")
         )
         return base(plain)
 
