@@ -48,18 +48,8 @@ def streamed_reference(source: Source):
     finally:
         del model.load_state_dict
     base = base_weights(source)
-    for module in model.modules():  # trainable tokens' original rows: used by unmerge only, made on meta
-        originals = getattr(module, "trainable_tokens_original", None)
-        for name in list(originals or ()):
-            if originals[name].is_meta:
-                originals[name] = torch.zeros(originals[name].shape, dtype=originals[name].dtype)
-
-    # A parameter PEFT shares between modules (a tied lm_head's trainable tokens are the embedding's) is
-    # asked for under each name; the adapter holds it under one.
-    shared: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        shared.setdefault(id(p), []).append(name)
-    held = {n: k for names in shared.values() for k in names if k in adapter for n in names}
+    _real_token_originals(model)
+    held = _held_as(model, adapter)
 
     def weight(name: str) -> torch.Tensor:
         name = held.get(name, name)
@@ -75,6 +65,25 @@ def streamed_reference(source: Source):
 
     attach(model, LazyWeights(weight, parameter_names(model)))
     return model
+
+
+def _real_token_originals(model) -> None:
+    """Trainable tokens' original rows are a buffer PEFT made from the (meta) embedding; only unmerge reads
+    them, but the offload hooks need every buffer real."""
+    for module in model.modules():
+        originals = getattr(module, "trainable_tokens_original", None)
+        for name in list(originals or ()):
+            if originals[name].is_meta:
+                originals[name] = torch.zeros(originals[name].shape, dtype=originals[name].dtype)
+
+
+def _held_as(model, adapter: dict) -> dict[str, str]:
+    """{parameter name: the adapter key holding it} for parameters PEFT shares between modules (a tied
+    lm_head's trainable tokens are the embedding's): the hooks ask for them under each name."""
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    return {n: k for names in shared.values() for k in names if k in adapter for n in names}
 
 
 def report_layers(model, phase: str, progress: Progress | None) -> list:
