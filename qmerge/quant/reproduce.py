@@ -48,12 +48,12 @@ def _value_lut(quant_type: str) -> torch.Tensor:
     return (low.view(torch.int32).long() & 0xFFFFFFFF) | (high.view(torch.int32).long() << 32)
 
 
-def _values(x: torch.Tensor, blocksize: int, quant_type: str) -> torch.Tensor:
-    """fp32 code values (not yet scaled) of fp32 x's whole blocks, x scaled in place on the way: the values
-    of the codes _codes_full_blocks gives, without the codes (two gathers, one select)."""
+def _values(x: torch.Tensor, blocksize: int, quant_type: str, am: torch.Tensor) -> torch.Tensor:
+    """fp32 code values (not yet scaled) of fp32 x's whole blocks, given their fp32 absmax `am`, x scaled in
+    place on the way: the values of the codes _codes_full_blocks gives, without the codes (two gathers, one
+    select)."""
     _, midpoint = _bucket_lut(quant_type)
     blocks = x.view(-1, blocksize)
-    am = blocks.abs().amax(dim=-1)
     y = blocks.mul_((1.0 / am.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
     index = _bucket_index(y)
     both = torch.index_select(_value_lut(quant_type), 0, index).view(torch.float32).view(-1, 2)
@@ -97,14 +97,16 @@ def reproduce_rows(
     if cols % blocksize:
         raise ValueError(f"rows of {cols} values are not whole blocks of {blocksize}")
     round_to = round_to or A.dtype
-    used, _ = scales(A, blocksize, quant_type, double_quant)
     flat = A.reshape(-1)
+    absmax = _block_absmax(flat, blocksize)  # once: the codes and the double-quantized scales both need it
+    used = dequantize_absmax(quantize_state(absmax, A, blocksize, quant_type, double_quant))
 
     def block(r0: int) -> tuple[int, int, torch.Tensor]:
         r1 = min(rows, r0 + rows_per_chunk)
         s, e = r0 * cols, r1 * cols
-        vals = _values(flat[s:e].to(torch.float32, copy=True), blocksize, quant_type)
-        vals.view(-1, blocksize).mul_(used[s // blocksize : e // blocksize].view(-1, 1))
+        b0, b1 = s // blocksize, e // blocksize
+        vals = _values(flat[s:e].to(torch.float32, copy=True), blocksize, quant_type, absmax[b0:b1])
+        vals.view(-1, blocksize).mul_(used[b0:b1].view(-1, 1))
         if round_to != torch.float32:
             vals = vals.to(round_to).float()
         return r0, r1, vals.view(r1 - r0, cols)
