@@ -140,7 +140,8 @@ class Gemma(Architecture):
         if not hp.tied:
             raise UnsupportedError(
                 f"llama.cpp's {self.gguf_arch} architecture always uses the embedding as the output layer, but "
-                "this model has its own lm_head (untied, e.g. by an adapter that trained lm_head); export it "
+                "this model has its own lm_head (untied by an adapter that changed lm_head or the embedding but "
+                "not both the same way); export it "
                 "as safetensors instead."
             )
 
