@@ -372,6 +372,51 @@ def test_trainable_tokens_that_do_not_fit_are_refused(tmp_path, fixtures, base16
         assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_output_layer_renamed_at_load_time(tmp_path, tied):
+    """GPT-NeoX stores its output layer as embed_out, which transformers 5 loads as lm_head: PEFT names the
+    adapter's targets after the model (modules_to_save lm_head), qmerge writes the checkpoint's names; tied,
+    with LoRA on the embedding, the merge is untied under the stored name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        "gpt_neox",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=320,
+        tie_word_embeddings=tied,
+    )
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
+    kw = (
+        {"target_modules": ["query_key_value", "embed_in"]}
+        if tied
+        else {"target_modules": ["query_key_value"], "modules_to_save": ["lm_head"]}
+    )
+    adapter = random_adapter(tmp_path / "base", tmp_path / "adapter", r=4, lora_alpha=8, **kw)
+    merge(adapter, tmp_path / "m", base=tmp_path / "base", dtype="fp32")
+    assert "embed_out.weight" in load_file(str(tmp_path / "m" / "model.safetensors"))
+    ref = reference_unmerged(adapter, tmp_path / "base")
+    assert (logits_of(tmp_path / "m") - ref).abs().max() <= FP32_TOL
+
+
+def test_a_plain_adapter_on_a_4bit_base_leaves_transformers_to_the_background(fixtures, base4):
+    """Telling whether a tie or a renamed layer is involved must not import transformers in the merging
+    process when the adapter touches neither (the config check then runs in a child process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from qmerge.pipeline.source import open_checkpoint\n"
+        f"open_checkpoint(Path({str(fixtures / 'adapter-qlora')!r}), Path({str(base4)!r}), background=True)\n"
+        "print('transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+
+
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     """GPT-2's Conv1D layers ([in, out] on disk, quantized transposed) with a fan_in_fan_out adapter,
     from the 16-bit base and from the 4-bit base transformers saves."""

@@ -36,10 +36,11 @@ class LoraModule:
     lora_B: str | None = None
     lora_B_bias: str | None = None
     magnitude: str | None = None  # DoRA
+    stored_as: str | None = None  # the weight's checkpoint name, where transformers renames it at load time
 
     @property
     def weight(self) -> str:
-        return self.module + ".weight"
+        return self.stored_as or self.module + ".weight"
 
     @property
     def keys(self) -> list[str]:

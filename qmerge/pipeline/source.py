@@ -97,7 +97,9 @@ class Source:
         from ..io.hf_meta import conv1d_weights
 
         self.base, self.adapter, self.quant, self.merge_base = base, adapter, quant, merge_base
-        self.layout: AdapterLayout = adapter.layout if adapter is not None else AdapterLayout()
+        self.layout: AdapterLayout = (
+            _as_stored(adapter.layout, base) if adapter is not None else AdapterLayout()
+        )
         self.settings: LoraSettings | None = adapter.settings if adapter is not None else None
         # GPT-2 style Conv1D weights: [in, out] on disk, quantized by bitsandbytes as [out, in].
         self.conv1d = conv1d_weights(base.config)
@@ -119,16 +121,27 @@ class Source:
         """
         names = set(self.base.weight_names())
         touched = set(self.layout.replace) | {m.weight for m in self.layout.lora.values()}
-        if not touched:
-            return {}
-        from ..io.hf_meta import tied_weights
+        if not (touched - names) and not self._touches_vocabulary(touched & names):
+            return {}  # no tie can be involved: transformers (which knows the ties) is not imported
+        from ..io.hf_meta import checkpoint_names, tied_weights
 
         follows = bool(self.adapter and self.adapter.config.get("ensure_weight_tying"))
+        saved_as = checkpoint_names(self.base.config)
+        tied = {saved_as.get(a, a): saved_as.get(b, b) for a, b in tied_weights(self.base.config).items()}
         return {
             name: to
-            for name, to in tied_weights(self.base.config).items()
+            for name, to in tied.items()
             if name not in names and to in names and (name in touched or (to in touched and not follows))
         }
+
+    def _touches_vocabulary(self, names: set[str]) -> bool:
+        """Whether any of these base tensors is an embedding or output layer (rows: the vocabulary), the
+        only tensors models tie."""
+        vocab = self.base.config.get("vocab_size")
+        shapes = [self.base.logical_shape(n) for n in names]
+        return any(m.kind == "embedding" for m in self.layout.lora.values()) or any(
+            len(shape) == 2 and (vocab is None or shape[0] == vocab) for shape in shapes
+        )
 
     def _specs(self) -> dict[str, TensorSpec]:
         """The output model's tensors, sorted by name: the base's (a Conv1D weight in its 16-bit
@@ -192,6 +205,30 @@ class Source:
                 f"{self.adapter.path}: adapter tensor {key} contains NaN or Inf; the adapter is broken."
             )
         return t
+
+
+def _as_stored(layout: AdapterLayout, base: ModelDir) -> AdapterLayout:
+    """The adapter's targets under the names the base checkpoint stores them by (PEFT names the modules
+    of the model transformers builds, which renames some at load time, e.g. GPT-NeoX's embed_out ->
+    lm_head)."""
+    from dataclasses import replace
+
+    from ..io.hf_meta import checkpoint_names
+
+    targets = {m.weight for m in layout.lora.values()} | set(layout.replace) | set(layout.rows)
+    if targets <= set(base.weight_names()):
+        return layout  # nothing renamed (and transformers, which only a renamed target needs, not imported)
+    renamed = {m: c for m, c in checkpoint_names(base.config).items() if m != c}
+    if not renamed:
+        return layout
+    return AdapterLayout(
+        {
+            k: replace(m, stored_as=renamed[m.weight]) if m.weight in renamed else m
+            for k, m in layout.lora.items()
+        },
+        {renamed.get(t, t): key for t, key in layout.replace.items()},
+        {renamed.get(t, t): v for t, v in layout.rows.items()},
+    )
 
 
 def open_checkpoint(
