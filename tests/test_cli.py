@@ -112,6 +112,10 @@ def test_missing_config_and_not_a_model(tmp_path):
     f.write_bytes(b"junk")
     r = run("inspect", f)
     assert r.exit_code == 1 and "x.bin" in r.stderr
+    (tmp_path / "named" / "my-task").mkdir(parents=True)  # PEFT's folder for an adapter not named "default"
+    (tmp_path / "named" / "my-task" / "adapter_config.json").write_text("{}")
+    r = run("inspect", tmp_path / "named")
+    assert r.exit_code == 1 and "folders of their own (my-task)" in r.stderr
 
 
 def test_usage_error_exits_2(fixtures):

@@ -77,6 +77,12 @@ def resolve_adapter_dir(path: Path) -> Path:
             f"{path}: holds trainer checkpoints but no adapter of its own. Pass one of them, "
             f"e.g. {checkpoints[-1]}."
         )
+    named = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG).exists())
+    if named:  # PEFT saves an adapter not named "default" in a folder of its name
+        raise InputError(
+            f"{path}: holds adapters in folders of their own ({', '.join(p.name for p in named[:5])}) but "
+            f"none at the top. Pass one of them, e.g. {named[0]}."
+        )
     if (path / "config.json").exists():
         raise InputError(
             f"{path}: is a model directory, not an adapter (no {CONFIG}). Pass the adapter "
