@@ -379,16 +379,10 @@ def test_output_layer_renamed_at_load_time(tmp_path, tied):
     with LoRA on the embedding, the merge is untied under the stored name."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tests.test_architectures import COMMON
+
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model(
-        "gpt_neox",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=320,
-        tie_word_embeddings=tied,
-    )
+    cfg = AutoConfig.for_model("gpt_neox", **COMMON, tie_word_embeddings=tied)
     AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
     kw = (
         {"target_modules": ["query_key_value", "embed_in"]}
