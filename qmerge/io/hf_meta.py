@@ -106,16 +106,25 @@ def conv1d_weights(config: dict) -> frozenset[str]:
 
 
 @lru_cache(maxsize=4)
-def _checkpoint_names(config_json: str) -> tuple[tuple[str, str], ...]:
+def _reverted(config_json: str) -> tuple[dict, dict | None]:
+    """(the meta model's state dict, what save_pretrained would write for it: transformers' own
+    revert_weight_conversion, or None where it cannot run on meta tensors)."""
     from transformers.core_model_loading import revert_weight_conversion
 
     model = _meta_model(config_json)
     state = model.state_dict()
-    by_id = {id(t): k for k, t in state.items()}
     try:
-        saved = revert_weight_conversion(model, dict(state))
-    except Exception:  # noqa: BLE001 - a conversion that cannot run on meta tensors: names as the model has them
+        return state, revert_weight_conversion(model, dict(state))
+    except Exception:  # noqa: BLE001 - a conversion that cannot run on meta tensors
+        return state, None
+
+
+@lru_cache(maxsize=4)
+def _checkpoint_names(config_json: str) -> tuple[tuple[str, str], ...]:
+    state, saved = _reverted(config_json)
+    if saved is None:  # names as the model has them
         return tuple((k, k) for k in state)
+    by_id = {id(t): k for k, t in state.items()}
     return tuple((by_id.get(id(t), k), k) for k, t in saved.items())
 
 
@@ -123,13 +132,8 @@ def _checkpoint_names(config_json: str) -> tuple[tuple[str, str], ...]:
 def _split(config_json: str) -> tuple[tuple[str, ...], tuple[tuple[str, tuple[int, ...]], ...]]:
     """(model tensors transformers 5 builds from several checkpoint tensors at load time, e.g. a MoE
     layer's per-expert linears fused into one 3-D parameter; (checkpoint name, shape) of those pieces)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    model = _meta_model(config_json)
-    state = model.state_dict()
-    try:
-        saved = revert_weight_conversion(model, dict(state))
-    except Exception:  # noqa: BLE001 - as _checkpoint_names
+    state, saved = _reverted(config_json)
+    if saved is None:
         return (), ()
     kept = {id(t) for t in saved.values()}
     ids = {id(t) for t in state.values()}
@@ -138,14 +142,17 @@ def _split(config_json: str) -> tuple[tuple[str, ...], tuple[tuple[str, tuple[in
     return fused, pieces
 
 
-def _converters(model):
-    """transformers' own load-time conversions for `model`: (renamings, converters), as from_pretrained
-    applies them to a checkpoint written by save_pretrained."""
+@lru_cache(maxsize=4)
+def _converters(config_json: str):
+    """transformers' own load-time conversions for the config's model: (renamings, converters), as
+    from_pretrained applies them to a checkpoint written by save_pretrained."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
 
     transforms = [
-        t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)
+        t
+        for t in get_model_conversion_mapping(_meta_model(config_json), add_legacy=False)
+        if not isinstance(t, PrefixChange)
     ]
     return (
         [t for t in transforms if isinstance(t, WeightRenaming)],
@@ -159,7 +166,7 @@ def _fused_sources(config_json: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     built from several (the pieces _split finds, grouped as from_pretrained groups them)."""
     from transformers.core_model_loading import apply_converters, apply_renamings, dot_natural_key
 
-    renamings, converters = _converters(_meta_model(config_json))
+    renamings, converters = _converters(config_json)
     groups: dict[str, list[str]] = {}
     for piece, _ in sorted(_split(config_json)[1], key=lambda kv: dot_natural_key(kv[0])):
         name, pattern = apply_converters(apply_renamings(piece, renamings), converters)
@@ -185,7 +192,7 @@ def fuse(config: dict, name: str, read: Callable[[str], torch.Tensor]) -> torch.
 
     config_json = _key(config)
     model = _meta_model(config_json)
-    renamings, converters = _converters(model)
+    renamings, converters = _converters(config_json)
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     converter = None
     for piece in fused_at_load(config)[name]:

@@ -89,13 +89,7 @@ def base_weights(source: Source) -> Callable[[str], torch.Tensor]:
     tied = tied_weights(config)
     stored = set(source.base.weight_names())
 
-    fused = fused_at_load(config)
-
     def weight(name: str) -> torch.Tensor:
-        if (
-            name in fused
-        ):  # one model tensor from several stored ones (MoE experts), as transformers builds it
-            return fuse(config, name, weight)
         key = saved_as.get(name, name)
         if key not in stored:
             key = tied.get(key, tied.get(name, key))
@@ -103,7 +97,7 @@ def base_weights(source: Source) -> Callable[[str], torch.Tensor]:
             return source.weights.dequantized(key)
         return read_fp32(source.base.store, key)
 
-    return weight
+    return _with_fused(config, weight)
 
 
 def read_fp32(store, key: str) -> torch.Tensor:
@@ -191,11 +185,7 @@ def streamed_merge(source: Source, dtype: torch.dtype = torch.bfloat16):
     by_weight = {m.weight: m for m in source.layout.lora.values()}
     by_bias = {m.module + ".bias": m for m in source.layout.lora.values() if m.lora_B_bias}
 
-    fused = fused_at_load(config)
-
     def weight(name: str) -> torch.Tensor:
-        if name in fused:
-            return fuse(config, name, weight)
         key = saved_as.get(name, name)
         if key not in source.tensors:
             key = tied.get(key, tied.get(name, key))
@@ -203,8 +193,19 @@ def streamed_merge(source: Source, dtype: torch.dtype = torch.bfloat16):
         value = step.run(source, dtype)
         return value.to(dtype).float() if value.is_floating_point() else value
 
-    attach(model, LazyWeights(weight, parameter_names(model)))
+    attach(model, LazyWeights(_with_fused(config, weight), parameter_names(model)))
     return model
+
+
+def _with_fused(config: dict, weight: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """`weight`, and for a model tensor transformers builds from several stored ones (MoE experts fused
+    into one 3-D parameter), that tensor built from its pieces as transformers builds it."""
+    fused = fused_at_load(config)
+
+    def get(name: str) -> torch.Tensor:
+        return fuse(config, name, get) if name in fused else weight(name)
+
+    return get
 
 
 def decoder_layers(model) -> torch.nn.ModuleList | None:

@@ -17,7 +17,6 @@ import torch
 
 from .blockwise import (
     _CHUNK,
-    QuantState,
     _bucket_index,
     _bucket_lut,
     _sorted_code,
@@ -66,16 +65,6 @@ def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
         x = flat[s : s + _CHUNK].float().view(-1, blocksize)
         out[s // blocksize : s // blocksize + len(x)] = x.abs().amax(dim=-1)
     return out
-
-
-def scales(
-    A: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool
-) -> tuple[torch.Tensor, QuantState]:
-    """(the fp32 scale each block is dequantized with, the state quantize_4bit would store) for A, whose
-    size must be whole blocks."""
-    absmax = _block_absmax(A.reshape(-1), blocksize)
-    state = quantize_state(absmax, A, blocksize, quant_type, double_quant)
-    return dequantize_absmax(state), state
 
 
 def reproduce_rows(
