@@ -51,13 +51,53 @@ def threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+@functools.cache
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Linux: /proc/cpuinfo's flags)."""
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def without_extra_buffers(llama_cpp) -> Iterator[None]:
+    """Models created in the block load their weights into plain CPU buffers (llama_model_params'
+    use_extra_bufts off) on CPUs with AMX: llama.cpp 0.3.36's AMX matrix kernel, which those buffers
+    select for Q8_0/Q4_0 weights, crashes the process (general protection fault in libggml-cpu) on small
+    models. Elsewhere the block changes nothing."""
+    if not _cpu_has_amx():
+        yield
+        return
+    lib = llama_cpp.llama_cpp
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
+def llama(llama_cpp, **kwargs):
+    """llama_cpp.Llama(**kwargs), on CPU buffers that run on every CPU (without_extra_buffers)."""
+    with without_extra_buffers(llama_cpp):
+        return llama_cpp.Llama(**kwargs)
+
+
 def load(path: Path, n_ctx: int, logits_all: bool = False, lora: Path | None = None):
     """A llama.cpp model for `path` (f32 KV cache, quiet) with an optional LoRA GGUF applied, or an
     InputError that says llama.cpp refused it."""
     llama_cpp = require("running a GGUF file")
     try:
         with quiet_native_stderr():
-            return llama_cpp.Llama(
+            return llama(
+                llama_cpp,
                 model_path=str(path),
                 lora_path=str(lora) if lora else None,
                 n_ctx=max(n_ctx, 16),

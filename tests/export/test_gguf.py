@@ -9,6 +9,7 @@ import torch
 from qmerge.api import export
 from qmerge.demo.tiny import TinySpec, build_base
 from qmerge.errors import UnsupportedError
+from qmerge.llama_cpp import llama
 from tests.helpers import inspect_path, kl_top1, logits_of, random_adapter
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -18,7 +19,8 @@ F32_TOL = 1e-3  # the issue's bound; measured ~1e-6 with an f32 KV cache
 
 
 def llama_cpp_logits(path, tokens=SEQ) -> torch.Tensor:
-    llm = llama_cpp.Llama(
+    llm = llama(
+        llama_cpp,
         model_path=str(path),
         n_ctx=64,
         n_batch=64,
