@@ -1,9 +1,10 @@
 """Golden bytes: every merge/export output of the fixtures (and of a few bases and adapters made here by
 transformers and PEFT) hashes to what tests/golden_hashes.json recorded. Refactors keep every byte.
 
-The outputs are made through the command line, as users make them. qmerge_provenance.json is left out
-(it records absolute input paths). After an intended change of output bytes, regenerate the file with
-`python -m tests.test_golden --write` and say why in the commit.
+The outputs are made through the command line, as users make them, in one child process under MKL's
+reproducible mode (see _REPRODUCIBLE). qmerge_provenance.json is left out (it records input names). After an
+intended change of output bytes, regenerate the file with `python -m tests.test_golden --write` and say why
+in the commit.
 """
 
 from __future__ import annotations
@@ -167,27 +168,57 @@ def run_case(args: tuple[str, ...], built: Path, out: Path) -> dict[str, str]:
     return _digests(written)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("golden-bases")
-    build_bases(root)
-    return root
+# MKL picks its fp32 GEMM kernel by CPU (AVX2, AVX-512, another vendor's), and each sums the r products of
+# B @ A in its own order: the merged bytes of a LoRA layer differ between machines by an ulp here and there
+# (measured: the rsLoRA fixture gave three hashes on one machine under MKL's AVX2, AVX-512 and COMPATIBLE
+# modes). MKL's conditional numerical reproducibility mode COMPATIBLE computes the same on every x86 CPU, so
+# the cases run in one child process under it: the hashes pin qmerge's code, not the machine's kernels.
+_REPRODUCIBLE = {"MKL_CBWR": "COMPATIBLE"}
 
 
-@pytest.mark.parametrize("case", sorted(_cases()))
-def test_output_bytes_are_unchanged(case, built, tmp_path):
-    golden = json.loads(GOLDEN.read_text())
-    assert run_case(_cases()[case], built, tmp_path / "out") == golden[case], case
+def digests_in_child() -> dict[str, dict[str, str]]:
+    """{case: its digests}, every case run in one child process under _REPRODUCIBLE."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.test_golden", "--print"],
+        cwd=root,
+        env={**os.environ, **_REPRODUCIBLE},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-if __name__ == "__main__" and "--write" in sys.argv:
+def _run_all() -> dict[str, dict[str, str]]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         build_bases(Path(tmp) / "built")
-        result = {
+        return {
             name: run_case(args, Path(tmp) / "built", Path(tmp) / name.replace("/", "_"))
             for name, args in sorted(_cases().items())
         }
+
+
+@pytest.fixture(scope="module")
+def produced() -> dict[str, dict[str, str]]:
+    return digests_in_child()
+
+
+@pytest.mark.parametrize("case", sorted(_cases()))
+def test_output_bytes_are_unchanged(case, produced):
+    golden = json.loads(GOLDEN.read_text())
+    assert produced[case] == golden[case], case
+
+
+if __name__ == "__main__" and "--print" in sys.argv:  # the child of digests_in_child
+    print(json.dumps(_run_all()))
+elif __name__ == "__main__" and "--write" in sys.argv:
+    result = digests_in_child()
     GOLDEN.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(result)} cases to {GOLDEN}")
