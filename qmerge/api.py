@@ -3,6 +3,7 @@ a frozen report; nothing here prints or exits (CONTRACT.md describes the command
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from . import dtypes
@@ -12,7 +13,7 @@ from .formats.nf4 import NF4, NF4Options
 from .formats.plain import Plain
 from .formats.write import DEFAULT_MAX_SHARD, write_model_dir
 from .pipeline.base import QuantSettings
-from .pipeline.source import open_checkpoint, open_source
+from .pipeline.source import Source, open_checkpoint, open_source
 from .pipeline.stream import Progress
 from .reports import WriteReport
 
@@ -32,12 +33,12 @@ def merge(
     progress: Progress | None = None,
 ) -> WriteReport:
     """Merge a QLoRA adapter into the weights its training saw and write a Hugging Face model directory."""
+    fmt = Plain(dtypes.option_dtype(dtype))  # a bad dtype is refused before anything is opened
     source = open_checkpoint(
         Path(adapter), Path(base) if base else None, quant, merge_base, allow_pickle, True
     )
-    return write_model_dir(
-        source, Plain(dtypes.option_dtype(dtype)), Path(out), max_shard_size, force, progress
-    )
+    report = write_model_dir(source, fmt, Path(out), max_shard_size, force, progress)
+    return replace(report, warnings=[*report.warnings, *source.warnings])
 
 
 CALIBRATES = (
@@ -120,11 +121,47 @@ def export(
         raise UnsupportedError(conflict)
     if imatrix is not None and Path(imatrix).resolve() == Path(out).resolve():
         raise UnsupportedError(f"{imatrix}: --imatrix names the output file itself; give it its own path.")
-    src = open_source(Path(source), Path(base) if base else None, quant, merge_base, allow_pickle, True)
+    # the config check runs in the background unless calibration builds the model with transformers anyway
+    background = calibrate is None
+    src = open_source(Path(source), Path(base) if base else None, quant, merge_base, allow_pickle, background)
     if keep_delta is not None and src.adapter is None:
         raise UnsupportedError(
             f"{source}: {KEEP_DELTA} This is a model directory: there is no delta to keep."
         )
+    report = _write(
+        src,
+        to,
+        Path(out),
+        gguf_type,
+        nf4,
+        max_shard_size,
+        force,
+        progress,
+        calibrate,
+        calibration_tokens,
+        imatrix,
+        tensor_types,
+        keep_delta,
+    )
+    return replace(report, warnings=[*report.warnings, *src.warnings])
+
+
+def _write(
+    src: Source,
+    to: str,
+    out: Path,
+    gguf_type: str,
+    nf4: NF4Options,
+    max_shard_size: int | str,
+    force: bool,
+    progress: Progress | None,
+    calibrate: Path | None,
+    calibration_tokens: int,
+    imatrix: Path | None,
+    tensor_types: TensorTypes,
+    keep_delta: float | None,
+) -> WriteReport:
+    """The writer of format `to` for export()."""
     if to == "gguf" and calibrate is not None:
         from .formats.gguf_calibrated import write_calibrated_gguf
 
@@ -144,7 +181,9 @@ def export(
         return write_gguf(src, Path(out), gguf_type, force, progress, tensor_types)
     if to == "gguf-lora":
         if src.adapter is None:
-            raise UnsupportedError(f"{source}: --to gguf-lora exports an adapter; this is a model directory.")
+            raise UnsupportedError(
+                f"{src.base.path}: --to gguf-lora exports an adapter; this is a model directory."
+            )
         from .formats.gguf_lora import write_gguf_lora
 
         return write_gguf_lora(

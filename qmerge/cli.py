@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,8 +45,24 @@ _signalled: list[int] = []
 
 
 def _on_signal(signum, frame):
+    """Raise Interrupted where Python code runs, but not inside an import: an exception raised into a C
+    extension's initialisation can leave it half-loaded ("cannot load module more than once") or abort the
+    process (pybind11's terminate). There the signal is delivered again a moment later."""
     _signalled.append(signum)
+    if _importing(frame):
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
     raise Interrupted(signum)
+
+
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _interrupt_code(e: BaseException) -> int:
@@ -53,37 +70,52 @@ def _interrupt_code(e: BaseException) -> int:
     return 128 + e.args[0] if isinstance(e, Interrupted) and e.args else EXIT_INTERRUPTED
 
 
-def _fail(message: str, code: int = EXIT_ERROR) -> None:
+def _fail(message: str, code: int = EXIT_ERROR, as_json: bool = False) -> None:
+    """Say `message` on stderr (and, with --json, as the contract's error object on stdout); exit `code`."""
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": code}))
     err.print(f"[bold red]qmerge: error:[/] {message}", markup=True, highlight=False)
     sys.exit(code)
 
 
+def _wants_json(ctx: click.Context) -> bool:
+    """Whether the command line asks for --json (read from the raw arguments, so that an error raised
+    while they are parsed is reported as JSON too)."""
+    args = [*getattr(ctx, "_protected_args", ()), *ctx.args]
+    return "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+
+
 class QmergeGroup(click.Group):
-    """Maps library errors to exit 1 with one readable message, interrupts to 130; QMERGE_DEBUG=1 re-raises."""
+    """Maps library errors to exit 1 with one readable message, interrupts to 130; QMERGE_DEBUG=1 re-raises.
+    With --json, every error is also printed on stdout as {"error": MESSAGE, "exit_code": N}."""
 
     def invoke(self, ctx):
         debug = bool(os.environ.get("QMERGE_DEBUG"))
+        as_json = _wants_json(ctx)
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+        except click.ClickException as e:
+            if as_json:
+                click.echo(json.dumps({"error": e.format_message(), "exit_code": e.exit_code}))
             raise
-        except (KeyboardInterrupt, Interrupted) as e:
+        except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except BaseException as e:
             if debug:
                 raise
-            _fail("interrupted; nothing was written.", _interrupt_code(e))
-        except QmergeError as e:
-            if debug:
+            if _signalled or isinstance(e, KeyboardInterrupt | Interrupted):
+                # an interrupt, also one that surfaced as another error (inside an import, say)
+                code = 128 + _signalled[0] if _signalled else _interrupt_code(e)
+                _fail("interrupted; nothing was written.", code, as_json)
+            if isinstance(e, QmergeError):
+                _fail(str(e), as_json=as_json)
+            if isinstance(e, MemoryError):
+                _fail("out of memory. Close other programs or use a machine with more RAM.", as_json=as_json)
+            if not isinstance(e, Exception):
                 raise
-            _fail(str(e))
-        except MemoryError:
-            _fail("out of memory. Close other programs or use a machine with more RAM.")
-        except Exception as e:  # noqa: BLE001 - a traceback must never reach the user
-            if debug:
-                raise
-            if _signalled:  # an interrupt that surfaced as another error (inside an import, say)
-                _fail("interrupted; nothing was written.", 128 + _signalled[0])
-            _fail(
-                f"unexpected {type(e).__name__}: {e}. Re-run with QMERGE_DEBUG=1 for the traceback and report it."
+            _fail(  # a traceback must never reach the user
+                f"unexpected {type(e).__name__}: {e}. Re-run with QMERGE_DEBUG=1 for the traceback and report it.",
+                as_json=as_json,
             )
 
 
@@ -114,6 +146,12 @@ def progress_bar(label: str, enabled: bool = True, lines: bool = False):
             bar.update(task, completed=done, total=total, description=name[-60:])
 
         yield update
+
+
+def _warn(warnings: list[str]) -> None:
+    """What the run noticed and went ahead with, on stderr (--json carries them as "warnings" too)."""
+    for w in warnings:
+        err.print(f"[yellow]qmerge: warning:[/] {w}", markup=True, highlight=False)
 
 
 def _emit_json(obj: dict) -> None:
@@ -237,7 +275,7 @@ def _read_text(path: Path) -> str:
     with open_regular(path) as f:
         raw = f.read(64 * 2**20)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise QmergeError(f"{path}: not UTF-8 text ({e}); --text takes a plain text file.") from e
     if "\x00" in text:
@@ -299,6 +337,7 @@ def merge(adapter, base, output, shard, force, dtype, merge_base, as_json, allow
         report = do_merge(
             adapter, output, base, dtype, merge_base, _quant(**quant), shard, force, allow_pickle, cb
         )
+    _warn(report.warnings)
     if as_json:
         _emit_json(report.to_json())
     else:
@@ -402,6 +441,7 @@ def merge(adapter, base, output, shard, force, dtype, merge_base, as_json, allow
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the results as FILE.html or FILE.md.",
 )
+@click.option("--force", is_flag=True, help="Replace an existing --report that qmerge wrote.")
 @json_option
 @quant_options
 def check(
@@ -414,6 +454,7 @@ def check(
     min_task_agreement,
     text_file,
     report_file,
+    force,
     as_json,
     **kw,
 ):
@@ -434,6 +475,11 @@ def check(
         raise click.UsageError("--min-task-agreement needs --generate N.")
     if report_file is not None and report_file.suffix not in (".html", ".md"):
         raise click.UsageError("--report takes a FILE.html or FILE.md.")
+    if report_file is not None:  # refused now, not after the check
+        from .reportfile import check_report_path, report_inputs
+
+        inputs = report_inputs(adapter, base, candidate, kw["data"], text_file, kw["lora"])
+        check_report_path(report_file, force, inputs)
     options = dict(kw, text=_read_text(text_file) if text_file is not None else None, generate=generate or 0)
     thresholds = Thresholds(max_kl, min_top1, max_abs_diff, min_task_agreement)
     with progress_bar("check", lines=True) as cb:
@@ -448,13 +494,14 @@ def check(
     if report_file is not None:
         from .reportfile import write_report
 
-        write_report(report, report_file)
+        write_report(report, report_file, force, inputs)
     _show_check(report, as_json)
 
 
 def _show_check(report, as_json: bool) -> None:
     from .render import bases_table, check_tables
 
+    _warn(getattr(report, "extra", {}).get("warnings", []))
     if as_json:
         _emit_json(report.to_json())
     elif hasattr(report, "recommendation"):
@@ -594,6 +641,7 @@ def export(
             tensor_types=tensor_types,
             keep_delta=keep_delta,
         )
+    _warn(report.warnings)
     if as_json:
         _emit_json(report.to_json())
         return

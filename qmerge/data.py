@@ -25,7 +25,7 @@ def read_jsonl(path: Path) -> list[dict]:
     rows = []
     try:
         with open_regular(path) as f:
-            lines = f.read().decode("utf-8").splitlines()
+            lines = f.read().decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read as UTF-8 JSONL ({e}).") from e
     for i, line in enumerate(lines, 1):

@@ -23,3 +23,8 @@ class OutputError(QmergeError):
 
 class DependencyError(QmergeError):
     """An optional dependency that this operation needs is not installed."""
+
+
+class OptionError(QmergeError):
+    """A setting out of its range or in a combination that does not apply (the CLI's usage errors, through
+    the Python API)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .children import child_env, die_with_parent
 from .errors import DependencyError, InputError, OutputError, UnsupportedError
 
 
@@ -167,7 +168,10 @@ def gguf_vocab_size(path: Path) -> int | None:
     """The number of tokens a GGUF file's vocabulary holds (None without one)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception:  # noqa: BLE001 - not a GGUF gguf-py reads: llama.cpp's loader says why
+        return None
     field = reader.fields.get("tokenizer.ggml.tokens")
     return len(field.data) if field is not None else None
 
@@ -183,6 +187,7 @@ def quantize(
         raise UnsupportedError(f"the installed llama-cpp-python has no {gguf_type} quantizer.")
     proc = subprocess.Popen(
         quantize_command(src, dst, gguf_type, token_embedding, output),
+        env=child_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -273,6 +278,7 @@ def _ggml_base():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["quantize"]:
+    die_with_parent()
     rc = _quantize_here(*sys.argv[2:7])
     if rc != 0:
         print(f"llama_model_quantize returned {rc}", file=sys.stderr)

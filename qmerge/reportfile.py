@@ -10,18 +10,56 @@ import html
 import io
 from pathlib import Path
 
+from .errors import QmergeError
+from .io.atomic import Inputs, atomic_file, check_output
+from .io.files import read_json
 from .io.records import read_provenance
 from .render import llama_cpp_lines
 
+# The first line of every report qmerge writes: how --force knows a report is one it may replace.
+MARKER = "<!-- qmerge check report -->"
 
-def write_report(report, path: Path) -> None:
-    """Write `report` (a CheckReport or a merge-bases report) to path (.html or .md), atomically."""
-    from .io.atomic import atomic_file
 
+def report_inputs(adapter: Path, base: Path | None, *others: Path | None) -> Inputs:
+    """What a check reads (the adapter, its base, the candidate, data files): a report may touch none."""
+    paths = [Path(adapter), *(Path(p) for p in others if p is not None)]
+    if base is None:  # the adapter's named base, when it is a local directory
+        try:
+            named = read_json(Path(adapter) / "adapter_config.json").get("base_model_name_or_path")
+        except QmergeError:
+            named = None
+        if isinstance(named, str) and named:
+            base = next((b for b in (Path(named), Path(adapter) / named) if b.is_dir()), None)
+    if base is not None:
+        paths.append(Path(base))
+    return Inputs([p for p in paths if p.is_dir()], [p for p in paths if not p.is_dir()])
+
+
+def not_a_report(path: Path) -> str | None:
+    """Why `path` is not a report qmerge wrote (None when it is one: --force may replace it)."""
+    if not path.is_file():
+        return "it is not a file"
+    with open(path, "rb") as f:
+        head = f.read(len(MARKER) + 3)
+    return (
+        None
+        if head.decode("utf-8", "replace").lstrip("\ufeff").startswith(MARKER)
+        else ("it is not a report qmerge wrote")
+    )
+
+
+def check_report_path(path: Path, force: bool = False, inputs: Inputs = Inputs()) -> None:
+    """Refuse a report path now (before the check runs) that write_report would refuse."""
+    check_output(Path(path), force, inputs, not_a_report)
+
+
+def write_report(report, path: Path, force: bool = False, inputs: Inputs = Inputs()) -> None:
+    """Write `report` (a CheckReport or a merge-bases report) to path (.html or .md), atomically, as every
+    output: never over an input, over an existing file only with `force` and only over a report qmerge wrote."""
     sections = _sections(report.to_json())
     text = _html(sections) if Path(path).suffix == ".html" else _markdown(sections)
-    with atomic_file(Path(path), force=True, owned=lambda p: None) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    with atomic_file(Path(path), force, inputs, not_a_report) as tmp:
+        tmp.write_text(MARKER + "\n" + text, encoding="utf-8")
 
 
 def _sections(r: dict) -> list[tuple[str, list[tuple[str, str]] | str]]:

@@ -17,6 +17,7 @@ class WriteReport:
     num_tensors_merged: int
     seconds: float
     details: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what the run noticed and went ahead with
 
     def to_json(self) -> dict:
         return {
@@ -25,6 +26,7 @@ class WriteReport:
             "num_tensors_merged": self.num_tensors_merged,
             "seconds": round(self.seconds, 3),
             **self.details,
+            "warnings": self.warnings,
         }
 
 

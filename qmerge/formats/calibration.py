@@ -65,7 +65,7 @@ def calibration_tokens(path: Path, tokenizer, max_tokens: int) -> tuple[torch.Te
     cut their text), all full, so that no padding mask is needed."""
     if Path(path).suffix != ".jsonl":
         try:
-            text = Path(path).read_text(encoding="utf-8", errors="strict")
+            text = Path(path).read_text(encoding="utf-8-sig", errors="strict")
         except UnicodeDecodeError as e:
             raise InputError(
                 f"{path}: not UTF-8 text (byte {e.start}); --calibrate takes UTF-8 text or JSONL records."

@@ -98,7 +98,7 @@ class GGUF:
 
     def encode(self, t: MergedTensor) -> list[tuple[str, np.ndarray]]:
         g = self._by_name[t.name]
-        return [(g.name, encode(self.arch.transform(t.name, t.value, self.hp), g.qtype))]
+        return [(g.name, encode(self.arch.transform(t.name, t.value, self.hp), g.qtype, t.name))]
 
     def write(self, source: Source, path: Path, progress: Progress | None) -> tuple[int, dict, dict]:
         """Stream the file to `path`: (tensors merged, {file name: sha256}, summary)."""

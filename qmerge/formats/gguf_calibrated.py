@@ -99,7 +99,7 @@ class CalibratedGGUF:
     def encode_plain(self, name: str, value: torch.Tensor, base: torch.Tensor | None) -> np.ndarray:
         if self.base_only and base is not None:
             value = base
-        return encode(self.arch.transform(name, value, self.hp), self._by_name[name].qtype)
+        return encode(self.arch.transform(name, value, self.hp), self._by_name[name].qtype, name)
 
     def quantize(self, name: str, hessian: Hessian | None) -> list[tuple[str, np.ndarray]]:
         """The blocks of 4-bit weight `name`: scales weighted by H's diagonal, codes chosen against H

@@ -112,6 +112,7 @@ def provenance_of(source: Source, settings: dict) -> dict:
         source.base.store.files,
         adapter,
         {**settings, "merge_base": source.merge_base, "base_quantization": quant},
+        source.adapter.base_model_name_or_path if source.adapter is not None else None,
     )
 
 

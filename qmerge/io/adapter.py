@@ -256,3 +256,37 @@ def layout_adapter(keys: list[str], where: Path, token_indices: object = None) -
                 f"{where}: module {mod.module!r} has only one of lora_A/lora_B; the adapter is incomplete."
             )
     return AdapterLayout(lora, replace, rows)
+
+
+def unselected_modules(adapter: Adapter) -> list[str]:
+    """The modules the adapter holds LoRA tensors for that its target_modules (with exclude_modules,
+    layers_to_transform, layers_pattern, modules_to_save) do not select, by PEFT's own matching rule
+    (imports PEFT); [] for "all-linear" or no target_modules (PEFT expands or skips them)."""
+    cfg = adapter.config
+    targets = cfg.get("target_modules")
+    if not adapter.layout.lora or targets is None or targets == "all-linear":
+        return []
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+
+    config = SimpleNamespace(
+        target_modules=set(targets) if isinstance(targets, list) else targets,
+        **{k: cfg.get(k) for k in _SELECTION_KEYS},
+    )
+
+    def selected(module: str) -> bool:
+        found = check_target_module_exists(config, module)
+        return bool(found) and not isinstance(found, _ExcludedModule)
+
+    return sorted(m.module for m in adapter.layout.lora.values() if not selected(m.module))
+
+
+# The adapter_config.json keys PEFT's check_target_module_exists reads besides target_modules.
+_SELECTION_KEYS = (
+    "target_parameters",
+    "exclude_modules",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+)

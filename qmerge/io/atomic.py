@@ -10,19 +10,17 @@ run on the same OUT removes them.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError
-
-# Says why an existing OUT is not one qmerge wrote (None: it is, --force may replace it).
-Ownership = Callable[[Path], str | None]
+from .commit import Ownership, _remove, _sibling, commit, same_file
 
 
 @dataclass(frozen=True)
@@ -40,6 +38,7 @@ class Inputs:
 
     dirs: Sequence[Path] = ()
     files: Sequence[Path] = ()
+    confirm: Callable[[], None] | None = None  # checks of the inputs still running: raises what they found
 
 
 def check_not_input(out: Path, inputs: Inputs) -> None:
@@ -63,36 +62,60 @@ def check_not_input(out: Path, inputs: Inputs) -> None:
             )
 
 
-def _sibling(out: Path, what: str) -> Path:
-    return out.with_name(f".{out.name}.qmerge-{what}")
-
-
 @contextmanager
 def _locked(out: Path) -> Iterator[None]:
-    """Hold `.OUT.qmerge-lock` for the block; a second run on the same OUT fails at once."""
+    """Hold `.OUT.qmerge-lock` for the block; a second run on the same OUT fails at once and leaves the
+    lock alone. The lock file is removed only by its holder (while it still holds it), and a lock taken on
+    a file that its holder removed meanwhile is taken again on the new one, so that a third run can never
+    get past a held lock."""
     lock = _sibling(out, "lock")
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as e:
-        raise _translate(e, out) from e
-    try:
+    for _attempt in range(100):
         try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no flock (Windows): the lock file's existence is the lock
-            pass
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as e:
-            raise OutputError(
-                f"{out}: another qmerge run is writing this output now. Wait for it, or choose another -o."
-            ) from e
+            raise _translate(e, out) from e
+        try:
+            _flock(fd, out)
+            held = os.fstat(fd)
+            try:
+                current = os.stat(lock)
+            except FileNotFoundError:
+                current = None
+            if current is not None and same_file(held, current):
+                break  # this file is the lock: ours until we remove it
+        except BaseException:
+            os.close(fd)  # refused (or interrupted): the lock is the other run's, left as it is
+            raise
+        os.close(fd)  # its holder removed the file we locked before we got it: lock the new one
+    else:
+        raise OutputError(
+            f"{out}: cannot take the output lock {lock.name}; another qmerge run keeps replacing it."
+        )
+    try:
+        os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         try:
-            lock.unlink(missing_ok=True)
+            if same_file(os.fstat(fd), os.stat(lock)):
+                lock.unlink()  # while still held: a run waiting on this file then sees it gone
+        except OSError:
+            pass
         finally:
             os.close(fd)
+
+
+def _flock(fd: int, out: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the lock file's existence is the lock
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        raise OutputError(
+            f"{out}: another qmerge run is writing this output now. Wait for it, or choose another -o."
+        ) from e
 
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.qmerge-(?:tmp|old)-(?P<pid>\d+)(?:\..*)?$")
@@ -117,19 +140,21 @@ def remove_leftovers(out: Path) -> list[Path]:
     for p in parent.iterdir() if parent.is_dir() else ():
         m = _LEFTOVER.match(p.name)
         if m and m["name"] == out.name and not _alive(int(m["pid"])):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(
-                missing_ok=True
-            )
+            _remove(p)
             removed.append(p)
     return removed
 
 
-def _check_target(out: Path, force: bool, owned: Ownership | None) -> None:
+def check_target(out: Path, force: bool, owned: Ownership | None) -> os.stat_result | None:
+    """Refuse an `out` that exists without `force`, or that `owned` says qmerge did not write; returns what
+    is there now (None: nothing), which the commit requires to be unchanged."""
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{parent}: the directory for the output does not exist. Create it first.")
-    if not (out.exists() or out.is_symlink()):
-        return
+    try:
+        found = os.lstat(out)
+    except FileNotFoundError:
+        return None
     if not force:
         raise OutputError(f"{out} already exists; pass --force to replace it, or choose another -o.")
     why = (
@@ -141,6 +166,16 @@ def _check_target(out: Path, force: bool, owned: Ownership | None) -> None:
         raise OutputError(
             f"{out} exists and --force replaces only outputs qmerge wrote: {why}. Choose another -o."
         )
+    return found
+
+
+def check_output(
+    out: Path, force: bool = False, inputs: Inputs = Inputs(), owned: Ownership | None = None
+) -> None:
+    """The checks `atomic_output` makes before it writes, for a caller that writes `out` only after long
+    work (check's --report): refuse now rather than after it."""
+    check_not_input(Path(out), inputs)
+    check_target(Path(out), force, owned)
 
 
 def _sync(tmp: Path) -> None:
@@ -152,19 +187,6 @@ def _sync(tmp: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = _sibling(out, f"old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _translate(e: OSError, where: Path) -> OutputError:
@@ -179,13 +201,6 @@ def _translate(e: OSError, where: Path) -> OutputError:
     return OutputError(f"{where}: cannot write the output ({e.strerror or e}).")
 
 
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)
-
-
 @contextmanager
 def atomic_output(
     out: Path,
@@ -198,24 +213,28 @@ def atomic_output(
     completes; on any failure or interrupt remove it (and anything named after it) and leave `out` as it was.
 
     Refused before anything is written: an `out` that touches an input; an existing `out` without `force`,
-    or one `owned` says qmerge did not write; a second run on the same `out` at the same time.
+    or one `owned` says qmerge did not write; a second run on the same `out` at the same time. Refused at the
+    end, with `out` untouched: an `out` that is no longer what it was at the start (something appeared or
+    replaced the qmerge output there), and whatever `inputs.confirm` raises (checks still running).
     """
     out = Path(out)
     check_not_input(out, inputs)
     with _locked(out):
         remove_leftovers(out)
-        _check_target(out, force, owned)
+        before = check_target(out, force, owned)
         tmp = _sibling(out, f"tmp-{os.getpid()}")
         try:
             if kind == "dir":
                 tmp.mkdir()
             yield tmp
+            if inputs.confirm is not None:
+                inputs.confirm()
             _sync(tmp)
-            _replace(tmp, out)
+            commit(tmp, out, before, owned)
         except OSError as e:
             raise _translate(e, out) from e
         finally:
-            for p in [tmp, *tmp.parent.glob(tmp.name + ".*")]:
+            for p in [tmp, *tmp.parent.glob(glob.escape(tmp.name) + ".*")]:
                 _remove(p)
 
 

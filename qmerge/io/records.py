@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from .. import __version__
@@ -53,12 +54,34 @@ def _header_sha(path: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def provenance(base_dir: Path, base_files: list[Path], adapter_dir: Path | None, settings: dict) -> dict:
-    """What went into an output: qmerge version, the inputs (base by size and header hash, adapter files by
-    sha256), and the settings."""
+# A directory inside a Hugging Face cache: .../models--ORG--NAME/snapshots/REVISION
+_HUB_CACHE = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<revision>[0-9a-f]{7,64})$")
+
+
+def identify(directory: Path) -> dict:
+    """What identifies an input directory without saying where it lies on this machine (a provenance is
+    published with the model): its name, and the Hub id and revision where it is a snapshot in a Hugging
+    Face cache."""
+    resolved = Path(directory).resolve()
+    found: dict = {"name": resolved.name}
+    m = _HUB_CACHE.search(resolved.as_posix())
+    if m:
+        found.update(hub_id=f"{m['org']}/{m['name']}", revision=m["revision"])
+    return found
+
+
+def provenance(
+    base_dir: Path,
+    base_files: list[Path],
+    adapter_dir: Path | None,
+    settings: dict,
+    base_named: str | None = None,
+) -> dict:
+    """What went into an output: qmerge version, the inputs (base by name, Hub id and revision where known,
+    size and header hash; adapter files by sha256 and the base it names; no local paths), and the settings."""
     inputs: dict = {
         "base": {
-            "path": str(Path(base_dir).resolve()),
+            **identify(base_dir),
             "files": [
                 {"name": f.name, "bytes": f.stat().st_size, "header_sha256": _header_sha(f)}
                 for f in base_files
@@ -66,8 +89,10 @@ def provenance(base_dir: Path, base_files: list[Path], adapter_dir: Path | None,
         }
     }
     if adapter_dir is not None:
+        named = base_named if base_named and not Path(base_named).is_absolute() else None
         inputs["adapter"] = {
-            "path": str(Path(adapter_dir).resolve()),
+            **identify(adapter_dir),
+            **({"base_model_name_or_path": named} if named else {}),
             "files": [
                 {"path": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
                 for f in sorted(Path(adapter_dir).iterdir())

@@ -172,6 +172,12 @@ class SafetensorsFile:
             data = read_range(self.path, start, end)
         except OSError as e:
             raise InputError(f"{self.path}: cannot read tensor {name!r} ({e.strerror}).") from e
+        except MemoryError as e:
+            raise InputError(
+                f"{self.path}: tensor {name!r} is {list(shape)} {info.dtype} ({(end - start) / 2**30:,.1f} GiB), "
+                "more than this machine's memory can hold. Its header is wrong (an adapter's tensors are "
+                "megabytes), or the model needs a machine with more RAM."
+            ) from e
         if len(data) != end - start:
             raise InputError(
                 f"{self.path}: truncated while reading tensor {name!r}. Re-save or re-download it."

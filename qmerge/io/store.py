@@ -78,6 +78,13 @@ class SafetensorsStore:
             if Path(shard).name != shard or not p.exists():
                 raise InputError(f"{index}: names shard {shard!r}, which is not a file in {directory}.")
             shards[shard] = SafetensorsFile(p)
+        stem = index.name.removesuffix(".safetensors.index.json")
+        unnamed = sorted(p.name for p in directory.glob(f"{stem}-*.safetensors") if p.name not in shards)
+        if unnamed:
+            raise InputError(
+                f"{index}: the weight_map names no tensor of {unnamed[0]}, which is a shard of this model: the "
+                "index omits its tensors. Re-save the model (or regenerate the index)."
+            )
         for name, shard in weight_map.items():
             if name not in shards[shard].tensors:
                 raise InputError(f"{index}: says {name!r} is in {shard}, but it is not there.")
@@ -85,8 +92,8 @@ class SafetensorsStore:
             stray = [n for n in f.tensors if weight_map.get(n) != shard]
             if stray:
                 raise InputError(
-                    f"{index}: {shard} holds {stray[0]!r}, which the weight_map places elsewhere or omits. "
-                    "Re-save the model."
+                    f"{index}: {shard} holds {stray[0]!r}, which the weight_map places elsewhere or omits: the "
+                    "index is wrong. Re-save the model (or regenerate the index)."
                 )
         return cls(directory, shards, weight_map)
 

@@ -10,21 +10,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..children import child_env, die_with_parent
+from ..io.adapter import Adapter
 from ..io.hf_dir import ModelDir
-from .fit import Problem, base_problems
+from .fit import Problem, base_problems, target_problems
 from .source import Source
 
 
 class BackgroundCheck:
     """base_problems of a model directory, computed in a child process."""
 
-    def __init__(self, base: ModelDir):
+    def __init__(self, base: ModelDir, adapter: Adapter | None = None):
         self.path = base.path
         cmd = [sys.executable, "-m", "qmerge.pipeline.background", str(base.path)]
+        if adapter is not None:
+            cmd += ["--adapter", str(adapter.path)]
         if base.store.files and base.store.files[0].suffix != ".safetensors":
             cmd.append("--allow-pickle")
         self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            cmd, env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         atexit.register(self._proc.kill)  # an interrupted run does not leave it behind
 
@@ -49,14 +53,22 @@ def _main(argv: list[str]) -> None:
     from ..errors import QmergeError
     from .base import QuantSettings
 
+    pickle = "--allow-pickle" in argv
     try:
-        base = ModelDir(Path(argv[0]), allow_pickle="--allow-pickle" in argv)
+        base = ModelDir(Path(argv[0]), allow_pickle=pickle)
         source = Source(base, None, QuantSettings(), "dequantized" if base.is_4bit else "original")
-        found = [p.__dict__ for p in base_problems(source)]
+        found = [{**p.__dict__, "subject": "base"} for p in base_problems(source)]
     except QmergeError as e:
         found = [{"severity": "error", "message": str(e), "subject": "base"}]
+    if "--adapter" in argv:
+        try:
+            adapter = Adapter(Path(argv[argv.index("--adapter") + 1]), pickle)
+            found += [p.__dict__ for p in target_problems(adapter)]
+        except QmergeError as e:
+            found.append({"severity": "error", "message": str(e), "subject": "adapter"})
     print(json.dumps(found))
 
 
 if __name__ == "__main__":
+    die_with_parent()
     _main(sys.argv[1:])

@@ -5,29 +5,27 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError, MismatchError, UnsupportedError
-from ..io.adapter import LoraModule
+from ..io.adapter import Adapter, unselected_modules
 from ..io.hf_dir import ModelDir
-from ..lora.scaling import module_rank_alpha
+from .adapter_fit import adapter_problems
+from .problem import Problem
 from .source import Source
 
+__all__ = [
+    "Problem",
+    "adapter_problems",
+    "base_problems",
+    "check_fit",
+    "confirm",
+    "problems",
+    "target_problems",
+]
+
 _LAYER = re.compile(r"\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A finding: severity is "error" (merge refuses) or "warning"; subject is "adapter" or "base"."""
-
-    severity: str
-    message: str
-    subject: str = "adapter"
-
-    def to_json(self) -> dict:
-        return {"severity": self.severity, "message": self.message}
 
 
 def problems(source: Source) -> list[Problem]:
@@ -124,157 +122,6 @@ def source_tied(source: Source) -> set[str]:
     return set(tied_weights(source.base.config))
 
 
-def adapter_problems(source: Source) -> list[Problem]:
-    if source.adapter is None:
-        return []
-    found: list[Problem] = []
-    for mod in source.layout.lora.values():
-        found += _module_problems(source, mod)
-    for target, key in source.layout.replace.items():
-        found += _replacement_problems(source, target, key)
-    for target, (key, indices) in source.layout.rows.items():
-        found += _rows_problems(source, target, key, indices)
-    if source.settings.lora_alpha == 0 and source.layout.lora:
-        found.append(
-            Problem("warning", "lora_alpha is 0: every LoRA scaling is zero and the adapter changes nothing.")
-        )
-    return found
-
-
-def _replacement_problems(source: Source, target: str, key: str) -> list[Problem]:
-    """A whole-tensor replacement (modules_to_save) has the base tensor's shape; only the vocabulary
-    dimension of the embedding and output layer may differ (an adapter trained with added tokens)."""
-    names = set(source.base.weight_names()) | set(source.aliases)
-    if target not in names:
-        return [Problem("error", f"adapter tensor {key} replaces {target}, which the base does not have.")]
-    old = source.base_shape(source.aliases.get(target, target))
-    new = source.tensors[target].shape
-    vocab = source.base.config.get("vocab_size")
-    resize = len(new) == 2 and len(old) == 2 and new[1] == old[1] and old[0] == vocab
-    if tuple(new) != tuple(old) and not resize:
-        return [
-            Problem(
-                "error",
-                f"adapter tensor {key} is {list(new)} but replaces {target}, which is {list(old)}; the adapter "
-                "was trained on another base.",
-            )
-        ]
-    return []
-
-
-def _module_problems(source: Source, mod: LoraModule) -> list[Problem]:
-    if mod.weight not in source.tensors:
-        return [
-            Problem(
-                "error",
-                f"adapter targets {mod.module}, which the base does not have (no tensor {mod.weight}); "
-                "the adapter was trained on another base.",
-            )
-        ]
-    shape = source.tensors[mod.weight].shape
-    return (
-        _lora_shape_problems(source, mod, shape)
-        + _dora_problems(source, mod, shape)
-        + _bias_problems(source, mod)
-    )
-
-
-def _lora_shape_problems(source: Source, mod: LoraModule, shape: tuple[int, ...]) -> list[Problem]:
-    """lora_A [r, in] and lora_B [out, r] for a base weight [out, in] (transposed for embeddings and
-    fan_in_fan_out), with r as adapter_config.json gives it."""
-    a_shape, b_shape = source.adapter.store.shape(mod.lora_A), source.adapter.store.shape(mod.lora_B)
-    if len(shape) != 2 or len(a_shape) != 2 or len(b_shape) != 2:
-        found = f"base weight is {list(shape)}, lora_A {list(a_shape)} and lora_B {list(b_shape)}"
-        return [Problem("error", f"{mod.module}: {found}; LoRA needs 2-D matrices.")]
-    if mod.kind == "embedding" or source.settings.fan_in_fan_out:
-        expected_a, expected_b = (a_shape[0], shape[0]), (shape[1], a_shape[0])
-    else:
-        expected_a, expected_b = (a_shape[0], shape[1]), (shape[0], a_shape[0])
-    if tuple(a_shape) != expected_a or tuple(b_shape) != expected_b:
-        return [
-            Problem(
-                "error",
-                f"{mod.module}: base weight is {list(shape)} but lora_A is {list(a_shape)} and lora_B "
-                f"{list(b_shape)}; the adapter was trained on another base.",
-            )
-        ]
-    r, _alpha = module_rank_alpha(source.settings, mod.module)
-    if a_shape[0] != r:
-        return [
-            Problem(
-                "error",
-                f"{mod.module}: adapter_config.json gives rank {r} but lora_A has {a_shape[0]} rows; "
-                "rank_pattern and the tensors disagree.",
-            )
-        ]
-    return []
-
-
-def _dora_problems(source: Source, mod: LoraModule, shape: tuple[int, ...]) -> list[Problem]:
-    settings = source.settings
-    if mod.magnitude is None:
-        if settings.use_dora and mod.kind == "linear":
-            return [
-                Problem(
-                    "error", f"{mod.module}: use_dora is set but the adapter has no lora_magnitude_vector."
-                )
-            ]
-        return []
-    if mod.kind == "embedding":
-        return [Problem("error", f"{mod.module}: DoRA on embeddings is not supported.")]
-    mag = tuple(source.adapter.store.shape(mod.magnitude))
-    rows = shape[1] if settings.fan_in_fan_out else shape[0]
-    if len(shape) != 2 or mag != (rows,):
-        return [
-            Problem(
-                "error", f"{mod.module}: DoRA magnitude has shape {list(mag)}; the weight has {rows} rows."
-            )
-        ]
-    return []
-
-
-def _bias_problems(source: Source, mod: LoraModule) -> list[Problem]:
-    if mod.lora_B_bias is None:
-        return []
-    bias = mod.module + ".bias"
-    if bias not in source.tensors:
-        return [
-            Problem(
-                "error",
-                f"{mod.module}: the adapter has a LoRA bias (lora_bias=True) but the base layer has no bias "
-                "to add it to: the merged model would need a bias its config does not give it (PEFT's merge fails "
-                "on it too); train with lora_bias=False or on a base whose layers have biases.",
-            )
-        ]
-    if tuple(source.adapter.store.shape(mod.lora_B_bias)) != tuple(source.tensors[bias].shape):
-        return [Problem("error", f"{mod.module}: the LoRA bias does not have the base bias's shape.")]
-    return []
-
-
-def _rows_problems(source: Source, target: str, key: str, indices: tuple[int, ...]) -> list[Problem]:
-    """Trainable tokens: rows of a 2-D base weight the adapter changes in no other way."""
-    where = target.removesuffix(".weight")
-    spec = source.tensors.get(target)
-    if spec is None or len(spec.shape) != 2:
-        return [
-            Problem("error", f"{where}: trainable tokens on a weight the base does not hold as a 2-D tensor.")
-        ]
-    if target in source.layout.replace or any(m.weight == target for m in source.layout.lora.values()):
-        return [Problem("error", f"{where}: trainable tokens and another change of the same weight.")]
-    shape = tuple(source.adapter.store.shape(key))
-    if shape != (len(indices), spec.shape[1]):
-        return [
-            Problem(
-                "error",
-                f"{where}: trainable tokens hold {list(shape)} but {len(indices)} token ids of "
-                f"{spec.shape[1]} values were configured.",
-            )
-        ]
-    if max(indices) >= spec.shape[0]:
-        return [Problem("error", f"{where}: token id {max(indices)} is beyond the {spec.shape[0]} rows.")]
-    return []
-
-
 def _raise(source: Source, found: list[Problem], subject: str) -> None:
     errors = [p.message for p in found if p.severity == "error" and p.subject == subject]
     if not errors:
@@ -287,6 +134,23 @@ def _raise(source: Source, found: list[Problem], subject: str) -> None:
     raise error("\n  ".join([head, *errors[:20]]) + more)
 
 
+def target_problems(adapter: Adapter) -> list[Problem]:
+    """adapter_config.json's target_modules select none of the modules the adapter holds LoRA tensors for:
+    PEFT refuses to load it (imports PEFT, and so transformers, for its matching rule)."""
+    missed = unselected_modules(adapter)
+    if not missed or len(missed) < len(adapter.layout.lora):
+        return []  # some selected: PEFT loads it (a tied lm_head's keys, say, need no target of their own)
+    return [
+        Problem(
+            "error",
+            f"{adapter.path}/adapter_config.json: target_modules {adapter.config.get('target_modules')!r} select "
+            f"none of the {len(missed)} modules the adapter holds LoRA tensors for (e.g. {missed[0]}); PEFT "
+            "refuses to load this adapter. Fix target_modules (the modules LoRA was trained on), or re-save the "
+            "adapter with PEFT.",
+        )
+    ]
+
+
 def check_fit(source: Source, background: bool = False) -> None:
     """Raise with every error-level problem, one per line: MismatchError for an adapter that does not fit
     its base, InputError for a base whose config.json does not fit its tensors.
@@ -296,13 +160,17 @@ def check_fit(source: Source, background: bool = False) -> None:
     use for transformers, it runs in a child process on the other core while the merge starts;
     `confirm` raises what it found before anything is committed.
     """
+    adapter = source.adapter
     if background and "transformers" not in sys.modules and not _needs_transformers(source):
         from .background import BackgroundCheck
 
-        source.base_check = BackgroundCheck(source.base)
+        source.base_check = BackgroundCheck(source.base, adapter)  # target_problems there too
+        found = adapter_problems(source)
     else:
         _raise(source, base_problems(source), "base")  # a base that is wrong in itself is said first
-    _raise(source, adapter_problems(source), "adapter")
+        found = adapter_problems(source) + (target_problems(adapter) if adapter is not None else [])
+    _raise(source, found, "adapter")
+    source.warnings += [p.message for p in found if p.severity == "warning"]
 
 
 def _needs_transformers(source: Source) -> bool:
@@ -315,4 +183,6 @@ def confirm(source: Source, wait: bool = True) -> None:
     check = source.base_check
     if check is not None and (wait or check.done()):
         source.base_check = None
-        _raise(source, check.problems(), "base")
+        found = check.problems()
+        _raise(source, [p for p in found if p.subject == "base"], "base")
+        _raise(source, [p for p in found if p.subject != "base"], "adapter")

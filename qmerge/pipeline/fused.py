@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..dtypes import cast_finite
 from ..lora.delta import add_lora_
 
 FUSED_ELEMENTS = 1 << 18  # elements per row block: about 1 MiB of fp32
@@ -22,10 +23,11 @@ def fused_lora(
     lora_B: torch.Tensor,
     scaling: float,
     out_dtype: torch.dtype,
+    name: str = "",
 ) -> torch.Tensor:
     """The dequantized weight (rows(n) yields its fp32 rows n at a time) + scaling * B @ A, in out_dtype:
-    [out, in] from A [r, in], B [out, r]."""
+    [out, in] from A [r, in], B [out, r]. A block whose cast overflows is refused (dtypes.cast_finite)."""
     out = torch.empty(shape, dtype=out_dtype)
     for r0, r1, w in rows(max(1, FUSED_ELEMENTS // shape[1])):
-        out[r0:r1] = add_lora_(w, lora_A, lora_B[r0:r1], scaling)
+        out[r0:r1] = cast_finite(add_lora_(w, lora_A, lora_B[r0:r1], scaling), out_dtype, name)
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from ..io.adapter import Adapter, AdapterLayout
 from ..io.atomic import Inputs
 from ..io.hf_dir import ModelDir
@@ -88,7 +88,7 @@ class Source:
         merge_base: str = "dequantized",
     ):
         if merge_base not in MERGE_BASES:
-            raise ValueError(f"merge_base must be one of {MERGE_BASES}, got {merge_base!r}")
+            raise OptionError(f"merge_base must be one of {', '.join(MERGE_BASES)}, got {merge_base!r}.")
         if merge_base == "original" and base.is_4bit:
             raise InputError(
                 f"{base.path}: --merge-base original needs the 16-bit base, but this base is saved in 4-bit. "
@@ -107,6 +107,7 @@ class Source:
         self.aliases = self._untied_aliases()
         self.tensors = self._specs()
         self.base_check = None  # a fit.BackgroundCheck while config.json is checked in a child process
+        self.warnings: list[str] = []  # what the fit check warns of (said in every command's output)
 
     def _untied_aliases(self) -> dict[str, str]:
         """Tied weights the merged model must carry on their own: {name absent from the base: the base
@@ -195,7 +196,14 @@ class Source:
         files = [*self.base.store.files, self.base.path / "config.json", *self.base.side_files()]
         if self.adapter is not None:
             files += [*self.adapter.store.files, self.adapter.path / "adapter_config.json"]
-        return Inputs(dirs, files)
+        return Inputs(dirs, files, self.confirm)
+
+    def confirm(self) -> None:
+        """Raise what the config check still running in the background found (fit.check_fit): every output
+        made from this source waits for it before it is committed."""
+        from .fit import confirm
+
+        confirm(self)
 
     def adapter_tensor(self, key: str) -> torch.Tensor:
         """An adapter tensor in fp32, refused when it holds NaN or Inf."""

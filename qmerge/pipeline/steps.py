@@ -79,7 +79,9 @@ class FusedLoRA:
     def run(self, source: Source, dtype: torch.dtype | None) -> torch.Tensor:
         A, B = source.adapter_tensor(self.lora.lora_A), source.adapter_tensor(self.lora.lora_B)
         shape, _ = source.weights.state_shape(self.name)
-        return fused_lora(lambda n: source.weights.rows(self.name, n), shape, A, B, self.scaling, dtype)
+        return fused_lora(
+            lambda n: source.weights.rows(self.name, n), shape, A, B, self.scaling, dtype, self.name
+        )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dtypes import cast_finite
 from .source import Source
 from .steps import Change, Step
 
@@ -58,7 +59,7 @@ def _run(source: Source, name: str, step: Step, dtype: torch.dtype | None, keep_
     else:
         value = step.run(source, dtype)
     if dtype is not None and value.is_floating_point():
-        value = value.to(dtype)
+        value = cast_finite(value, dtype, name)
     return MergedTensor(name, value, before, step.merged)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,29 +30,13 @@ from .candidates import candidate_kind, delta_retention
 from .cuda import cuda_available, cuda_base, cuda_candidate, cuda_logits, cuda_reference, require_cuda
 from .generate import Completion, hf_complete
 from .metrics import Drift, Thresholds, gate
+from .options import Options
 from .reference import model_logits, naive_merged_model
 from .streamed import logits, report_layers, streamed_reference
 from .tokens import Batch, data_batch, prompts, text_batch
 
 LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits per chunk of sequences
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Options:
-    """What a check runs on and measures (the CLI's options)."""
-
-    text: str | None = None
-    seq_len: int = 128
-    max_seqs: int = 8
-    data: Path | None = None
-    generate: int = 0
-    max_new_tokens: int = 64
-    against_base: bool = False
-    naive: bool = False
-    device: str = "auto"
-    fp32_reference: bool = False
-    lora: Path | None = None  # a llama.cpp LoRA GGUF on a GGUF candidate
 
 
 def chunks(batch: Batch, vocab: int) -> list[Batch]:
@@ -167,7 +150,7 @@ def check(
 ) -> CheckReport:
     """Compare a candidate with the unmerged QLoRA model and apply the thresholds (options: see Options;
     they may also be given as keywords)."""
-    opts = Options(**{**options.__dict__, **option_values})
+    opts = options.with_values(option_values, thresholds, merge_base)
     source = open_checkpoint(Path(adapter), Path(base) if base else None, quant, merge_base)
     kind, device = candidate_kind(Path(candidate)), resolve_device(opts.device)
     session = Session(source, opts, device, progress)
@@ -183,6 +166,7 @@ def check(
         "against_base": against,
         "task": task,
         "data": str(opts.data) if opts.data else None,
+        "warnings": source.warnings or None,
     }
     return CheckReport(
         not failures,
@@ -235,6 +219,7 @@ class Session:
         """The candidate in its engine (a GGUF with `lora`, else the check's --lora, applied)."""
         lora = lora or self.opts.lora
         if kind == "gguf":
+            self._same_vocabulary(path, llama_cpp.gguf_vocab_size(path))
             return Runner("candidate", gguf=path, progress=self.progress, lora=lora)
         if lora is not None:
             from ..errors import InputError
@@ -246,7 +231,20 @@ class Session:
         model = (
             cuda_candidate(path, kind, fp32) if self.device == "cuda" else streamed_model(open_source(path))
         )
+        self._same_vocabulary(path, model.get_input_embeddings().weight.shape[0])
         return Runner("candidate", model, progress=self.progress)
+
+    def _same_vocabulary(self, path: Path, vocab: int | None) -> None:
+        """Refuse a candidate whose vocabulary is not the unmerged model's: its token ids mean other tokens
+        (and ids past its end would fail inside the model rather than say so)."""
+        if vocab is not None and vocab != self.vocab:
+            from ..errors import MismatchError
+
+            raise MismatchError(
+                f"{path}: the candidate has another vocabulary ({vocab} tokens; the unmerged model has "
+                f"{self.vocab}): it is not a model of this fine-tune (another base, or tokens added or removed). "
+                "Pass the candidate made from this adapter."
+            )
 
     def measure(self, cand: Runner) -> tuple:
         d = drift(self.ref, cand.logits(self.main), self.main)

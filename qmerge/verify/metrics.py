@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 
 _SLICE = 1 << 21  # elements of [positions, vocab] in one float64 temporary (16 MiB)
 # KLD percentiles llama-perplexity prints (as fractions), with the names it prints them under.
@@ -34,6 +34,26 @@ class Thresholds:
     min_top1: float | None = 0.95
     max_abs_diff: float | None = None
     min_task_agreement: float | None = None
+
+    def __post_init__(self):
+        # a NaN or out-of-range limit would switch the gate off: refused, as the CLI refuses it
+        for name, hi in (
+            ("max_kl", math.inf),
+            ("min_top1", 1.0),
+            ("max_abs_diff", math.inf),
+            ("min_task_agreement", 1.0),
+        ):
+            check_range(name, getattr(self, name), 0.0, hi, optional=True)
+
+
+def check_range(name: str, value, lo: float, hi: float, optional: bool = False) -> None:
+    """Raise an OptionError unless `value` is a finite number in [lo, hi] (or None when `optional`)."""
+    if value is None and optional:
+        return
+    bound = f"between {lo:g} and {hi:g}" if math.isfinite(hi) else f"at least {lo:g}"
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not lo <= value <= hi:
+        raise OptionError(f"{name} must be a finite number {bound}, got {value!r}.")
 
 
 @dataclass(frozen=True)

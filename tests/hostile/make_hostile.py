@@ -187,6 +187,15 @@ def cases() -> dict[str, dict]:
         }
         return h, d + blob
 
+    def other_vocabulary(h, d):
+        blob = torch.zeros(10, 32, dtype=torch.float32).numpy().tobytes()
+        h["base_model.model.lm_head.weight"] = {
+            "dtype": "F32",
+            "shape": [10, 32],
+            "data_offsets": [len(d), len(d) + len(blob)],
+        }
+        return h, d + blob
+
     return {
         # safetensors headers (the adapter)
         "header-overlapping-offsets": dict(
@@ -275,6 +284,14 @@ def cases() -> dict[str, dict]:
         ),
         "adapter-replacement-wrong-shape": dict(
             files={A: edited(A, wrong_replacement)}, args=MERGE4, message="replaces lm_head"
+        ),
+        "adapter-replacement-other-vocabulary": dict(
+            files={A: edited(A, other_vocabulary)}, args=MERGE16, message="vocabulary sizes would disagree"
+        ),
+        "adapter-targets-select-nothing": dict(
+            files={"adapter/adapter_config.json": adapter_cfg(target_modules=["c_attn", "c_proj"])},
+            args=MERGE4,
+            message="select none of the 7 modules",
         ),
         # config.json against the tensors
         "config-more-layers": dict(

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ... import __version__
+from ...dtypes import cast_finite
 from ...errors import UnsupportedError
 from ..stream import StreamingFileWriter, tensor_bytes
 from .arch import Architecture, HParams
@@ -69,16 +70,17 @@ def torch_dtype_for(qtype) -> torch.dtype:
     return {T.F16: torch.float16, T.BF16: torch.bfloat16}.get(qtype, torch.float32)
 
 
-def encode(t: torch.Tensor, qtype) -> np.ndarray:
+def encode(t: torch.Tensor, qtype, name: str = "") -> np.ndarray:
     """A torch tensor in the bytes GGUF stores for `qtype` (F32, F16, BF16 or Q8_0), as flat uint8.
 
-    F16 and BF16 are torch's round-to-nearest-even casts, the same values numpy and gguf-py produce.
+    F16 and BF16 are torch's round-to-nearest-even casts, the same values numpy and gguf-py produce; a cast
+    that would turn finite values into inf is refused (dtypes.cast_finite).
     """
     import gguf
 
     T = gguf.GGMLQuantizationType
     if qtype in (T.F32, T.F16, T.BF16):
-        return tensor_bytes(t.to(torch_dtype_for(qtype)))
+        return tensor_bytes(cast_finite(t, torch_dtype_for(qtype), name))
     data = gguf.quants.quantize(t.float().contiguous().numpy(), qtype)
     return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
