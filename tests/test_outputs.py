@@ -668,3 +668,15 @@ def test_commit_protocol_under_interference(tmp_path_factory, renameat2):
     finally:
         if not renameat2:
             commit._rename2 = real
+
+
+def test_target_modules_named_as_peft_documents_need_no_peft_import(clean):
+    """A 4-bit merge never imports transformers in its own process, and its background child imports PEFT
+    (seconds) only when target_modules do not plainly name a module the adapter holds."""
+    code = (
+        "import sys; from pathlib import Path; from qmerge.io.adapter import Adapter, selects_none; "
+        f"assert not selects_none(Adapter(Path({str(clean / 'adapter')!r}))); "
+        "assert 'peft' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

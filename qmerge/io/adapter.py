@@ -258,14 +258,19 @@ def layout_adapter(keys: list[str], where: Path, token_indices: object = None) -
     return AdapterLayout(lora, replace, rows)
 
 
-def unselected_modules(adapter: Adapter) -> list[str]:
-    """The modules the adapter holds LoRA tensors for that its target_modules (with exclude_modules,
-    layers_to_transform, layers_pattern, modules_to_save) do not select, by PEFT's own matching rule
-    (imports PEFT); [] for "all-linear" or no target_modules (PEFT expands or skips them)."""
+def selects_none(adapter: Adapter) -> bool:
+    """Whether adapter_config.json's target_modules (with exclude_modules, layers_to_transform,
+    layers_pattern, modules_to_save) select none of the modules the adapter holds LoRA tensors for, so that
+    PEFT refuses to load it. Decided by PEFT's own matching rule (importing PEFT costs seconds), except where
+    the rule PEFT documents for target_modules alone (a name or name suffix in the list, a full regex match
+    for a string) selects a module and no other key could deselect it."""
     cfg = adapter.config
     targets = cfg.get("target_modules")
     if not adapter.layout.lora or targets is None or targets == "all-linear":
-        return []
+        return False
+    modules = [m.module for m in adapter.layout.lora.values()]
+    if not any(cfg.get(k) for k in _DESELECTING) and any(_named(m, targets, cfg) for m in modules):
+        return False  # selected by the documented rule: no need for PEFT
     from types import SimpleNamespace
 
     from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
@@ -279,10 +284,20 @@ def unselected_modules(adapter: Adapter) -> list[str]:
         found = check_target_module_exists(config, module)
         return bool(found) and not isinstance(found, _ExcludedModule)
 
-    return sorted(m.module for m in adapter.layout.lora.values() if not selected(m.module))
+    return not any(selected(m) for m in modules)
 
 
-# The adapter_config.json keys PEFT's check_target_module_exists reads besides target_modules.
+def _named(module: str, targets, cfg: dict) -> bool:
+    """target_modules as PEFT documents them select `module`, which no modules_to_save entry names."""
+    if set(module.split(".")) & set(cfg.get("modules_to_save") or ()):
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+# The adapter_config.json keys PEFT's check_target_module_exists reads besides target_modules; of those, the
+# ones that can deselect a module target_modules names.
 _SELECTION_KEYS = (
     "target_parameters",
     "exclude_modules",
@@ -290,3 +305,4 @@ _SELECTION_KEYS = (
     "layers_to_transform",
     "layers_pattern",
 )
+_DESELECTING = ("exclude_modules", "layers_to_transform", "layers_pattern")

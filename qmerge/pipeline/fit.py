@@ -9,7 +9,7 @@ import sys
 import torch
 
 from ..errors import InputError, MismatchError, UnsupportedError
-from ..io.adapter import Adapter, unselected_modules
+from ..io.adapter import Adapter, selects_none
 from ..io.hf_dir import ModelDir
 from .adapter_fit import adapter_problems
 from .problem import Problem
@@ -136,17 +136,17 @@ def _raise(source: Source, found: list[Problem], subject: str) -> None:
 
 def target_problems(adapter: Adapter) -> list[Problem]:
     """adapter_config.json's target_modules select none of the modules the adapter holds LoRA tensors for:
-    PEFT refuses to load it (imports PEFT, and so transformers, for its matching rule)."""
-    missed = unselected_modules(adapter)
-    if not missed or len(missed) < len(adapter.layout.lora):
-        return []  # some selected: PEFT loads it (a tied lm_head's keys, say, need no target of their own)
+    PEFT refuses to load it (a module some target selects is enough: a tied lm_head's keys, say, need no
+    target of their own)."""
+    if not selects_none(adapter):
+        return []
     return [
         Problem(
             "error",
             f"{adapter.path}/adapter_config.json: target_modules {adapter.config.get('target_modules')!r} select "
-            f"none of the {len(missed)} modules the adapter holds LoRA tensors for (e.g. {missed[0]}); PEFT "
-            "refuses to load this adapter. Fix target_modules (the modules LoRA was trained on), or re-save the "
-            "adapter with PEFT.",
+            f"none of the {len(adapter.layout.lora)} modules the adapter holds LoRA tensors for (e.g. "
+            f"{min(m.module for m in adapter.layout.lora.values())}); PEFT refuses to load this adapter. Fix "
+            "target_modules (the modules LoRA was trained on), or re-save the adapter with PEFT.",
         )
     ]
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..dtypes import cast_finite
+from ..dtypes import check_finite_cast
 from ..lora.delta import add_lora_
 
 FUSED_ELEMENTS = 1 << 18  # elements per row block: about 1 MiB of fp32
@@ -29,5 +29,6 @@ def fused_lora(
     [out, in] from A [r, in], B [out, r]. A block whose cast overflows is refused (dtypes.cast_finite)."""
     out = torch.empty(shape, dtype=out_dtype)
     for r0, r1, w in rows(max(1, FUSED_ELEMENTS // shape[1])):
-        out[r0:r1] = cast_finite(add_lora_(w, lora_A, lora_B[r0:r1], scaling), out_dtype, name)
+        out[r0:r1] = add_lora_(w, lora_A, lora_B[r0:r1], scaling)
+        check_finite_cast(w, out_dtype, name)
     return out
