@@ -201,7 +201,8 @@ def _options(*decorators):
 base_option = click.option(
     "--base",
     type=click.Path(path_type=Path),
-    help="Base model directory (default: the adapter's base_model_name_or_path).",
+    help="Base model: a directory, or a Hub id (org/name[@revision]) in the local Hugging Face cache "
+    "(default: the adapter's base_model_name_or_path).",
 )
 pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Allow reading .bin/.pt weights (torch.load weights_only=True)."
@@ -537,7 +538,9 @@ def _show_check(report, as_json: bool) -> None:
     "quantizer; with --calibrate qmerge chooses the 4-bit layers' blocks).",
 )
 @click.option(
-    "--base", type=click.Path(path_type=Path), help="Base model directory (when SOURCE is an adapter)."
+    "--base",
+    type=click.Path(path_type=Path),
+    help="Base model directory or Hub id in the local Hugging Face cache (when SOURCE is an adapter).",
 )
 @output_options
 @merge_base_option

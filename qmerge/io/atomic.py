@@ -49,16 +49,16 @@ def check_not_input(out: Path, inputs: Inputs) -> None:
         if o == r or r in o.parents or o in r.parents:
             how = "is" if o == r else ("is inside" if r in o.parents else "holds")
             raise OutputError(
-                f"-o {out} {how} the input directory {d}; qmerge never writes over its inputs, not even with "
-                "--force. Choose another -o."
+                f"{out} {how} the input directory {d}; qmerge never writes over its inputs, not even with "
+                "--force. Choose another output path."
             )
     for f in inputs.files:
         r = Path(f).resolve()
         if o == r or o in r.parents:
             how = "is" if o == r else "holds"
             raise OutputError(
-                f"-o {out} {how} the input file {f}; qmerge never writes over its inputs, not even with "
-                "--force. Choose another -o."
+                f"{out} {how} the input file {f}; qmerge never writes over its inputs, not even with "
+                "--force. Choose another output path."
             )
 
 
@@ -114,7 +114,7 @@ def _flock(fd: int, out: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         raise OutputError(
-            f"{out}: another qmerge run is writing this output now. Wait for it, or choose another -o."
+            f"{out}: another qmerge run is writing this output now. Wait for it, or choose another path."
         ) from e
 
 
@@ -156,7 +156,7 @@ def check_target(out: Path, force: bool, owned: Ownership | None) -> os.stat_res
     except FileNotFoundError:
         return None
     if not force:
-        raise OutputError(f"{out} already exists; pass --force to replace it, or choose another -o.")
+        raise OutputError(f"{out} already exists; pass --force to replace it, or choose another path.")
     why = (
         "it is a symbolic link"
         if out.is_symlink()
@@ -164,7 +164,7 @@ def check_target(out: Path, force: bool, owned: Ownership | None) -> os.stat_res
     )
     if why:
         raise OutputError(
-            f"{out} exists and --force replaces only outputs qmerge wrote: {why}. Choose another -o."
+            f"{out} exists and --force replaces only outputs qmerge wrote: {why}. Choose another path."
         )
     return found
 

@@ -17,6 +17,7 @@ from ..errors import InputError, OptionError
 from ..io.adapter import Adapter, AdapterLayout
 from ..io.atomic import Inputs
 from ..io.hf_dir import ModelDir
+from ..io.hub import cached_snapshot, parse_hub_id
 from ..io.records import read_training_quantization
 from ..lora.scaling import LoraSettings
 from ..quant.codebooks import BLOCKSIZES_4BIT
@@ -36,17 +37,24 @@ class TensorSpec:
 
 
 def resolve_base_path(adapter: Adapter, base: Path | None) -> Path:
-    """--base if given, else the adapter's base_model_name_or_path when it is a local directory."""
+    """--base if given (a directory, or a Hub id in the local Hugging Face cache), else the adapter's
+    base_model_name_or_path: a directory (as given, or relative to the adapter, as TRL saves it), or a Hub
+    id in the cache (at the adapter's `revision` when it names one)."""
     if base is not None:
-        return Path(base)
+        hub = None if Path(base).is_dir() else parse_hub_id(str(base))
+        return cached_snapshot(*hub, named_by="--base ") if hub else Path(base)
     named = adapter.base_model_name_or_path
     if named:
         for candidate in (Path(named), adapter.path / named):
             if candidate.is_dir():
                 return candidate
+        hub = parse_hub_id(named)
+        if hub is not None:
+            revision = hub[1] or adapter.config.get("revision") or None
+            return cached_snapshot(hub[0], revision, f"{adapter.path}/adapter_config.json's base ")
         raise InputError(
-            f"{adapter.path}/adapter_config.json names base {named!r}, which is not a local directory. qmerge "
-            "downloads nothing: pass the base model directory with --base."
+            f"{adapter.path}/adapter_config.json names base {named!r}, which is neither a local directory "
+            "(as given, or relative to the adapter) nor a Hub id: pass the base model directory with --base."
         )
     raise InputError(f"{adapter.path}: the adapter names no base model; pass it with --base DIR.")
 
