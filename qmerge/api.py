@@ -37,8 +37,7 @@ def merge(
     source = open_checkpoint(
         Path(adapter), Path(base) if base else None, quant, merge_base, allow_pickle, True
     )
-    report = write_model_dir(source, fmt, Path(out), max_shard_size, force, progress)
-    return replace(report, warnings=[*report.warnings, *source.warnings])
+    return finished(write_model_dir(source, fmt, Path(out), max_shard_size, force, progress), source)
 
 
 CALIBRATES = (
@@ -143,7 +142,15 @@ def export(
         tensor_types,
         keep_delta,
     )
-    return replace(report, warnings=[*report.warnings, *src.warnings])
+    return finished(report, src)
+
+
+def finished(report: WriteReport, source: Source) -> WriteReport:
+    """The report with what the source established on the way: warnings, and how the base was quantized
+    (null where no 4-bit weights were read or reproduced)."""
+    four_bit = source.quantization is not None and (source.base.is_4bit or source.merge_base == "dequantized")
+    q = source.quantization.to_json() if four_bit else None
+    return replace(report, warnings=[*report.warnings, *source.warnings], quantization=q)
 
 
 def _write(

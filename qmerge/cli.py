@@ -154,6 +154,16 @@ def _warn(warnings: list[str]) -> None:
         err.print(f"[yellow]qmerge: warning:[/] {w}", markup=True, highlight=False)
 
 
+def _say_quantization(q: dict | None) -> None:
+    """One line: the 4-bit settings the base was read or reproduced with, and how qmerge knows them."""
+    if q:
+        dq = "double quant" if q["double_quant"] else "no double quant"
+        where = f" ({q['from']})" if q.get("from") else ""
+        out.print(
+            f"base quantization: {q['quant_type']}, {dq}, blocksize {q['blocksize']}; {q['source']}{where}"
+        )
+
+
 def _emit_json(obj: dict) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
@@ -343,6 +353,7 @@ def merge(adapter, base, output, shard, force, dtype, merge_base, as_json, allow
         _emit_json(report.to_json())
     else:
         out.print(files_table(report))
+        _say_quantization(report.quantization)
         out.print(f"merged {report.num_tensors_merged} tensors in {report.seconds:.1f} s")
 
 
@@ -510,6 +521,7 @@ def _show_check(report, as_json: bool) -> None:
     else:
         for table in check_tables(report):
             out.print(table)
+        _say_quantization(report.extra.get("quantization"))
         if report.delta_retention is not None:
             out.print(
                 f"this NF4 export kept {report.delta_retention:.1%} of the LoRA delta (qmerge_provenance.json)"
@@ -649,6 +661,7 @@ def export(
         _emit_json(report.to_json())
         return
     out.print(files_table(report))
+    _say_quantization(report.quantization)
     cal = report.details.get("calibration")
     if cal:
         out.print(

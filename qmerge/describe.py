@@ -206,7 +206,7 @@ def describe_adapter(path: Path, base: Path | None, allow_pickle: bool = False) 
             modules,
             [p.to_json() for p in found],
         )
-    q = quant_settings_for(ad, None)
+    q = quant_settings_for(ad, None, base_dir)
     source = Source(base_dir, ad, q)
     return Description(
         "adapter",

@@ -78,6 +78,15 @@ def _sections(r: dict) -> list[tuple[str, list[tuple[str, str]] | str]]:
     verdict = "PASSED" if r["passed"] else "FAILED: " + "; ".join(r["failures"])
     out.append(("verdict", [("candidate", f"{r['candidate_kind']} {r['candidate']}"), ("result", verdict)]))
     out.append(("against the unmerged QLoRA model", _metric_rows(r["metrics"])))
+    if r.get("quantization"):
+        out.append(
+            (
+                "the base's quantization (as training saw it)",
+                [(k, str(v)) for k, v in r["quantization"].items()],
+            )
+        )
+    if r.get("warnings"):
+        out.append(("warnings", [("", w) for w in r["warnings"]]))
     stats = r.get("llama_cpp") or {}
     if stats.get("n_tokens", 0) >= 2:
         out.append(("llama.cpp statistics (llama-perplexity --kl-divergence)", llama_cpp_lines(stats)))

@@ -18,6 +18,7 @@ class WriteReport:
     seconds: float
     details: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the run noticed and went ahead with
+    quantization: dict | None = None  # the base's 4-bit settings and their source (None: no 4-bit weights)
 
     def to_json(self) -> dict:
         return {
@@ -26,6 +27,7 @@ class WriteReport:
             "num_tensors_merged": self.num_tensors_merged,
             "seconds": round(self.seconds, 3),
             **self.details,
+            "quantization": self.quantization,
             "warnings": self.warnings,
         }
 

@@ -124,3 +124,98 @@ def test_a_relative_base_is_found_beside_the_adapter(tmp_path):
     ]
     r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+# ---- the quantization training used, established -----------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+MERGED_TOL = 1e-3  # fp32 merge against PEFT's unmerged forward (measured ~1e-6 on the NF4 fixtures)
+
+
+@pytest.fixture(scope="module")
+def fp4_trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A base saved as transformers' bare BitsAndBytesConfig(load_in_4bit=True) quantizes it (FP4, no double
+    quant), and a PEFT adapter made on that 4-bit model, naming it as its base."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.helpers import random_adapter
+
+    root = tmp_path_factory.mktemp("fp4")
+    fp4 = root / "base-fp4"
+    AutoModelForCausalLM.from_pretrained(
+        str(FIXTURES / "tiny-llama-bf16"),
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        device_map="cpu",
+    ).save_pretrained(str(fp4))
+    adapter = random_adapter(
+        fp4, root / "adapter", seed=7, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
+    )
+    return fp4, adapter
+
+
+def test_an_fp4_trained_adapter_is_merged_with_its_named_bases_settings(fp4_trained, tmp_path):
+    """--base points at the 16-bit original; the adapter's named base (the FP4 checkpoint training used) says
+    how training quantized it: the merge equals PEFT's unmerged forward on that base."""
+    from tests.helpers import logits_of, reference_unmerged
+
+    fp4, adapter = fp4_trained
+    out = tmp_path / "m"
+    r = run(
+        ["merge", adapter, "--base", FIXTURES / "tiny-llama-bf16", "-o", out, "--dtype", "fp32", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    q = json.loads(r.stdout)["quantization"]
+    assert (q["quant_type"], q["double_quant"], q["source"]) == ("fp4", False, "named base"), q
+    ref = reference_unmerged(adapter, fp4)
+    assert (logits_of(out) - ref).abs().max() <= MERGED_TOL
+    prov = json.loads((out / "qmerge_provenance.json").read_text())
+    assert prov["settings"]["base_quantization"]["source"] == "named base"
+
+
+def test_without_evidence_the_assumption_is_said(fp4_trained, tmp_path):
+    _fp4, adapter = fp4_trained
+    lone = tmp_path / "adapter"
+    shutil.copytree(adapter, lone)
+    name_base(lone, "/nowhere/base-fp4")
+    r = run(["merge", lone, "--base", FIXTURES / "tiny-llama-bf16", "-o", tmp_path / "m", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["quantization"]["source"] == "assumed" and report["quantization"]["quant_type"] == "nf4"
+    assert any("--quant-type fp4 --no-double-quant" in w for w in report["warnings"])
+    r = run(["merge", lone, "--base", FIXTURES / "tiny-llama-bf16", "-o", tmp_path / "m2"])
+    assert "qmerge assumed QLoRA's NF4" in r.stderr
+
+
+def test_options_that_contradict_the_named_base_win_with_a_warning(fp4_trained, tmp_path):
+    _fp4, adapter = fp4_trained
+    r = run(
+        ["merge", adapter, "--base", FIXTURES / "tiny-llama-bf16", "-o", tmp_path / "m", "--json"]
+        + ["--quant-type", "nf4"]
+    )
+    report = json.loads(r.stdout)
+    assert report["quantization"]["source"] == "option"
+    assert any(
+        "differ from the adapter's named base" in w and "the options win" in w for w in report["warnings"]
+    )
+
+
+def test_a_4bit_base_reports_its_own_settings(tmp_path):
+    r = run(
+        [
+            "merge",
+            FIXTURES / "adapter-qlora",
+            "--base",
+            FIXTURES / "tiny-llama-nf4",
+            "-o",
+            tmp_path / "m",
+            "--json",
+        ]
+    )
+    q = json.loads(r.stdout)["quantization"]
+    assert (q["quant_type"], q["blocksize"], q["double_quant"], q["source"]) == (
+        "nf4",
+        64,
+        True,
+        "checkpoint",
+    )

@@ -680,3 +680,12 @@ def test_target_modules_named_as_peft_documents_need_no_peft_import(clean):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_provenance_of_a_16bit_base_merge_holds_no_local_paths(tmp_path):
+    adapter = tmp_path / "run" / "checkpoint-12"
+    shutil.copytree(FIXTURES / "adapter-qlora" / "checkpoint-12", adapter)
+    out = tmp_path / "m"
+    assert run(["merge", adapter, "--base", FIXTURES / "tiny-llama-bf16", "-o", out]).exit_code == 0
+    text = (out / "qmerge_provenance.json").read_text()
+    assert str(tmp_path) not in text and str(FIXTURES) not in text, text

@@ -106,6 +106,8 @@ def provenance_of(source: Source, settings: dict) -> dict:
         if source.base.is_4bit
         else {"quant_type": q.quant_type, "blocksize": q.blocksize, "double_quant": q.double_quant}
     )
+    if source.quantization is not None and isinstance(quant, dict):
+        quant = {**quant, "source": source.quantization.source, "from": source.quantization.origin}
     adapter = source.adapter.path if source.adapter is not None else None
     return provenance(
         source.base.path,

@@ -12,16 +12,14 @@ from pathlib import Path
 
 import torch
 
-from .. import dtypes
 from ..errors import InputError, OptionError
 from ..io.adapter import Adapter, AdapterLayout
 from ..io.atomic import Inputs
 from ..io.hf_dir import ModelDir
 from ..io.hub import cached_snapshot, parse_hub_id
-from ..io.records import read_training_quantization
 from ..lora.scaling import LoraSettings
-from ..quant.codebooks import BLOCKSIZES_4BIT
 from .base import QuantSettings, TrainingWeights
+from .quantization import Quantization, establish_quantization
 
 MERGE_BASES = ("dequantized", "original")
 
@@ -59,30 +57,11 @@ def resolve_base_path(adapter: Adapter, base: Path | None) -> Path:
     raise InputError(f"{adapter.path}: the adapter names no base model; pass it with --base DIR.")
 
 
-def quant_settings_for(adapter: Adapter | None, override: QuantSettings | None) -> QuantSettings:
-    """The quantization training used: --quant-* options, else qmerge's training record, else QLoRA defaults."""
-    if override is not None:
-        return override
-    rec = read_training_quantization(adapter.path) if adapter is not None else None
-    if not rec:
-        return QuantSettings()
-    where = f"{adapter.path}/qmerge_training.json"
-    dtype = dtypes.config_dtype(rec["dtype"]) if rec.get("dtype") else None
-    if rec.get("dtype") and dtype is None:
-        raise InputError(f"{where}: quantization dtype {rec['dtype']!r} is not float32, float16 or bfloat16.")
-    storage = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if rec.get("quant_storage", "uint8") not in storage:
-        raise InputError(f"{where}: quant_storage {rec['quant_storage']!r} is not uint8, bf16, fp16 or fp32.")
-    settings = QuantSettings(
-        quant_type=rec.get("quant_type", "nf4"),
-        blocksize=rec.get("blocksize", 64),
-        double_quant=rec.get("double_quant", True),
-        dtype=dtype,
-        storage=storage[rec.get("quant_storage", "uint8")],
-    )
-    if settings.quant_type not in ("nf4", "fp4") or settings.blocksize not in BLOCKSIZES_4BIT:
-        raise InputError(f"{where}: quantization {rec} is not one bitsandbytes makes.")
-    return settings
+def quant_settings_for(
+    adapter: Adapter | None, override: QuantSettings | None, base: ModelDir | None = None
+) -> QuantSettings:
+    """The quantization training used (quantization.establish_quantization's settings)."""
+    return establish_quantization(adapter, base, override).settings
 
 
 class Source:
@@ -116,6 +95,8 @@ class Source:
         self.tensors = self._specs()
         self.base_check = None  # a fit.BackgroundCheck while config.json is checked in a child process
         self.warnings: list[str] = []  # what the fit check warns of (said in every command's output)
+        # how training quantized the base, and how qmerge knows (open_checkpoint establishes it)
+        self.quantization: Quantization | None = Quantization.of_checkpoint(base) if base.is_4bit else None
 
     def _untied_aliases(self) -> dict[str, str]:
         """Tied weights the merged model must carry on their own: {name absent from the base: the base
@@ -263,7 +244,10 @@ def open_checkpoint(
     base = ModelDir(resolve_base_path(adapter, base_path), allow_pickle)
     if not adapter.layout.lora and not adapter.layout.replace and not adapter.layout.rows:
         raise InputError(f"{adapter.path}: the adapter holds no LoRA tensors.")
-    source = Source(base, adapter, quant_settings_for(adapter, quant), merge_base)
+    found = establish_quantization(adapter, base, quant)
+    source = Source(base, adapter, found.settings, merge_base)
+    source.quantization = found
+    source.warnings += found.warnings
     check_fit(source, background)
     return source
 

@@ -167,6 +167,7 @@ def check(
         "task": task,
         "data": str(opts.data) if opts.data else None,
         "warnings": source.warnings or None,
+        "quantization": source.quantization.to_json() if source.quantization else None,
     }
     return CheckReport(
         not failures,
@@ -269,7 +270,9 @@ class Session:
     def naive(self, quant: QuantSettings | None):
         """PEFT's merge_and_unload on the 4-bit model (whole model in memory: an opt-in comparison)."""
         model = naive_merged_model(
-            self.source.adapter, self.source.base, quant_settings_for(self.source.adapter, quant)
+            self.source.adapter,
+            self.source.base,
+            quant_settings_for(self.source.adapter, quant, self.source.base),
         )
         d = Drift()
         for i, part in enumerate(self.main):

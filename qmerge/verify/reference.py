@@ -69,7 +69,7 @@ def reference_model(
 
     adapter = Adapter(adapter_path)
     base = ModelDir(resolve_base_path(adapter, base_path))
-    q = quant_settings_for(adapter, quant)
+    q = quant_settings_for(adapter, quant, base)
     with quiet_libraries():
         if merge_base == "original":
             model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
