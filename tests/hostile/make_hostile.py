@@ -178,23 +178,19 @@ def cases() -> dict[str, dict]:
         s, e = h[key]["data_offsets"]
         return _replace_tensor(h, d, key, d[s : e - 1], "U8", [e - s - 1])
 
-    def wrong_replacement(h, d):
-        blob = torch.zeros(64, 16, dtype=torch.float32).numpy().tobytes()
-        h["base_model.model.lm_head.weight"] = {
-            "dtype": "F32",
-            "shape": [64, 16],
-            "data_offsets": [len(d), len(d) + len(blob)],
-        }
-        return h, d + blob
+    def lm_head_replacement(rows: int, cols: int):
+        """A modules_to_save lm_head of [rows, cols] appended to the adapter."""
 
-    def other_vocabulary(h, d):
-        blob = torch.zeros(10, 32, dtype=torch.float32).numpy().tobytes()
-        h["base_model.model.lm_head.weight"] = {
-            "dtype": "F32",
-            "shape": [10, 32],
-            "data_offsets": [len(d), len(d) + len(blob)],
-        }
-        return h, d + blob
+        def edit(h, d):
+            blob = torch.zeros(rows, cols, dtype=torch.float32).numpy().tobytes()
+            h["base_model.model.lm_head.weight"] = {
+                "dtype": "F32",
+                "shape": [rows, cols],
+                "data_offsets": [len(d), len(d) + len(blob)],
+            }
+            return h, d + blob
+
+        return edit
 
     return {
         # safetensors headers (the adapter)
@@ -283,10 +279,12 @@ def cases() -> dict[str, dict]:
             message="alpha_pattern",
         ),
         "adapter-replacement-wrong-shape": dict(
-            files={A: edited(A, wrong_replacement)}, args=MERGE4, message="replaces lm_head"
+            files={A: edited(A, lm_head_replacement(64, 16))}, args=MERGE4, message="replaces lm_head"
         ),
         "adapter-replacement-other-vocabulary": dict(
-            files={A: edited(A, other_vocabulary)}, args=MERGE16, message="vocabulary sizes would disagree"
+            files={A: edited(A, lm_head_replacement(10, 32))},
+            args=MERGE16,
+            message="vocabulary sizes would disagree",
         ),
         "adapter-targets-select-nothing": dict(
             files={"adapter/adapter_config.json": adapter_cfg(target_modules=["c_attn", "c_proj"])},
