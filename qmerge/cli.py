@@ -73,9 +73,14 @@ def _interrupt_code(e: BaseException) -> int:
 def _fail(message: str, code: int = EXIT_ERROR, as_json: bool = False) -> None:
     """Say `message` on stderr (and, with --json, as the contract's error object on stdout); exit `code`."""
     if as_json:
-        click.echo(json.dumps({"error": message, "exit_code": code}))
+        _emit_error_json(message, code)
     err.print(f"[bold red]qmerge: error:[/] {message}", markup=True, highlight=False)
     sys.exit(code)
+
+
+def _emit_error_json(message: str, code: int) -> None:
+    """The contract's error object on stdout, for scripts that parse --json output."""
+    click.echo(json.dumps({"error": message, "exit_code": code}))
 
 
 def _wants_json(ctx: click.Context) -> bool:
@@ -96,7 +101,7 @@ class QmergeGroup(click.Group):
             return super().invoke(ctx)
         except click.ClickException as e:
             if as_json:
-                click.echo(json.dumps({"error": e.format_message(), "exit_code": e.exit_code}))
+                _emit_error_json(e.format_message(), e.exit_code)
             raise
         except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise

@@ -60,7 +60,7 @@ def establish_quantization(
 ) -> Quantization:
     """How training quantized `base` for `adapter` (see the module's docstring for the order); a conflict
     between two pieces of evidence is a warning that says which wins."""
-    if base is not None and base.is_4bit and override is None:
+    if base is not None and base.is_4bit:  # read from its quant states: no option or record changes them
         return Quantization.of_checkpoint(base)
     record = _record_settings(adapter) if adapter is not None else None
     named = _named_base_settings(adapter, base) if adapter is not None else None
