@@ -31,11 +31,14 @@ def merge(
     force: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    allow_other_base: bool = False,
 ) -> WriteReport:
-    """Merge a QLoRA adapter into the weights its training saw and write a Hugging Face model directory."""
+    """Merge a QLoRA adapter into the weights its training saw and write a Hugging Face model directory.
+    A base that is another model than the one the adapter names (when that one is here) is refused unless
+    allow_other_base."""
     fmt = Plain(dtypes.option_dtype(dtype))  # a bad dtype is refused before anything is opened
     source = open_checkpoint(
-        Path(adapter), Path(base) if base else None, quant, merge_base, allow_pickle, True
+        Path(adapter), Path(base) if base else None, quant, merge_base, allow_pickle, True, allow_other_base
     )
     return finished(write_model_dir(source, fmt, Path(out), max_shard_size, force, progress), source)
 
@@ -104,6 +107,7 @@ def export(
     imatrix: Path | None = None,
     tensor_types: TensorTypes = TensorTypes(),
     keep_delta: float | None = None,
+    allow_other_base: bool = False,
 ) -> WriteReport:
     """Export SOURCE (a QLoRA checkpoint, merged on the fly, or a model directory) to one format. With
     `calibrate` (JSONL or text), an NF4 export, a GGUF of a type llama.cpp quantizes or a gguf-lora export's
@@ -122,7 +126,15 @@ def export(
         raise UnsupportedError(f"{imatrix}: --imatrix names the output file itself; give it its own path.")
     # the config check runs in the background unless calibration builds the model with transformers anyway
     background = calibrate is None
-    src = open_source(Path(source), Path(base) if base else None, quant, merge_base, allow_pickle, background)
+    src = open_source(
+        Path(source),
+        Path(base) if base else None,
+        quant,
+        merge_base,
+        allow_pickle,
+        background,
+        allow_other_base,
+    )
     if keep_delta is not None and src.adapter is None:
         raise UnsupportedError(
             f"{source}: {KEEP_DELTA} This is a model directory: there is no delta to keep."

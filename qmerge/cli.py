@@ -219,6 +219,11 @@ base_option = click.option(
     help="Base model: a directory, or a Hub id (org/name[@revision]) in the local Hugging Face cache "
     "(default: the adapter's base_model_name_or_path).",
 )
+other_base_option = click.option(
+    "--allow-other-base",
+    is_flag=True,
+    help="Go ahead when --base is another model than the base the adapter names (compared when that one is here).",
+)
 pickle_option = click.option(
     "--allow-pickle", is_flag=True, help="Allow reading .bin/.pt weights (torch.load weights_only=True)."
 )
@@ -344,14 +349,27 @@ def inspect(path, base, as_json, allow_pickle, per_module):
 @json_option
 @pickle_option
 @quant_options
-def merge(adapter, base, output, shard, force, dtype, merge_base, as_json, allow_pickle, **quant):
+@other_base_option
+def merge(
+    adapter, base, output, shard, force, dtype, merge_base, as_json, allow_pickle, allow_other_base, **quant
+):
     """Merge a QLoRA adapter into the weights its training saw (fp32 math, streamed)."""
     from .api import merge as do_merge
     from .render import files_table
 
     with progress_bar("merging", not as_json) as cb:
         report = do_merge(
-            adapter, output, base, dtype, merge_base, _quant(**quant), shard, force, allow_pickle, cb
+            adapter,
+            output,
+            base,
+            dtype,
+            merge_base,
+            _quant(**quant),
+            shard,
+            force,
+            allow_pickle,
+            cb,
+            allow_other_base,
         )
     _warn(report.warnings)
     if as_json:
@@ -425,6 +443,13 @@ def merge(adapter, base, output, shard, force, dtype, merge_base, as_json, allow
     help="Sequences of text, or records of --data.",
 )
 @click.option(
+    "--probe-quant",
+    type=click.Choice(["warn", "fail"]),
+    default=None,
+    help="Also measure the adapter's loss on --data under NF4/FP4 x double quant x load dtype, and warn (or "
+    "fail) when another setting fits clearly better than the one used.",
+)
+@click.option(
     "--naive", is_flag=True, help="Also measure PEFT's merge_and_unload on the 4-bit model (loads it whole)."
 )
 @click.option(
@@ -461,6 +486,7 @@ def merge(adapter, base, output, shard, force, dtype, merge_base, as_json, allow
 @click.option("--force", is_flag=True, help="Replace an existing --report that qmerge wrote.")
 @json_option
 @quant_options
+@other_base_option
 def check(
     adapter,
     base,
@@ -488,6 +514,10 @@ def check(
         raise click.UsageError("give --candidate PATH, or --compare-merge-bases (one of the two).")
     if (min_task_agreement is not None or generate) and kw["data"] is None:
         raise click.UsageError("--generate and --min-task-agreement need --data (the prompts come from it).")
+    if kw["probe_quant"] and kw["data"] is None:
+        raise click.UsageError("--probe-quant needs --data (the adapter's loss is measured on its records).")
+    if kw["probe_quant"] and compare_bases:
+        raise click.UsageError("--probe-quant goes with --candidate, not --compare-merge-bases.")
     if min_task_agreement is not None and not generate:
         raise click.UsageError("--min-task-agreement needs --generate N.")
     if report_file is not None and report_file.suffix not in (".html", ".md"):
@@ -606,6 +636,7 @@ def _show_check(report, as_json: bool) -> None:
 @json_option
 @pickle_option
 @quant_options
+@other_base_option
 def export(
     source,
     to,
@@ -626,6 +657,7 @@ def export(
     imatrix,
     as_json,
     allow_pickle,
+    allow_other_base,
     **quant,
 ):
     """Export a QLoRA checkpoint or merged directory to bf16/fp16/fp32, NF4, GGUF or a LoRA GGUF."""
@@ -660,6 +692,7 @@ def export(
             imatrix=imatrix,
             tensor_types=tensor_types,
             keep_delta=keep_delta,
+            allow_other_base=allow_other_base,
         )
     _warn(report.warnings)
     if as_json:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, MismatchError
 from .io.adapter import Adapter
 from .io.hf_dir import ModelDir
 from .io.kinds import path_kind
@@ -16,6 +16,7 @@ from .io.records import read_provenance
 from .lora.scaling import module_rank_alpha, module_scaling
 from .pipeline.base import QuantSettings
 from .pipeline.fit import Problem, problems
+from .pipeline.identity import confirm_base
 from .pipeline.source import Source, quant_settings_for, resolve_base_path
 from .quant.codebooks import NESTED_BLOCKSIZE
 from .reports import Description
@@ -208,6 +209,10 @@ def describe_adapter(path: Path, base: Path | None, allow_pickle: bool = False) 
         )
     q = quant_settings_for(ad, None, base_dir)
     source = Source(base_dir, ad, q)
+    try:  # another model than the base the adapter names: an error here, a refusal in merge/export/check
+        found += [Problem("warning", w) for w in confirm_base(ad, base_dir, base is not None)]
+    except MismatchError as e:
+        found.append(Problem("error", str(e)))
     return Description(
         "adapter",
         str(ad.path),

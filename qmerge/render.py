@@ -155,7 +155,26 @@ def check_tables(report) -> list[Table]:
         t.add_row("mean KL", f"{m['mean_kl']:.3g}")
         t.add_row("top-1 agreement", f"{m['top1_agreement']:.4f}")
         tables.append(t)
+    if extra.get("quantization_probe", {}).get("settings"):
+        tables.append(probe_table(extra["quantization_probe"]))
     return tables
+
+
+def probe_table(probe: dict) -> Table:
+    """Each 4-bit setting's loss on the data, the best first marked, and the probe's verdict."""
+    t = Table(title=f"quantization probe ({probe['records']} records, {probe['n_tokens']} tokens)")
+    for col in ("quant type", "double quant", "load dtype", "loss per token", "above best"):
+        t.add_column(col, justify="right" if col.startswith(("loss", "above")) else "left")
+    for i, s in enumerate(probe["settings"]):
+        t.add_row(
+            s["quant_type"] + (" (used)" if i == 0 else ""),
+            "yes" if s["double_quant"] else "no",
+            str(s["dtype"]),
+            f"{s['loss']:.5f}",
+            f"{s['gap']:.2e}",
+        )
+    t.caption = probe["message"]
+    return t
 
 
 def _metrics_table(report) -> Table:

@@ -85,6 +85,17 @@ def _sections(r: dict) -> list[tuple[str, list[tuple[str, str]] | str]]:
                 [(k, str(v)) for k, v in r["quantization"].items()],
             )
         )
+    probe = r.get("quantization_probe")
+    if probe:
+        rows = [("verdict", probe["message"])] + [
+            (
+                f"{s['quant_type']}, {'double quant' if s['double_quant'] else 'no double quant'}, {s['dtype']}"
+                + (" (used)" if i == 0 else ""),
+                f"loss {s['loss']:.5f} per token, {s['gap']:.2e} above the best",
+            )
+            for i, s in enumerate(probe.get("settings", []))
+        ]
+        out.append(("quantization probe: the adapter's loss on the data under each 4-bit setting", rows))
     if r.get("warnings"):
         out.append(("warnings", [("", w) for w in r["warnings"]]))
     stats = r.get("llama_cpp") or {}

@@ -7,7 +7,6 @@ BitsAndBytesConfig(load_in_4bit=True) trains on FP4 without double quantization)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -15,10 +14,10 @@ from .. import dtypes
 from ..errors import InputError, QmergeError
 from ..io.adapter import Adapter
 from ..io.hf_dir import ModelDir
-from ..io.hub import cached_snapshot, parse_hub_id
 from ..io.records import TRAINING_RECORD, read_training_quantization
 from ..quant.codebooks import BLOCKSIZES_4BIT
 from .base import QuantSettings
+from .identity import find_named, label
 
 ASSUMED = (
     "nothing says how training quantized the 16-bit base (no --quant-* options, no qmerge_training.json, and "
@@ -108,20 +107,18 @@ def _named_base_settings(adapter: Adapter, base: ModelDir | None) -> tuple[Quant
     named = adapter.base_model_name_or_path
     if not named:
         return None
-    found = next((p for p in (Path(named), adapter.path / named) if p.is_dir()), None)
-    hub = parse_hub_id(named) if found is None else None
+    found = find_named(adapter, named)
+    if found is None or (base is not None and found.resolve() == base.path.resolve()):
+        return None
     try:
-        if hub is not None:
-            found = cached_snapshot(hub[0], hub[1] or adapter.config.get("revision") or None)
-        if found is None or (base is not None and found.resolve() == base.path.resolve()):
-            return None
         model = ModelDir(found)
     except QmergeError:
-        return None  # not here: the evidence is missing, not wrong
+        return None  # not a model directory qmerge reads: the evidence is missing, not wrong
     if not model.is_4bit:
         return None
-    label = named if hub is not None else Path(named).name  # no local path: it goes into the provenance
-    return _checkpoint_settings(model), f"the adapter's named base {label} (a 4-bit checkpoint)"
+    return _checkpoint_settings(
+        model
+    ), f"the adapter's named base {label(adapter, named)} (a 4-bit checkpoint)"
 
 
 def _record_settings(adapter: Adapter) -> tuple[QuantSettings, str] | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, OptionError
+from ..errors import InputError, MismatchError, OptionError
 from ..io.adapter import Adapter, AdapterLayout
 from ..io.atomic import Inputs
 from ..io.hf_dir import ModelDir
@@ -235,10 +235,13 @@ def open_checkpoint(
     merge_base: str = "dequantized",
     allow_pickle: bool = False,
     background: bool = False,
+    allow_other_base: bool = False,
 ) -> Source:
     """Open an adapter with its base and check that they fit together (raises on any error; with
-    background, the config check may still be running: see fit.check_fit)."""
+    background, the config check may still be running: see fit.check_fit). A base given that is another
+    model than the one the adapter names (when that one is here) is refused unless allow_other_base."""
     from .fit import check_fit
+    from .identity import confirm_base
 
     adapter = Adapter(adapter_path, allow_pickle)
     base = ModelDir(resolve_base_path(adapter, base_path), allow_pickle)
@@ -247,6 +250,11 @@ def open_checkpoint(
     found = establish_quantization(adapter, base, quant)
     source = Source(base, adapter, found.settings, merge_base)
     source.quantization = found
+    try:
+        source.warnings += confirm_base(adapter, base, base_path is not None, allow_other_base)
+    except MismatchError:
+        check_fit(source)  # a base at odds with itself is refused for that, which says more
+        raise
     source.warnings += found.warnings
     check_fit(source, background)
     return source
@@ -259,6 +267,7 @@ def open_source(
     merge_base: str = "dequantized",
     allow_pickle: bool = False,
     background: bool = False,
+    allow_other_base: bool = False,
 ) -> Source:
     """A QLoRA checkpoint (adapter dir) or an already merged / plain model directory, as a tensor source."""
     path = Path(path)
@@ -273,4 +282,4 @@ def open_source(
         source = Source(base, None, quant or QuantSettings(), "dequantized" if base.is_4bit else "original")
         check_fit(source, background)
         return source
-    return open_checkpoint(path, base_path, quant, merge_base, allow_pickle, background)
+    return open_checkpoint(path, base_path, quant, merge_base, allow_pickle, background, allow_other_base)

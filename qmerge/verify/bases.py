@@ -47,7 +47,8 @@ def compare_merge_bases(
 ) -> BasesReport:
     """Measure both merge bases against the unmerged model and the base model; recommend one."""
     opts = Options(**{**option_values, "against_base": True, "naive": False, "generate": 0})
-    source = open_checkpoint(Path(adapter), Path(base) if base else None, quant, "dequantized")
+    other = opts.allow_other_base
+    source = open_checkpoint(Path(adapter), Path(base) if base else None, quant, allow_other_base=other)
     if source.base.is_4bit:
         raise InputError(
             f"{source.base.path} is a 4-bit base: comparing merge bases needs the 16-bit base the adapter was "
@@ -60,7 +61,7 @@ def compare_merge_bases(
             src = (
                 source
                 if route == "dequantized"
-                else open_checkpoint(Path(adapter), source.base.path, quant, route)
+                else open_checkpoint(Path(adapter), source.base.path, quant, route, allow_other_base=other)
             )
             merged = Runner(f"merge into {route}", streamed_merge(src), progress=progress)
             metrics, stats = session.measure(merged)

@@ -151,7 +151,9 @@ def check(
     """Compare a candidate with the unmerged QLoRA model and apply the thresholds (options: see Options;
     they may also be given as keywords)."""
     opts = options.with_values(option_values, thresholds, merge_base)
-    source = open_checkpoint(Path(adapter), Path(base) if base else None, quant, merge_base)
+    source = open_checkpoint(
+        Path(adapter), Path(base) if base else None, quant, merge_base, allow_other_base=opts.allow_other_base
+    )
     kind, device = candidate_kind(Path(candidate)), resolve_device(opts.device)
     session = Session(source, opts, device, progress)
     cand = session.candidate(Path(candidate), kind)
@@ -159,8 +161,11 @@ def check(
     against = session.against_base(cand) if opts.against_base else None
     task = session.task(cand) if opts.generate else None
     naive = session.naive(quant) if opts.naive else None
+    probe = session.probe() if opts.probe_quant else None
     session.close()
     failures = gate(metrics, thresholds, task["agreement"] if task else None)
+    if probe is not None and probe["verdict"] == "differs":
+        (failures if opts.probe_quant == "fail" else source.warnings).append(probe["message"])
     extra = {
         "llama_cpp": stats,
         "against_base": against,
@@ -168,6 +173,7 @@ def check(
         "data": str(opts.data) if opts.data else None,
         "warnings": source.warnings or None,
         "quantization": source.quantization.to_json() if source.quantization else None,
+        "quantization_probe": probe,
     }
     return CheckReport(
         not failures,
@@ -282,6 +288,19 @@ class Session:
                 part.targets[part.scored],
             )
         return d.metrics()
+
+    def probe(self) -> dict:
+        """Which 4-bit settings the adapter fits the data best under (probe.py); a 4-bit checkpoint base
+        holds the quant states training read, so there is nothing to probe."""
+        if self.source.base.is_4bit:
+            return {
+                "verdict": "known",
+                "message": "quantization probe: the base is a 4-bit checkpoint; training read its quant states.",
+            }
+        from .probe import probe_quantization
+
+        result = probe_quantization(self.source, self.main, self.progress)
+        return {**result.to_json(), "message": result.message}
 
     def close(self) -> None:
         for spill in (self.ref, self.base):

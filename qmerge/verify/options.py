@@ -11,6 +11,7 @@ from ..pipeline.source import MERGE_BASES
 from .metrics import Thresholds
 
 DEVICES = ("auto", "cpu", "cuda")
+PROBE_MODES = ("warn", "fail")  # the probe's verdict "differs": a warning, or a failed check (exit 3)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class Options:
     device: str = "auto"
     fp32_reference: bool = False
     lora: Path | None = None  # a llama.cpp LoRA GGUF on a GGUF candidate
+    allow_other_base: bool = False  # check against a base that is another model than the adapter names
+    probe_quant: str | None = None  # "warn" or "fail": run the quantization probe on data (probe.py)
 
     def __post_init__(self):
         """The CLI's ranges and rules, for callers of the Python API (messages name the keywords)."""
@@ -44,6 +47,12 @@ class Options:
             raise OptionError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
         if self.generate and self.data is None:
             raise OptionError("generate needs data (the prompts come from it).")
+        if self.probe_quant not in (None, *PROBE_MODES):
+            raise OptionError(
+                f"probe_quant must be one of {', '.join(PROBE_MODES)}, got {self.probe_quant!r}."
+            )
+        if self.probe_quant and self.data is None:
+            raise OptionError("probe_quant needs data (the adapter's loss is measured on its records).")
 
     def with_values(self, values: dict, thresholds: Thresholds, merge_base: str) -> Options:
         """These options with `values` (keywords of check()) put in, refused when one is not an option or
