@@ -1,41 +1,90 @@
 """The public verbs: merge, export, check, describe. Each opens its inputs, runs one pipeline, and returns
-a frozen report; nothing here prints or exits (CONTRACT.md describes the command line around them)."""
+a frozen report; nothing here prints or exits (the command line is built around them, docs/cli.md).
+
+Importing this module (and `qmerge`) costs no torch: the pipelines are imported when a verb runs. Errors
+are QmergeError subclasses (OptionError for an argument out of range, InputError, MismatchError,
+UnsupportedError, OutputError), with messages that name keywords, not command-line options, where an
+argument is at fault.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import dtypes
 from .errors import UnsupportedError
-from .formats.gguf import CALIBRATED_TYPES, OWN_CALIBRATED_TYPES, TensorTypes, takes_tensor_types, write_gguf
-from .formats.nf4 import NF4, NF4Options
-from .formats.plain import Plain
-from .formats.write import DEFAULT_MAX_SHARD, write_model_dir
-from .pipeline.base import QuantSettings
-from .pipeline.source import Source, open_checkpoint, open_source
-from .pipeline.stream import Progress
-from .reports import WriteReport
+from .formats.options import (
+    DEFAULT_MAX_SHARD,
+    EXPORT_FORMATS,
+    FORMATS,
+    NF4Options,
+    TensorTypes,
+    calibrates,
+    option_conflict,
+)
 
-FORMATS = (*dtypes.OPTION_NAMES, "nf4", "gguf", "gguf-lora")
+if TYPE_CHECKING:
+    from .pipeline.base import QuantSettings
+    from .pipeline.source import Source
+    from .reports import CheckReport, Description, WriteReport
+    from .verify.metrics import Thresholds
+
+# progress(phase, done, total): called as work advances (the CLI draws it as a bar or as log lines)
+Progress = Callable[[str, int, int], None]
+
+__all__ = [
+    "merge",
+    "export",
+    "check",
+    "describe",
+    "calibrates",
+    "option_conflict",
+    "EXPORT_FORMATS",
+    "FORMATS",
+    "NF4Options",
+    "TensorTypes",
+]
 
 
 def merge(
-    adapter: Path,
-    out: Path,
-    base: Path | None = None,
+    adapter: str | Path,
+    out: str | Path,
+    base: str | Path | None = None,
+    *,
     dtype: str = "bf16",
     merge_base: str = "dequantized",
     quant: QuantSettings | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD,
     force: bool = False,
     allow_pickle: bool = False,
-    progress: Progress | None = None,
     allow_other_base: bool = False,
+    progress: Progress | None = None,
 ) -> WriteReport:
     """Merge a QLoRA adapter into the weights its training saw and write a Hugging Face model directory.
-    A base that is another model than the one the adapter names (when that one is here) is refused unless
-    allow_other_base."""
+
+    adapter: a PEFT LoRA adapter directory (or a trainer's checkpoint-N folder holding one).
+    out: the output directory; written beside it and renamed into place when complete.
+    base: the base model, a directory or a Hub id in the local Hugging Face cache (default: the one the
+        adapter names).
+    dtype: "bf16", "fp16" or "fp32", the output's dtype (the merge itself is fp32).
+    merge_base: "dequantized" (the 4-bit weights training saw) or "original" (the 16-bit base).
+    quant: how training quantized a 16-bit base (default: established from the training record, the 4-bit
+        checkpoint or the adapter's named base, else assumed with a warning).
+    max_shard_size: bytes (or "5GB") per safetensors shard.
+    force: replace an existing `out` that qmerge wrote (never anything else).
+    allow_pickle: read .bin/.pt weights (with torch.load(weights_only=True)).
+    allow_other_base: go ahead when `base` is another model than the one the adapter names.
+    progress: called as (phase, done, total) while tensors are written.
+
+    Returns a WriteReport (files with sha256, tensors merged, seconds, quantization, warnings).
+    """
+    from . import dtypes
+    from .formats.plain import Plain
+    from .formats.write import write_model_dir
+    from .pipeline.source import open_checkpoint
+
     fmt = Plain(dtypes.option_dtype(dtype))  # a bad dtype is refused before anything is opened
     source = open_checkpoint(
         Path(adapter), Path(base) if base else None, quant, merge_base, allow_pickle, True, allow_other_base
@@ -43,57 +92,12 @@ def merge(
     return finished(write_model_dir(source, fmt, Path(out), max_shard_size, force, progress), source)
 
 
-CALIBRATES = (
-    "--calibrate applies to --to nf4, and to --to gguf / gguf-lora with --gguf-type "
-    f"{', '.join(CALIBRATED_TYPES)}."
-)
-
-
-IMATRIX = "--imatrix writes the importance matrix of a calibrated GGUF export: use it with --to gguf and --calibrate."
-
-
-TENSOR_TYPES = (
-    "--gguf-embedding-type / --gguf-output-type apply where llama.cpp's quantizer writes the file: --to gguf or "
-    f"gguf-lora with a --gguf-type llama.cpp quantizes (not f32, f16, bf16, q8_0; nor {', '.join(OWN_CALIBRATED_TYPES)} "
-    "with --calibrate, which qmerge writes itself)."
-)
-
-
-KEEP_DELTA = "--keep-delta applies to a calibrated GGUF of an adapter: --to gguf --calibrate DATA."
-
-
-def calibrates(to: str, gguf_type: str) -> bool:
-    """Whether an export to `to` (with `gguf_type`) can choose its codes on calibration data."""
-    return to == "nf4" or (to in ("gguf", "gguf-lora") and gguf_type.lower() in CALIBRATED_TYPES)
-
-
-def option_conflict(
-    to: str,
-    gguf_type: str,
-    calibrate,
-    imatrix=None,
-    tensor_types: TensorTypes = TensorTypes(),
-    keep_delta: float | None = None,
-) -> str | None:
-    """What is wrong with this combination of export options (the CLI's usage error, the API's
-    UnsupportedError), or None."""
-    gguf_calibrated = to == "gguf" and calibrate is not None
-    if calibrate is not None and not calibrates(to, gguf_type):
-        return CALIBRATES
-    if tensor_types and not takes_tensor_types(to, gguf_type, calibrate is not None):
-        return TENSOR_TYPES
-    if keep_delta is not None and not gguf_calibrated:
-        return KEEP_DELTA
-    if imatrix is not None and not gguf_calibrated:
-        return IMATRIX
-    return None
-
-
 def export(
-    source: Path,
+    source: str | Path,
     to: str,
-    out: Path,
-    base: Path | None = None,
+    out: str | Path,
+    base: str | Path | None = None,
+    *,
     gguf_type: str = "f16",
     merge_base: str = "dequantized",
     quant: QuantSettings | None = None,
@@ -101,29 +105,43 @@ def export(
     max_shard_size: int | str = DEFAULT_MAX_SHARD,
     force: bool = False,
     allow_pickle: bool = False,
+    allow_other_base: bool = False,
     progress: Progress | None = None,
-    calibrate: Path | None = None,
+    calibrate: str | Path | None = None,
     calibration_tokens: int = 8192,
-    imatrix: Path | None = None,
+    imatrix: str | Path | None = None,
     tensor_types: TensorTypes = TensorTypes(),
     keep_delta: float | None = None,
-    allow_other_base: bool = False,
 ) -> WriteReport:
-    """Export SOURCE (a QLoRA checkpoint, merged on the fly, or a model directory) to one format. With
-    `calibrate` (JSONL or text), an NF4 export, a GGUF of a type llama.cpp quantizes or a gguf-lora export's
-    base chooses the codes of the layers 4-bit in training on that data (error feedback, or llama.cpp's
-    importance matrix); a calibrated GGUF export can also write that importance matrix at `imatrix`."""
-    if to not in FORMATS:
-        raise UnsupportedError(f"unknown export format {to!r}: choose one of {', '.join(FORMATS)}.")
+    """Export `source` (a QLoRA adapter, merged on the fly, or a model directory) to one format.
+
+    to: one of EXPORT_FORMATS: "bf16", "fp16", "fp32" (a model directory), "nf4" (a bitsandbytes 4-bit
+        directory), "gguf" (a file llama.cpp loads), "gguf-lora" (a directory: the adapter as a llama.cpp
+        LoRA GGUF, its base as a GGUF, an Ollama Modelfile). FORMATS says which keywords each one takes.
+    gguf_type: the GGUF's type ("f32", "f16", "bf16", "q8_0", a K-quant such as "q4_k_m", "q4_0",
+        "iq4_nl", "iq4_xs").
+    nf4: the NF4 export's blocksize, double quant and compute dtype.
+    calibrate: JSONL or text on which an NF4 export, a GGUF of a type llama.cpp quantizes, or a gguf-lora
+        export's base chooses the codes of the layers 4-bit in training (calibration_tokens of it).
+    imatrix: with a calibrated GGUF, also write the calibration's importance matrix here.
+    tensor_types: the token embedding's and output layer's GGML types where llama.cpp's quantizer writes.
+    keep_delta: with a calibrated GGUF of an adapter, layers keeping less than this share of their LoRA
+        delta go to Q8_0.
+    The other keywords are merge()'s. A combination a format does not take is an UnsupportedError.
+    """
+    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta)
+    if conflict:
+        raise UnsupportedError(conflict)
     if to in ("gguf", "gguf-lora"):
         from .formats.gguf import check_type
 
         check_type(gguf_type)
-    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta)
-    if conflict:
-        raise UnsupportedError(conflict)
     if imatrix is not None and Path(imatrix).resolve() == Path(out).resolve():
-        raise UnsupportedError(f"{imatrix}: --imatrix names the output file itself; give it its own path.")
+        raise UnsupportedError(
+            f"{imatrix}: the importance matrix would be the output file itself; give it its own path."
+        )
+    from .pipeline.source import open_source
+
     # the config check runs in the background unless calibration builds the model with transformers anyway
     background = calibrate is None
     src = open_source(
@@ -137,7 +155,8 @@ def export(
     )
     if keep_delta is not None and src.adapter is None:
         raise UnsupportedError(
-            f"{source}: {KEEP_DELTA} This is a model directory: there is no delta to keep."
+            f"{source}: keep_delta keeps a share of an adapter's delta; this is a model directory, with no "
+            "delta to keep."
         )
     report = _write(
         src,
@@ -155,6 +174,84 @@ def export(
         keep_delta,
     )
     return finished(report, src)
+
+
+def check(
+    adapter: str | Path,
+    candidate: str | Path,
+    base: str | Path | None = None,
+    *,
+    max_kl: float | None = 0.01,
+    min_top1: float | None = 0.95,
+    max_abs_diff: float | None = None,
+    min_task_agreement: float | None = None,
+    thresholds: Thresholds | None = None,
+    quant: QuantSettings | None = None,
+    merge_base: str = "dequantized",
+    text: str | None = None,
+    data: str | Path | None = None,
+    generate: int = 0,
+    max_new_tokens: int = 64,
+    seq_len: int = 128,
+    max_seqs: int = 8,
+    against_base: bool = False,
+    naive: bool = False,
+    device: str = "auto",
+    fp32_reference: bool = False,
+    lora: str | Path | None = None,
+    probe_quant: str | None = None,
+    allow_other_base: bool = False,
+    progress: Progress | None = None,
+) -> CheckReport:
+    """Compare `candidate` (a merged directory, an NF4 export or a GGUF file) with the unmerged QLoRA model
+    (base + adapter as transformers and PEFT run it) on the same tokens, and apply the thresholds.
+
+    max_kl, min_top1, max_abs_diff, min_task_agreement: the gate (None switches one off); or thresholds=
+        a verify.metrics.Thresholds, which then replaces them.
+    text: text to evaluate on (default: a built-in paragraph), seq_len tokens a sequence, max_seqs of them.
+    data: JSONL as `qmerge train` reads it: drift on its response tokens, over its first max_seqs records.
+    generate: also compare greedy completions of this many of data's prompts (max_new_tokens each).
+    against_base: also measure how far the candidate moved from the base model.
+    naive: also measure PEFT's merge_and_unload on the 4-bit model.
+    device: "auto", "cpu" (streamed, fp32) or "cuda"; fp32_reference runs CUDA's reference in fp32.
+    lora: a llama.cpp LoRA GGUF applied to a GGUF candidate.
+    probe_quant: "warn" or "fail": measure the adapter's loss on data under NF4/FP4 x double quant x load
+        dtype, and warn (or fail) when the other 4-bit type fits clearly better than the one in use.
+    base, quant, merge_base, allow_other_base: as for merge().
+
+    Returns a CheckReport (`passed`, `metrics`, `failures`, ...); a failed gate is a report, not an error.
+    """
+    from .verify.check import check as run
+    from .verify.metrics import Thresholds
+    from .verify.options import Options
+
+    if thresholds is None:
+        thresholds = Thresholds(max_kl, min_top1, max_abs_diff, min_task_agreement)
+    options = Options(
+        text=text,
+        seq_len=seq_len,
+        max_seqs=max_seqs,
+        data=Path(data) if data is not None else None,
+        generate=generate,
+        max_new_tokens=max_new_tokens,
+        against_base=against_base,
+        naive=naive,
+        device=device,
+        fp32_reference=fp32_reference,
+        lora=Path(lora) if lora is not None else None,
+        allow_other_base=allow_other_base,
+        probe_quant=probe_quant,
+    )
+    return run(adapter, candidate, base, thresholds, quant, merge_base, progress, options)
+
+
+def describe(path: str | Path, base: str | Path | None = None, *, allow_pickle: bool = False) -> Description:
+    """Describe a base, an adapter (with its base), a merged model or a GGUF file without loading a model:
+    architecture, parameter count, quantization, the adapter's settings and modules, problems found. The
+    record `qmerge inspect --json` prints is its to_json()."""
+    from .describe import describe as run
+
+    return run(Path(path), Path(base) if base is not None else None, allow_pickle)
 
 
 def finished(report: WriteReport, source: Source) -> WriteReport:
@@ -197,11 +294,13 @@ def _write(
             keep_delta,
         )
     if to == "gguf":
+        from .formats.gguf import write_gguf
+
         return write_gguf(src, Path(out), gguf_type, force, progress, tensor_types)
     if to == "gguf-lora":
         if src.adapter is None:
             raise UnsupportedError(
-                f"{src.base.path}: --to gguf-lora exports an adapter; this is a model directory."
+                f"{src.base.path}: the gguf-lora format exports an adapter; this is a model directory."
             )
         from .formats.gguf_lora import write_gguf_lora
 
@@ -214,19 +313,10 @@ def _write(
         return write_calibrated_nf4(
             src, Path(out), Path(calibrate), nf4, calibration_tokens, max_shard_size, force, progress
         )
+    from . import dtypes
+    from .formats.nf4 import NF4
+    from .formats.plain import Plain
+    from .formats.write import write_model_dir
+
     fmt = NF4(nf4) if to == "nf4" else Plain(dtypes.option_dtype(to), {"export": to})
     return write_model_dir(src, fmt, Path(out), max_shard_size, force, progress)
-
-
-def check(*args, **kwargs):
-    """Compare a candidate with the unmerged QLoRA model (see verify.check.check)."""
-    from .verify.check import check as run
-
-    return run(*args, **kwargs)
-
-
-def describe(*args, **kwargs):
-    """Describe a base, adapter, merged model or GGUF file (see describe.describe)."""
-    from .describe import describe as run
-
-    return run(*args, **kwargs)

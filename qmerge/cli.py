@@ -19,9 +19,11 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from . import __version__, dtypes
+from . import __version__
 from .errors import QmergeError
-from .formats.gguf import TENSOR_TYPES as TENSOR_TYPE_NAMES
+from .formats.options import EXPORT_FORMATS
+from .names import DTYPES, MERGE_BASES
+from .names import GGUF_TENSOR_TYPES as TENSOR_TYPE_NAMES
 
 # bitsandbytes (imported by transformers in check/train) logs a warning about an optional CPU
 # inference kernel qmerge never uses.
@@ -31,7 +33,6 @@ out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DRIFT, EXIT_INTERRUPTED = 1, 2, 3, 130
-MERGE_BASES = ("dequantized", "original")  # pipeline.source.MERGE_BASES, without importing torch for --help
 
 
 # ---- shared plumbing ----------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ quant_options = _options(
     ),
     click.option(
         "--quant-dtype",
-        type=click.Choice(dtypes.OPTION_NAMES),
+        type=click.Choice(DTYPES),
         default=None,
         help="dtype the 16-bit base was loaded in for training (default: as stored).",
     ),
@@ -279,13 +280,14 @@ output_options = _options(
 def _quant(quant_type, blocksize, double_quant, quant_dtype):
     if quant_type is None and blocksize is None and double_quant is None and quant_dtype is None:
         return None  # let qmerge read the training record or use QLoRA defaults
+    from .dtypes import option_dtype
     from .pipeline.base import QuantSettings
 
     return QuantSettings(
         quant_type=quant_type or "nf4",
         blocksize=int(blocksize or 64),
         double_quant=True if double_quant is None else double_quant,
-        dtype=dtypes.option_dtype(quant_dtype) if quant_dtype else None,
+        dtype=option_dtype(quant_dtype) if quant_dtype else None,
     )
 
 
@@ -310,7 +312,7 @@ def _read_text(path: Path) -> str:
 
 
 @click.group(cls=QmergeGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="qmerge")
+@click.version_option(__version__, "-V", "--version", prog_name="qmerge")
 def cli():
     """Take a QLoRA fine-tune from training to deployment without losing what it learned, and prove it."""
 
@@ -344,7 +346,7 @@ def inspect(path, base, as_json, allow_pickle, per_module):
 @click.argument("adapter", type=click.Path(path_type=Path))
 @base_option
 @output_options
-@click.option("--dtype", type=click.Choice(dtypes.OPTION_NAMES), default="bf16", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="bf16", show_default=True)
 @merge_base_option
 @json_option
 @pickle_option
@@ -362,14 +364,14 @@ def merge(
             adapter,
             output,
             base,
-            dtype,
-            merge_base,
-            _quant(**quant),
-            shard,
-            force,
-            allow_pickle,
-            cb,
-            allow_other_base,
+            dtype=dtype,
+            merge_base=merge_base,
+            quant=_quant(**quant),
+            max_shard_size=shard,
+            force=force,
+            allow_pickle=allow_pickle,
+            allow_other_base=allow_other_base,
+            progress=cb,
         )
     _warn(report.warnings)
     if as_json:
@@ -447,7 +449,7 @@ def merge(
     type=click.Choice(["warn", "fail"]),
     default=None,
     help="Also measure the adapter's loss on --data under NF4/FP4 x double quant x load dtype, and warn (or "
-    "fail) when another setting fits clearly better than the one used.",
+    "fail, exit 3) when the other 4-bit type fits clearly better than the one used.",
 )
 @click.option(
     "--naive", is_flag=True, help="Also measure PEFT's merge_and_unload on the 4-bit model (loads it whole)."
@@ -502,9 +504,7 @@ def check(
     **kw,
 ):
     """Compare a candidate with the unmerged QLoRA model; exit 3 when drift is too large."""
-    from .verify.metrics import Thresholds
-
-    quant = _quant(*(kw.pop(k) for k in ("quant_type", "blocksize", "double_quant", "quant_dtype")))
+    quant_args = [kw.pop(k) for k in ("quant_type", "blocksize", "double_quant", "quant_dtype")]
     merge_base, compare_bases, generate = (
         kw.pop("merge_base"),
         kw.pop("compare_merge_bases"),
@@ -522,6 +522,9 @@ def check(
         raise click.UsageError("--min-task-agreement needs --generate N.")
     if report_file is not None and report_file.suffix not in (".html", ".md"):
         raise click.UsageError("--report takes a FILE.html or FILE.md.")
+    from .verify.metrics import Thresholds  # torch: after the usage errors, which answer at once
+
+    quant = _quant(*quant_args)
     if report_file is not None:  # refused now, not after the check
         from .reportfile import check_report_path, report_inputs
 
@@ -574,7 +577,7 @@ def _show_check(report, as_json: bool) -> None:
     "--to",
     "to",
     required=True,
-    type=click.Choice([*dtypes.OPTION_NAMES, "nf4", "gguf", "gguf-lora"]),
+    type=click.Choice(EXPORT_FORMATS),
     help="gguf-lora: OUT/ holds adapter.gguf, base-TYPE.gguf (--gguf-type) and an Ollama Modelfile.",
 )
 @click.option(
@@ -630,9 +633,7 @@ def _show_check(report, as_json: bool) -> None:
     help="With --to gguf --calibrate: also write the calibration's importance matrix here (llama.cpp's "
     "imatrix GGUF, for llama-quantize --imatrix).",
 )
-@click.option(
-    "--nf4-compute-dtype", type=click.Choice(dtypes.OPTION_NAMES), default="bf16", show_default=True
-)
+@click.option("--nf4-compute-dtype", type=click.Choice(DTYPES), default="bf16", show_default=True)
 @json_option
 @pickle_option
 @quant_options
@@ -661,24 +662,23 @@ def export(
     **quant,
 ):
     """Export a QLoRA checkpoint or merged directory to bf16/fp16/fp32, NF4, GGUF or a LoRA GGUF."""
-    from .api import export as do_export
-    from .api import option_conflict
-    from .formats.gguf import TensorTypes
-    from .formats.nf4 import NF4Options
-    from .render import files_table
+    from .formats.options import CLI_NAMES, NF4Options, TensorTypes, option_conflict
 
     tensor_types = TensorTypes(
         gguf_embedding_type and gguf_embedding_type.lower(), gguf_output_type and gguf_output_type.lower()
     )
-    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta)
+    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, CLI_NAMES)
     if conflict:
         raise click.UsageError(conflict)
+    from .api import export as do_export
+    from .render import files_table
+
     with progress_bar(f"exporting {to}", not as_json) as cb:
         report = do_export(
             source,
             to,
             output,
-            base=base,
+            base,
             gguf_type=gguf_type,
             merge_base=merge_base,
             quant=_quant(**quant),
@@ -752,9 +752,7 @@ def export(
 @click.option("--eval-steps", type=int, help="Default: --save-steps.")
 @click.option("--logging-steps", type=int, help="Default 10.")
 @click.option("--seed", type=int, help="Default 42.")
-@click.option(
-    "--compute-dtype", type=click.Choice(dtypes.OPTION_NAMES), help="Default bf16 on CUDA, fp32 on CPU."
-)
+@click.option("--compute-dtype", type=click.Choice(DTYPES), help="Default bf16 on CUDA, fp32 on CPU.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Default on.")
 @click.option(
     "--quant-storage",

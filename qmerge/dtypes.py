@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 
 from .errors import OptionError, OutputError
+from .names import DTYPES
 
 # --dtype / --quant-dtype / --nf4-compute-dtype / --compute-dtype choices
-OPTIONS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPTION_NAMES = tuple(OPTIONS)
+OPTION_NAMES = DTYPES
+OPTIONS: dict[str, torch.dtype] = dict(
+    zip(DTYPES, (torch.bfloat16, torch.float16, torch.float32), strict=True)
+)
 # config.json ("dtype", "torch_dtype", "bnb_4bit_compute_dtype") and bitsandbytes quant-state JSON names
 CONFIG_NAMES: dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16",

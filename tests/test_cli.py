@@ -141,3 +141,79 @@ def test_docs_cli_lists_every_option():
             for opt in param.opts:
                 if opt.startswith("--"):
                     assert opt in doc, f"{name} {opt} missing from docs/cli.md"
+
+
+TORCH_FREE = [
+    ["--help"],
+    ["-V"],
+    ["--version"],
+    ["merge", "--help"],
+    ["export", "--help"],
+    ["check", "--help"],
+    ["merge", "ADAPTER"],  # no -o: click's usage error
+    ["export", "SRC", "--to", "onnx", "-o", "x"],  # not a format
+    ["check", "ADAPTER", "--candidate", "C", "--generate", "3"],  # --generate without --data
+    ["check", "ADAPTER", "--candidate", "C", "--probe-quant", "warn", "--quant-type", "fp4"],
+]
+
+
+@pytest.mark.parametrize("args", TORCH_FREE, ids=" ".join)
+def test_help_version_and_usage_errors_do_not_import_torch(args):
+    """They answer at once: torch (seconds to import) is not loaded on the way (benchmarks/cli_bench.py)."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['qmerge', *{args!r}]\n"
+        "try:\n    runpy.run_module('qmerge', run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code, file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("NO-TORCH"), r.stderr
+    assert last.split()[1] in ("0", "2", "None"), r.stderr
+
+
+def test_version_flag():
+    r = CliRunner().invoke(cli, ["-V"])
+    assert r.exit_code == 0 and r.output.startswith("qmerge, version ")
+
+
+def test_the_choices_are_the_libraries():
+    """The torch-free names the CLI offers are the ones the library acts on."""
+    import gguf
+
+    from qmerge import dtypes, names
+    from qmerge.api import EXPORT_FORMATS
+    from qmerge.pipeline import source
+
+    assert (
+        tuple(dtypes.OPTIONS) == names.DTYPES
+        and (*names.DTYPES, "nf4", "gguf", "gguf-lora") == EXPORT_FORMATS
+    )
+    assert source.MERGE_BASES == names.MERGE_BASES
+    for name in names.GGUF_TENSOR_TYPES:  # each one a GGML type gguf-py knows
+        assert name.upper() in gguf.GGMLQuantizationType.__members__
+
+
+def test_the_python_api_is_typed_and_documented(tmp_path, fixtures, base16):
+    """help(qmerge) shows the verbs with their keywords; thresholds are keywords of check; an unknown keyword
+    is Python's TypeError; an export's option conflict names keywords, not command-line options."""
+    import pydoc
+
+    import qmerge
+    from qmerge.errors import UnsupportedError
+
+    text = pydoc.render_doc(qmerge, renderer=pydoc.plaintext)
+    for verb in ("merge(", "export(", "check(", "describe("):
+        assert verb in text, text[:2000]
+    assert "max_kl" in text and "allow_other_base" in text
+    merged = tmp_path / "m"
+    qmerge.merge(fixtures / "adapter-qlora", merged, base16, dtype="fp32")
+    report = qmerge.check(fixtures / "adapter-qlora", merged, base16, max_kl=1e-6, min_top1=1.0, max_seqs=1)
+    assert report.passed and report.thresholds.max_kl == 1e-6
+    assert not qmerge.check(fixtures / "adapter-qlora", base16, base16, max_kl=0.0, max_seqs=1).passed
+    with pytest.raises(TypeError):
+        qmerge.check(fixtures / "adapter-qlora", merged, bogus=1)
+    with pytest.raises(UnsupportedError, match=r"^imatrix writes .* use it with to gguf and calibrate\.$"):
+        qmerge.export(fixtures / "adapter-qlora", "fp16", tmp_path / "x", imatrix=tmp_path / "i.gguf")
+    assert qmerge.describe(fixtures / "adapter-qlora").to_json()["adapter"]["r"] > 0

@@ -481,7 +481,6 @@ def test_json_errors_are_json_on_stdout(clean, tmp_path):
         ({"device": "tpu"}, "device must be one of"),
         ({"generate": 4}, "generate needs data"),
         ({"merge_base": "nf4"}, "merge_base must be one of"),
-        ({"bogus": 1}, "takes no option bogus"),
     ],
 )
 def test_the_api_validates_what_the_cli_validates(clean, kw, pattern):

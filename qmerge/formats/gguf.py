@@ -3,7 +3,6 @@ types (K-quants, legacy quants, IQ4) by llama.cpp's own quantizer from an interm
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,9 +26,11 @@ from ..io.gguf.writer import (
     supported_types,
     torch_dtype_for,
 )
+from ..names import GGUF_OWN_CALIBRATED_TYPES, GGUF_TENSOR_TYPES
 from ..pipeline.source import Source
 from ..pipeline.stream import MergedTensor, Progress
 from ..reports import WriteReport
+from .options import TensorTypes
 from .write import Layout, stream_into
 
 # llama.cpp quantizes from a GGUF file: qmerge writes an f32 one first (bf16 beyond this many
@@ -38,33 +39,9 @@ _F32_INTERMEDIATE_MAX = 3e9
 # types --calibrate applies to (formats/gguf_calibrated.py): every type llama.cpp quantizes; of those, qmerge
 # writes these files itself (the others are llama.cpp's files with the 4-bit layers' blocks chosen again)
 CALIBRATED_TYPES = LLAMA_CPP_TYPES
-OWN_CALIBRATED_TYPES = ("iq4_xs", "iq4_nl", "q4_0")
-# GGML types llama.cpp's quantizer can give the token embedding or the output layer (llama-quantize's
-# --token-embedding-type / --output-tensor-type)
-TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
-TENSOR_TYPES += ("q5_1", "q5_0", "q4_1", "q4_0", "iq4_xs", "iq4_nl")
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorTypes:
-    """Types llama.cpp's quantizer gives the token embedding and the output layer instead of its own rule's
-    (None: its rule's)."""
-
-    token_embedding: str | None = None
-    output: str | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self.token_embedding or self.output)
-
-
-def takes_tensor_types(to: str, gguf_type: str, calibrated: bool) -> bool:
-    """Whether llama.cpp's quantizer writes the GGUF of this export (so TensorTypes apply)."""
-    t = gguf_type.lower()
-    return (
-        to in ("gguf", "gguf-lora")
-        and t in LLAMA_CPP_TYPES
-        and not (calibrated and t in OWN_CALIBRATED_TYPES)
-    )
+OWN_CALIBRATED_TYPES = GGUF_OWN_CALIBRATED_TYPES
+# GGML types llama.cpp's quantizer can give the token embedding or the output layer
+TENSOR_TYPES = GGUF_TENSOR_TYPES
 
 
 def check_type(gguf_type: str) -> str:

@@ -14,17 +14,8 @@ from ..io.safetensors import DTYPE_NAMES, PlannedTensor
 from ..pipeline.source import Source
 from ..pipeline.stream import MergedTensor
 from ..quant.blockwise import dequantize_4bit, quantize_4bit
+from .options import NF4Options
 from .write import Layout
-
-
-@dataclass(frozen=True)
-class NF4Options:
-    """How to requantize: blocksize, double quant, and the dtype the layers compute (and store scales) in."""
-
-    blocksize: int = 64
-    double_quant: bool = True
-    compute_dtype: str = "bf16"
-    quant_type: str = "nf4"
 
 
 @dataclass

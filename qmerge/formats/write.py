@@ -23,8 +23,7 @@ from ..pipeline.source import Source
 from ..pipeline.steps import plan_steps
 from ..pipeline.stream import MergedTensor, Progress, merged_tensors
 from ..reports import WriteReport
-
-DEFAULT_MAX_SHARD = 5 * 1000**3
+from .options import DEFAULT_MAX_SHARD
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,9 @@ from ..io.atomic import Inputs
 from ..io.hf_dir import ModelDir
 from ..io.hub import cached_snapshot, parse_hub_id
 from ..lora.scaling import LoraSettings
+from ..names import MERGE_BASES
 from .base import QuantSettings, TrainingWeights
 from .quantization import Quantization, establish_quantization
-
-MERGE_BASES = ("dequantized", "original")
 
 
 @dataclass(frozen=True)

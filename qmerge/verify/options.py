@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OptionError
-from ..pipeline.source import MERGE_BASES
+from ..names import MERGE_BASES
 from .metrics import Thresholds
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -16,31 +16,15 @@ import torch
 from ... import __version__
 from ...dtypes import cast_finite
 from ...errors import UnsupportedError
+from ...names import GGUF_DIRECT_TYPES, GGUF_LLAMA_CPP_TYPES
 from ..stream import StreamingFileWriter, tensor_bytes
 from .arch import Architecture, HParams
 from .rope import add_rope_metadata, rope_tensors
 from .vocab import add_tokenizer
 
 QMERGE_KEY = "qmerge.version"
-DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by qmerge itself
-# quantized by llama.cpp's own quantizer from an intermediate GGUF
-LLAMA_CPP_TYPES = (
-    "q2_k",
-    "q3_k_s",
-    "q3_k_m",
-    "q3_k_l",
-    "q4_k_s",
-    "q4_k_m",
-    "q5_k_s",
-    "q5_k_m",
-    "q6_k",
-    "q4_0",
-    "q4_1",
-    "q5_0",
-    "q5_1",
-    "iq4_nl",
-    "iq4_xs",
-)
+DIRECT_TYPES = GGUF_DIRECT_TYPES  # written by qmerge itself
+LLAMA_CPP_TYPES = GGUF_LLAMA_CPP_TYPES  # quantized by llama.cpp's own quantizer from an intermediate GGUF
 
 
 def supported_types() -> str:
