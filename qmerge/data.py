@@ -55,6 +55,10 @@ def _spans_tokenize(tokenizer, text: str, spans: list[tuple[int, int]], max_len:
     return {"input_ids": enc["input_ids"], "labels": labels}
 
 
+class NoResponse(InputError):
+    """A chat record without an assistant message: nothing to train or score on (a prompt to complete)."""
+
+
 def encode_record(row: dict, tokenizer, max_len: int, where: str) -> dict:
     """One training example: input_ids and labels (loss on responses only for chat and instruction data)."""
     eos = tokenizer.eos_token or ""
@@ -75,7 +79,7 @@ def encode_record(row: dict, tokenizer, max_len: int, where: str) -> dict:
                 start = len(render(msgs[:i], gen=True))
                 spans.append((start, len(render(msgs[: i + 1]))))
         if not spans:
-            raise InputError(f"{where}: a chat record needs at least one assistant message to learn from.")
+            raise NoResponse(f"{where}: a chat record needs at least one assistant message to train on.")
         return _spans_tokenize(
             tokenizer, text + eos, [*spans[:-1], (spans[-1][0], len(text) + len(eos))], max_len
         )
@@ -101,18 +105,23 @@ def encode_record(row: dict, tokenizer, max_len: int, where: str) -> dict:
 
 
 def prompt_and_answer(row: dict, tokenizer) -> tuple[str, str | None]:
-    """The prompt a model is asked with (chat records rendered with the tokenizer's chat template, up to
-    the last assistant turn, with the generation prompt) and the answer the record holds (None for text)."""
+    """The prompt a model is asked with and the answer the record holds (None for text, and for a chat that
+    ends in a user turn). A chat record is rendered with the tokenizer's chat template and the generation
+    prompt: up to its last message when that is the assistant's (the answer), else whole (held-out prompts
+    need no answer)."""
     if "messages" in row:
         msgs = row["messages"]
-        last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
-        if last is None:
-            raise InputError("a chat record needs an assistant message to compare completions on.")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            raise InputError("'messages' must be a non-empty list of {role, content} objects.")
+        answered = msgs[-1].get("role") == "assistant"
         template = tokenizer.chat_template or FALLBACK_TEMPLATE
         prompt = tokenizer.apply_chat_template(
-            msgs[:last], tokenize=False, add_generation_prompt=True, chat_template=template
+            msgs[:-1] if answered else msgs,
+            tokenize=False,
+            add_generation_prompt=True,
+            chat_template=template,
         )
-        return prompt, str(msgs[last]["content"])
+        return prompt, str(msgs[-1]["content"]) if answered else None
     response = row.get("output", row.get("response", row.get("completion")))
     instruction = row.get("instruction", row.get("prompt"))
     if instruction is not None and response is not None:

@@ -217,3 +217,29 @@ def test_the_python_api_is_typed_and_documented(tmp_path, fixtures, base16):
     with pytest.raises(UnsupportedError, match=r"^imatrix writes .* use it with to gguf and calibrate\.$"):
         qmerge.export(fixtures / "adapter-qlora", "fp16", tmp_path / "x", imatrix=tmp_path / "i.gguf")
     assert qmerge.describe(fixtures / "adapter-qlora").to_json()["adapter"]["r"] > 0
+
+
+def test_held_out_prompts_without_answers_serve_generate(tmp_path, fixtures, base16):
+    """Chat records that end in a user turn are prompts: --generate completes them (with the whole
+    conversation as the prompt); the drift, with nothing to score in them, is measured on text."""
+    from tests.test_hostile import run
+
+    merged = tmp_path / "m"
+    assert run(["merge", fixtures / "adapter-qlora", "-o", merged]).exit_code == 0
+    user, assistant = {"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}
+    rows = [{"messages": [user]}, {"messages": [{"role": "system", "content": "be brief"}, user]}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["check", fixtures / "adapter-qlora", "--candidate", merged, "--data", data]
+    r = run([*args, "--generate", "2", "--max-new-tokens", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["task"]["prompts"] == 2 and report["task"]["accuracy_reference"] is None
+    assert any("holds prompts without answers" in w for w in report["warnings"]) and "data" not in report
+    r = run(args)
+    assert r.exit_code == 1 and "no record has response tokens to compare the models on" in r.stderr
+    # a conversation that goes on after an answer: its answers are scored, its last user turn completed
+    data.write_text(json.dumps({"messages": [user, assistant, {"role": "user", "content": "four"}]}) + "\n")
+    r = run([*args, "--generate", "1", "--max-new-tokens", "4", "--json"])
+    report = json.loads(r.stdout)
+    assert r.exit_code == 0 and report["task"]["prompts"] == 1 and report["data"] == str(data), r.output

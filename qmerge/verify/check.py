@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import llama_cpp
+from ..data import NoResponse
 from ..pipeline.base import QuantSettings
 from ..pipeline.model import load_tokenizer, streamed_model
 from ..pipeline.source import Source, open_checkpoint, open_source, quant_settings_for
@@ -170,7 +171,7 @@ def check(
         "llama_cpp": stats,
         "against_base": against,
         "task": task,
-        "data": str(opts.data) if opts.data else None,
+        "data": str(opts.data) if session.data_scored else None,
         "warnings": source.warnings or None,
         "quantization": source.quantization.to_json() if source.quantization else None,
         "quantization_probe": probe,
@@ -200,11 +201,8 @@ class Session:
         self.vocab = model.get_input_embeddings().weight.shape[0]
         reference = Runner("reference", model, progress=progress)
         text = text_batch(self.tokenizer, self.vocab, opts.text, opts.seq_len, opts.max_seqs)
-        main = (
-            data_batch(self.tokenizer, opts.data, max(opts.seq_len, 512), opts.max_seqs)
-            if opts.data
-            else text
-        )
+        self.data_scored = opts.data is not None  # False: --data held prompts only (see _data_batch)
+        main = self._data_batch(text) if opts.data else text
         self.main, self.text = chunks(main, self.vocab), chunks(text, self.vocab)
         self.ref = reference.spill(self.main)
         self.asked = prompts(self.tokenizer, opts.data, opts.generate) if opts.generate and opts.data else []
@@ -212,6 +210,22 @@ class Session:
             reference.complete(self.tokenizer, self.asked, opts.max_new_tokens) if self.asked else []
         )
         self.base = self._base().spill(self.text) if opts.against_base else None
+
+    def _data_batch(self, text: Batch) -> Batch:
+        """--data's response tokens; held-out prompts without answers (chats that end in a user turn) serve
+        --generate only, and the drift is then measured on text, as said in the warnings."""
+        opts = self.opts
+        try:
+            return data_batch(self.tokenizer, opts.data, max(opts.seq_len, 512), opts.max_seqs)
+        except NoResponse:
+            if not opts.generate or opts.probe_quant:
+                raise
+        self.source.warnings.append(
+            f"{opts.data} holds prompts without answers: the drift is measured on "
+            f"{'--text' if opts.text else 'the built-in text'}, the prompts are completed for --generate."
+        )
+        self.data_scored = False
+        return text
 
     def _base(self) -> Runner:
         """The base model without the adapter: the weights training saw."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import IGNORE, encode_record, prompt_and_answer, read_jsonl
+from ..data import IGNORE, NoResponse, encode_record, prompt_and_answer, read_jsonl
 from ..errors import InputError
 
 DEFAULT_TEXT = (
@@ -71,10 +71,18 @@ def data_batch(tokenizer, path: Path, seq_len: int = 512, max_records: int = 8) 
     if tokenizer is None:
         raise InputError("--data needs the model's tokenizer (tokenizer.json in the adapter or the base).")
     rows = read_jsonl(path)[:max_records]
-    encoded = [encode_record(r, tokenizer, seq_len, f"{path}:{i}") for i, r in enumerate(rows, 1)]
+    encoded = []
+    for i, row in enumerate(rows, 1):
+        try:
+            encoded.append(encode_record(row, tokenizer, seq_len, f"{path}:{i}"))
+        except NoResponse:
+            continue  # a prompt without its answer: for --generate, nothing to score here
     encoded = [e for e in encoded if any(label != IGNORE for label in e["labels"][1:])]
     if not encoded:
-        raise InputError(f"{path}: no record has response tokens to compare on (empty or truncated away).")
+        raise NoResponse(
+            f"{path}: no record has response tokens to compare the models on (prompts only, empty, or "
+            "truncated away)."
+        )
     n, width = len(encoded), max(len(e["input_ids"]) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = torch.full((n, width), pad, dtype=torch.long)
