@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..io.atomic import atomic_dir, describe_files
+from ..io.card import CARD, model_card
 from ..io.hf_dir import ShardedSafetensors, copy_side_files, not_written_by_qmerge, parse_size
 from ..io.records import PROVENANCE, provenance, write_json
 from ..io.safetensors import PlannedTensor
@@ -140,5 +141,6 @@ def write_model_dir(
         if details.get("delta_retention"):
             prov["delta_retention"] = details["delta_retention"]
         write_json(tmp / PROVENANCE, prov)
+        (tmp / CARD).write_text(model_card(source, fmt.settings(), Path(out).name), encoding="utf-8")
         files = describe_files(tmp, digests)
     return WriteReport(str(out), files, merged, time.perf_counter() - start, details)

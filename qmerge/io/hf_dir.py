@@ -182,7 +182,7 @@ def copy_side_files(out_dir: Path, base: ModelDir, adapter_dir: Path | None) -> 
 
 
 _SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
-_WRITTEN = {"config.json", "model.safetensors.index.json", PROVENANCE, *SIDE_FILES}
+_WRITTEN = {"config.json", "model.safetensors.index.json", PROVENANCE, "README.md", *SIDE_FILES}
 
 
 def not_written_by_qmerge(path: Path) -> str | None:

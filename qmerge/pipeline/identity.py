@@ -148,17 +148,32 @@ def differences(given: ModelDir, named: ModelDir) -> tuple[list[str], list[str]]
             decisive.append(
                 f"{len(name)} tensors {side} ({', '.join(name[:3])}{', ...' if len(name) > 3 else ''})"
             )
+    conv1d = _conv1d(given) | _conv1d(named)
     for name in sorted(ours & theirs):
-        if given.logical_shape(name) != named.logical_shape(name):
-            decisive.append(
-                f"{name} is {list(given.logical_shape(name))} vs {list(named.logical_shape(name))}"
-            )
+        a_shape, b_shape = _stored_shape(given, name, conv1d), _stored_shape(named, name, conv1d)
+        if a_shape != b_shape:
+            decisive.append(f"{name} is {list(a_shape)} vs {list(b_shape)}")
     fingerprint = None if decisive else _fingerprint(given, named, sorted(ours & theirs))
     if fingerprint:
         return decisive + fingerprint + config, minor
     if fingerprint is None:
         return decisive + config, minor
     return decisive, config + minor  # the same weights: a config edit is said
+
+
+def _conv1d(model: ModelDir) -> frozenset[str]:
+    """GPT-2 style Conv1D weights, which a 4-bit checkpoint packs transposed (only asked of a 4-bit one)."""
+    if not model.is_4bit:
+        return frozenset()
+    from ..io.hf_meta import conv1d_weights
+
+    return conv1d_weights(model.config)
+
+
+def _stored_shape(model: ModelDir, name: str, conv1d: frozenset[str]) -> tuple[int, ...]:
+    """The shape of `name` as a 16-bit checkpoint stores it."""
+    shape = tuple(model.logical_shape(name))
+    return tuple(reversed(shape)) if name in model.quantized and name in conv1d else shape
 
 
 def _fingerprint(given: ModelDir, named: ModelDir, names: list[str]) -> list[str] | None:
