@@ -67,8 +67,8 @@ def main() -> None:
     from qmerge.pipeline.source import open_checkpoint
     from qmerge.train.config import load_train_config
     from qmerge.train.trainer import remove_checkpoints, train
-    from qmerge.verify.check import chunks
     from qmerge.verify.probe import probe_quantization
+    from qmerge.verify.runner import chunks
     from qmerge.verify.tokens import data_batch
 
     _quiet()

@@ -23,6 +23,7 @@ from .formats.options import (
     TensorTypes,
     calibrates,
     option_conflict,
+    write_format,
 )
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ def export(
     imatrix: str | Path | None = None,
     tensor_types: TensorTypes = TensorTypes(),
     keep_delta: float | None = None,
+    name: str | None = None,
 ) -> WriteReport:
     """Export `source` (a QLoRA adapter, merged on the fly, or a model directory) to one format.
 
@@ -127,9 +129,12 @@ def export(
     tensor_types: the token embedding's and output layer's GGML types where llama.cpp's quantizer writes.
     keep_delta: with a calibrated GGUF of an adapter, layers keeping less than this share of their LoRA
         delta go to Q8_0.
+    name: a GGUF's general.name (default: the base's name and the fine-tune's). With "gguf", `out` may be an
+        existing directory: the file is then named by llama.cpp's convention,
+        <basename>-<size>-<finetune>-<type>.gguf, inside it.
     The other keywords are merge()'s. A combination a format does not take is an UnsupportedError.
     """
-    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta)
+    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, name=name)
     if conflict:
         raise UnsupportedError(conflict)
     if to in ("gguf", "gguf-lora"):
@@ -153,12 +158,17 @@ def export(
         background,
         allow_other_base,
     )
+    src.gguf_name = name
+    if to == "gguf" and Path(out).is_dir():  # a directory: the file named as llama.cpp's converter names it
+        from .formats.gguf_meta import gguf_file_name, gguf_metadata
+
+        out = Path(out) / gguf_file_name(gguf_metadata(src, gguf_type, name), gguf_type)
     if keep_delta is not None and src.adapter is None:
         raise UnsupportedError(
             f"{source}: keep_delta keeps a share of an adapter's delta; this is a model directory, with no "
             "delta to keep."
         )
-    report = _write(
+    report = write_format(
         src,
         to,
         Path(out),
@@ -260,63 +270,3 @@ def finished(report: WriteReport, source: Source) -> WriteReport:
     four_bit = source.quantization is not None and (source.base.is_4bit or source.merge_base == "dequantized")
     q = source.quantization.to_json() if four_bit else None
     return replace(report, warnings=[*report.warnings, *source.warnings], quantization=q)
-
-
-def _write(
-    src: Source,
-    to: str,
-    out: Path,
-    gguf_type: str,
-    nf4: NF4Options,
-    max_shard_size: int | str,
-    force: bool,
-    progress: Progress | None,
-    calibrate: Path | None,
-    calibration_tokens: int,
-    imatrix: Path | None,
-    tensor_types: TensorTypes,
-    keep_delta: float | None,
-) -> WriteReport:
-    """The writer of format `to` for export()."""
-    if to == "gguf" and calibrate is not None:
-        from .formats.gguf_calibrated import write_calibrated_gguf
-
-        return write_calibrated_gguf(
-            src,
-            Path(out),
-            gguf_type.lower(),
-            Path(calibrate),
-            calibration_tokens,
-            force,
-            progress,
-            imatrix,
-            tensor_types,
-            keep_delta,
-        )
-    if to == "gguf":
-        from .formats.gguf import write_gguf
-
-        return write_gguf(src, Path(out), gguf_type, force, progress, tensor_types)
-    if to == "gguf-lora":
-        if src.adapter is None:
-            raise UnsupportedError(
-                f"{src.base.path}: the gguf-lora format exports an adapter; this is a model directory."
-            )
-        from .formats.gguf_lora import write_gguf_lora
-
-        return write_gguf_lora(
-            src, Path(out), gguf_type.lower(), force, progress, calibrate, calibration_tokens, tensor_types
-        )
-    if calibrate is not None:
-        from .formats.nf4_calibrated import write_calibrated_nf4
-
-        return write_calibrated_nf4(
-            src, Path(out), Path(calibrate), nf4, calibration_tokens, max_shard_size, force, progress
-        )
-    from . import dtypes
-    from .formats.nf4 import NF4
-    from .formats.plain import Plain
-    from .formats.write import write_model_dir
-
-    fmt = NF4(nf4) if to == "nf4" else Plain(dtypes.option_dtype(to), {"export": to})
-    return write_model_dir(src, fmt, Path(out), max_shard_size, force, progress)

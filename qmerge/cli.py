@@ -634,6 +634,11 @@ def _show_check(report, as_json: bool) -> None:
     "imatrix GGUF, for llama-quantize --imatrix).",
 )
 @click.option("--nf4-compute-dtype", type=click.Choice(DTYPES), default="bf16", show_default=True)
+@click.option(
+    "--name",
+    help="The GGUF's general.name (default: the base's name and the fine-tune's: the adapter's folder, or "
+    "the run's above a checkpoint-N). With -o DIR, the file is named DIR/<basename>-<size>-<finetune>-<type>.gguf.",
+)
 @json_option
 @pickle_option
 @quant_options
@@ -656,6 +661,7 @@ def export(
     gguf_embedding_type,
     gguf_output_type,
     imatrix,
+    name,
     as_json,
     allow_pickle,
     allow_other_base,
@@ -667,7 +673,7 @@ def export(
     tensor_types = TensorTypes(
         gguf_embedding_type and gguf_embedding_type.lower(), gguf_output_type and gguf_output_type.lower()
     )
-    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, CLI_NAMES)
+    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, CLI_NAMES, name)
     if conflict:
         raise click.UsageError(conflict)
     from .api import export as do_export
@@ -693,6 +699,7 @@ def export(
             tensor_types=tensor_types,
             keep_delta=keep_delta,
             allow_other_base=allow_other_base,
+            name=name,
         )
     _warn(report.warnings)
     if as_json:

@@ -30,6 +30,7 @@ from ..names import GGUF_OWN_CALIBRATED_TYPES, GGUF_TENSOR_TYPES
 from ..pipeline.source import Source
 from ..pipeline.stream import MergedTensor, Progress
 from ..reports import WriteReport
+from .gguf_meta import gguf_metadata
 from .options import TensorTypes
 from .write import Layout, stream_into
 
@@ -85,7 +86,7 @@ class GGUF:
             self.tensors,
             self.extra,
             self.gguf_type,
-            source.name,
+            gguf_metadata(source, self.gguf_type, source.gguf_name),
             source.tokenizer_dir,
             path.with_name(path.name + ".head"),
         )

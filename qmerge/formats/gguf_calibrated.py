@@ -41,6 +41,7 @@ from ..quant.gptq import Hessian, gptq_codes
 from ..reports import WriteReport
 from .calibration import OutputErrors, calibrate, calibration_inputs, module_order
 from .gguf import OWN_CALIBRATED_TYPES, TensorTypes, file_types, type_counts
+from .gguf_meta import gguf_metadata
 from .nf4 import Retention
 
 # types of llama.cpp's own file, the 4-bit layers' blocks chosen again: Q4_K/Q5_K/Q6_K by qmerge (GPTQ), the others
@@ -253,7 +254,14 @@ def _write_file(path: Path, cal: CalibratedGGUF, model, tokens, mask, progress) 
     extra = rope_tensors(cal.arch, cal.hp)
     scratch = path.with_name(path.name + ".head")
     head, align, tokenizer_kind = gguf_head(
-        cal.arch, cal.hp, tensors, extra, cal.kind, cal.source.name, cal.source.tokenizer_dir, scratch
+        cal.arch,
+        cal.hp,
+        tensors,
+        extra,
+        cal.kind,
+        gguf_metadata(cal.source, cal.kind, cal.source.gguf_name),
+        cal.source.tokenizer_dir,
+        scratch,
     )
     sink = GGUFFile(path, head, align)
     try:

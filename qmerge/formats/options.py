@@ -1,12 +1,22 @@
 """The export formats in one table (name, what it writes, the options it takes) that the command line's
-choices, the API's checks and the option-conflict rules all read; and the option types they take. Torch-free,
-so that usage errors answer at once."""
+choices, the API's checks and the option-conflict rules all read; the option types they take; and
+write_format, which hands a source to its format's writer. A new format touches its writer, the table and
+write_format. Torch-free at import (writers are imported when one runs), so that usage errors answer at
+once."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..errors import UnsupportedError
 from ..names import DTYPES, GGUF_LLAMA_CPP_TYPES, GGUF_OWN_CALIBRATED_TYPES
+
+if TYPE_CHECKING:
+    from ..pipeline.source import Source
+    from ..pipeline.stream import Progress
+    from ..reports import WriteReport
 
 DEFAULT_MAX_SHARD = 5 * 1000**3  # bytes per safetensors shard (transformers' default)
 
@@ -53,12 +63,14 @@ FORMATS: dict[str, Format] = {
     "gguf": Format(
         "gguf",
         "a GGUF file llama.cpp loads",
-        frozenset({"gguf_type", "calibrate", "calibration_tokens", "imatrix", "tensor_types", "keep_delta"}),
+        frozenset(
+            {"gguf_type", "calibrate", "calibration_tokens", "imatrix", "tensor_types", "keep_delta", "name"}
+        ),
     ),
     "gguf-lora": Format(
         "gguf-lora",
         "a directory: the adapter as a llama.cpp LoRA GGUF, its base as a GGUF, an Ollama Modelfile",
-        frozenset({"gguf_type", "calibrate", "calibration_tokens", "tensor_types"}),
+        frozenset({"gguf_type", "calibrate", "calibration_tokens", "tensor_types", "name"}),
     ),
 }
 EXPORT_FORMATS = tuple(FORMATS)
@@ -72,6 +84,7 @@ CLI_NAMES = {
     "imatrix": "--imatrix",
     "tensor_types": "--gguf-embedding-type / --gguf-output-type",
     "keep_delta": "--keep-delta",
+    "name": "--name",
 }
 API_NAMES = {k: k for k in CLI_NAMES} | {"tensor_types": "tensor_types"}
 
@@ -101,6 +114,7 @@ def option_conflict(
     tensor_types: TensorTypes | None = None,
     keep_delta: float | None = None,
     names: dict[str, str] = API_NAMES,
+    name: str | None = None,
 ) -> str | None:
     """What is wrong with this combination of export options, named as `names` spells them (CLI_NAMES for the
     command line's usage error, API_NAMES for the API's UnsupportedError), or None."""
@@ -119,6 +133,10 @@ def option_conflict(
             f"a {n['gguf_type']} llama.cpp quantizes (not f32, f16, bf16, q8_0; nor "
             f"{', '.join(GGUF_OWN_CALIBRATED_TYPES)} with {n['calibrate']}, which qmerge writes itself)."
         )
+    if name is not None and "name" not in FORMATS[to].takes:
+        return f"{n['name']} names the model in a GGUF's metadata: it applies to {to_gguf} and gguf-lora."
+    if name is not None and not name.strip():
+        return f"{n['name']} must not be empty."
     calibrated_gguf = to == "gguf" and calibrate is not None
     if keep_delta is not None and not calibrated_gguf:
         return (
@@ -130,3 +148,63 @@ def option_conflict(
             f"and {n['calibrate']}."
         )
     return None
+
+
+def write_format(
+    src: Source,
+    to: str,
+    out: Path,
+    gguf_type: str,
+    nf4: NF4Options,
+    max_shard_size: int | str,
+    force: bool,
+    progress: Progress | None,
+    calibrate: Path | None,
+    calibration_tokens: int,
+    imatrix: Path | None,
+    tensor_types: TensorTypes,
+    keep_delta: float | None,
+) -> WriteReport:
+    """Write `src` in format `to` with the writer the format has (export() checks the options first)."""
+    if to == "gguf" and calibrate is not None:
+        from .gguf_calibrated import write_calibrated_gguf
+
+        return write_calibrated_gguf(
+            src,
+            Path(out),
+            gguf_type.lower(),
+            Path(calibrate),
+            calibration_tokens,
+            force,
+            progress,
+            imatrix,
+            tensor_types,
+            keep_delta,
+        )
+    if to == "gguf":
+        from .gguf import write_gguf
+
+        return write_gguf(src, Path(out), gguf_type, force, progress, tensor_types)
+    if to == "gguf-lora":
+        if src.adapter is None:
+            raise UnsupportedError(
+                f"{src.base.path}: the gguf-lora format exports an adapter; this is a model directory."
+            )
+        from .gguf_lora import write_gguf_lora
+
+        return write_gguf_lora(
+            src, Path(out), gguf_type.lower(), force, progress, calibrate, calibration_tokens, tensor_types
+        )
+    if calibrate is not None:
+        from .nf4_calibrated import write_calibrated_nf4
+
+        return write_calibrated_nf4(
+            src, Path(out), Path(calibrate), nf4, calibration_tokens, max_shard_size, force, progress
+        )
+    from .. import dtypes
+    from .nf4 import NF4
+    from .plain import Plain
+    from .write import write_model_dir
+
+    fmt = NF4(nf4) if to == "nf4" else Plain(dtypes.option_dtype(to), {"export": to})
+    return write_model_dir(src, fmt, Path(out), max_shard_size, force, progress)

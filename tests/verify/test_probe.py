@@ -115,8 +115,8 @@ def test_the_probes_losses_are_peft_over_bitsandbytes(fp4_run):
     from qmerge.pipeline.base import QuantSettings
     from qmerge.pipeline.model import load_tokenizer
     from qmerge.pipeline.source import open_checkpoint
-    from qmerge.verify.check import chunks
     from qmerge.verify.probe import probe_quantization
+    from qmerge.verify.runner import chunks
     from qmerge.verify.tokens import data_batch
 
     base, adapter, data = fp4_run

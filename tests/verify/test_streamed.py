@@ -116,7 +116,9 @@ def test_check_metrics_equal_whole_model_metrics(tmp_path, fixtures, base16, mon
     adapter = fixtures / "adapter-dora"
     merge(adapter, tmp_path / "m", base=base16, dtype="bf16")
     if budget:
-        monkeypatch.setattr(chk, "LOGITS_BUDGET", budget)
+        import qmerge.verify.runner as runner
+
+        monkeypatch.setattr(runner, "LOGITS_BUDGET", budget)
     got = chk.check(
         adapter, tmp_path / "m", base=base16, thresholds=Thresholds(None, None, None), device="cpu"
     )

@@ -119,16 +119,17 @@ def gguf_head(
     tensors: list[GGUFTensor],
     extra: list[tuple[str, np.ndarray]],
     gguf_type: str,
-    name: str,
+    meta,
     tokenizer_dir: Path,
     scratch: Path,
 ) -> tuple[bytes, int, str]:
     """(header bytes padded to the data alignment, the alignment, tokenizer kind): metadata, vocabulary and
-    tensor infos as gguf-py's GGUFWriter lays them out (through a file at `scratch`, removed)."""
+    tensor infos as gguf-py's GGUFWriter lays them out (through a file at `scratch`, removed). `meta`: the
+    general.* keys, a gguf.Metadata (formats/gguf_meta.py)."""
     import gguf
 
     w = gguf.GGUFWriter(None, arch.gguf_arch)
-    _add_hparams(w, arch, hp, gguf_type, name)
+    _add_hparams(w, arch, hp, gguf_type, meta)
     tokenizer = add_tokenizer(w, tokenizer_dir, hp.vocab_size)
     if arch.gemma_norm and tokenizer == "llama":
         w.add_add_space_prefix(False)  # as convert_hf_to_gguf's GemmaModel
@@ -154,11 +155,11 @@ def gguf_head(
     return head + bytes(-len(head) % align), align, tokenizer
 
 
-def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, name: str) -> None:
+def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, meta) -> None:
     """The model's metadata keys, in the order convert_hf_to_gguf.py writes them."""
     import gguf
 
-    w.add_name(name)
+    meta.set_gguf_meta_model(w)
     w.add_string(QMERGE_KEY, __version__)  # recognised by --force: a file qmerge wrote
     w.add_context_length(hp.n_ctx)
     w.add_embedding_length(hp.hidden)
