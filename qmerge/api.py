@@ -259,7 +259,7 @@ def describe(path: str | Path, base: str | Path | None = None, *, allow_pickle: 
     """Describe a base, an adapter (with its base), a merged model or a GGUF file without loading a model:
     architecture, parameter count, quantization, the adapter's settings and modules, problems found. The
     record `qmerge inspect --json` prints is its to_json()."""
-    from .describe import describe as run
+    from .description import describe as run
 
     return run(Path(path), Path(base) if base is not None else None, allow_pickle)
 

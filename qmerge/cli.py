@@ -325,7 +325,7 @@ def cli():
 @click.option("--modules", "per_module", is_flag=True, help="One row per module instead of one per kind.")
 def inspect(path, base, as_json, allow_pickle, per_module):
     """Describe a base, adapter, merged model or GGUF file without loading a model."""
-    from .describe import describe
+    from .description import describe
     from .render import describe_tables
 
     info = describe(path, base, allow_pickle).to_json()

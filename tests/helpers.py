@@ -82,6 +82,6 @@ def random_adapter(base: Path, dst: Path, seed: int = 0, b_scale: float = 0.05, 
 
 def inspect_path(path: Path, base: Path | None = None, allow_pickle: bool = False) -> dict:
     """`qmerge inspect --json`'s object, through the library."""
-    from qmerge.describe import describe
+    from qmerge.description import describe
 
     return describe(path, base, allow_pickle).to_json()

@@ -217,6 +217,12 @@ def test_the_python_api_is_typed_and_documented(tmp_path, fixtures, base16):
     with pytest.raises(UnsupportedError, match=r"^imatrix writes .* use it with to gguf and calibrate\.$"):
         qmerge.export(fixtures / "adapter-qlora", "fp16", tmp_path / "x", imatrix=tmp_path / "i.gguf")
     assert qmerge.describe(fixtures / "adapter-qlora").to_json()["adapter"]["r"] > 0
+    import inspect
+
+    import qmerge.description  # noqa: F401 - a submodule never shadows a verb of the same name
+
+    for verb in (qmerge.merge, qmerge.export, qmerge.check, qmerge.describe):
+        assert inspect.isfunction(verb), verb
 
 
 def test_held_out_prompts_without_answers_serve_generate(tmp_path, fixtures, base16):

@@ -180,7 +180,7 @@ def test_fifo_is_refused_not_waited_on(clean, tmp_path, name):
 
 def test_inspect_never_reads_more_than_a_block_of_a_large_tensor(clean, monkeypatch):
     """inspect scans adapter tensors for NaN a block of rows at a time (a 2.5 GB tensor, 64 MB of memory)."""
-    import qmerge.describe as d
+    import qmerge.description as d
 
     monkeypatch.setattr(d, "_SCAN_BYTES", 64)  # the micro adapter's tensors are 256 bytes and more
     reads = []
