@@ -19,6 +19,7 @@ from .formats.options import (
     DEFAULT_MAX_SHARD,
     EXPORT_FORMATS,
     FORMATS,
+    Job,
     NF4Options,
     TensorTypes,
     calibrates,
@@ -168,8 +169,7 @@ def export(
             f"{source}: keep_delta keeps a share of an adapter's delta; this is a model directory, with no "
             "delta to keep."
         )
-    report = write_format(
-        src,
+    job = Job(
         to,
         Path(out),
         gguf_type,
@@ -177,12 +177,13 @@ def export(
         max_shard_size,
         force,
         progress,
-        calibrate,
+        Path(calibrate) if calibrate is not None else None,
         calibration_tokens,
-        imatrix,
+        Path(imatrix) if imatrix is not None else None,
         tensor_types,
         keep_delta,
     )
+    report = write_format(src, job)
     return finished(report, src)
 
 

@@ -150,61 +150,82 @@ def option_conflict(
     return None
 
 
-def write_format(
-    src: Source,
-    to: str,
-    out: Path,
-    gguf_type: str,
-    nf4: NF4Options,
-    max_shard_size: int | str,
-    force: bool,
-    progress: Progress | None,
-    calibrate: Path | None,
-    calibration_tokens: int,
-    imatrix: Path | None,
-    tensor_types: TensorTypes,
-    keep_delta: float | None,
-) -> WriteReport:
-    """Write `src` in format `to` with the writer the format has (export() checks the options first)."""
-    if to == "gguf" and calibrate is not None:
-        from .gguf_calibrated import write_calibrated_gguf
+@dataclass(frozen=True)
+class Job:
+    """One export's options, as export() checked them (FORMATS says which each format reads)."""
 
-        return write_calibrated_gguf(
-            src,
-            Path(out),
-            gguf_type.lower(),
-            Path(calibrate),
-            calibration_tokens,
-            force,
-            progress,
-            imatrix,
-            tensor_types,
-            keep_delta,
-        )
-    if to == "gguf":
-        from .gguf import write_gguf
+    to: str
+    out: Path
+    gguf_type: str = "f16"
+    nf4: NF4Options = NF4Options()
+    max_shard_size: int | str = DEFAULT_MAX_SHARD
+    force: bool = False
+    progress: Progress | None = None
+    calibrate: Path | None = None
+    calibration_tokens: int = 8192
+    imatrix: Path | None = None
+    tensor_types: TensorTypes = TensorTypes()
+    keep_delta: float | None = None
 
-        return write_gguf(src, Path(out), gguf_type, force, progress, tensor_types)
-    if to == "gguf-lora":
+
+def write_format(src: Source, job: Job) -> WriteReport:
+    """Write `src` with the writer of `job.to`."""
+    if job.to == "gguf":
+        return _gguf(src, job)
+    if job.to == "gguf-lora":
         if src.adapter is None:
             raise UnsupportedError(
                 f"{src.base.path}: the gguf-lora format exports an adapter; this is a model directory."
             )
         from .gguf_lora import write_gguf_lora
 
+        j = job
         return write_gguf_lora(
-            src, Path(out), gguf_type.lower(), force, progress, calibrate, calibration_tokens, tensor_types
+            src,
+            j.out,
+            j.gguf_type.lower(),
+            j.force,
+            j.progress,
+            j.calibrate,
+            j.calibration_tokens,
+            j.tensor_types,
         )
-    if calibrate is not None:
+    return _model_dir(src, job)
+
+
+def _gguf(src: Source, j: Job) -> WriteReport:
+    if j.calibrate is None:
+        from .gguf import write_gguf
+
+        return write_gguf(src, j.out, j.gguf_type, j.force, j.progress, j.tensor_types)
+    from .gguf_calibrated import write_calibrated_gguf
+
+    return write_calibrated_gguf(
+        src,
+        j.out,
+        j.gguf_type.lower(),
+        j.calibrate,
+        j.calibration_tokens,
+        j.force,
+        j.progress,
+        j.imatrix,
+        j.tensor_types,
+        j.keep_delta,
+    )
+
+
+def _model_dir(src: Source, j: Job) -> WriteReport:
+    """bf16/fp16/fp32 and NF4 (calibrated or not): a Hugging Face model directory."""
+    if j.calibrate is not None:
         from .nf4_calibrated import write_calibrated_nf4
 
         return write_calibrated_nf4(
-            src, Path(out), Path(calibrate), nf4, calibration_tokens, max_shard_size, force, progress
+            src, j.out, j.calibrate, j.nf4, j.calibration_tokens, j.max_shard_size, j.force, j.progress
         )
     from .. import dtypes
     from .nf4 import NF4
     from .plain import Plain
     from .write import write_model_dir
 
-    fmt = NF4(nf4) if to == "nf4" else Plain(dtypes.option_dtype(to), {"export": to})
-    return write_model_dir(src, fmt, Path(out), max_shard_size, force, progress)
+    fmt = NF4(j.nf4) if j.to == "nf4" else Plain(dtypes.option_dtype(j.to), {"export": j.to})
+    return write_model_dir(src, fmt, j.out, j.max_shard_size, j.force, j.progress)

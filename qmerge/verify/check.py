@@ -82,15 +82,8 @@ def check(
     failures = gate(metrics, thresholds, task["agreement"] if task else None)
     if probe is not None and probe["verdict"] == "differs":
         (failures if opts.probe_quant == "fail" else source.warnings).append(probe["message"])
-    extra = {
-        "llama_cpp": stats,
-        "against_base": against,
-        "task": task,
-        "data": str(opts.data) if session.data_scored else None,
-        "warnings": source.warnings or None,
-        "quantization": source.quantization.to_json() if source.quantization else None,
-        "quantization_probe": probe,
-    }
+    extra = {"llama_cpp": stats, "against_base": against, "task": task, "quantization_probe": probe}
+    extra |= _inputs_said(session)
     return CheckReport(
         not failures,
         metrics,
@@ -102,6 +95,16 @@ def check(
         delta_retention(Path(candidate)),
         {k: v for k, v in extra.items() if v is not None},
     )
+
+
+def _inputs_said(session: Session) -> dict:
+    """What the report says of its inputs: the data scored, warnings, the quantization and its source."""
+    source, opts = session.source, session.opts
+    return {
+        "data": str(opts.data) if session.data_scored else None,
+        "warnings": source.warnings or None,
+        "quantization": source.quantization.to_json() if source.quantization else None,
+    }
 
 
 class Session:
