@@ -127,8 +127,9 @@ class QmergeGroup(click.Group):
 
 @contextmanager
 def progress_bar(label: str, enabled: bool = True, lines: bool = False):
-    """A rich progress bar on stderr; yields a (name, done, total) callback. Where stderr is not a terminal
-    (a CI log), with `lines` the reports that end a phase ("... tokens/s") are printed as lines."""
+    """A rich progress bar on stderr (also with --json: stdout holds the JSON alone); yields a (name, done,
+    total) callback. Where stderr is not a terminal (a CI log), with `lines` the reports that end a phase
+    ("... tokens/s") are printed as lines."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not enabled or not err.is_terminal:
@@ -146,7 +147,7 @@ def progress_bar(label: str, enabled: bool = True, lines: bool = False):
         console=err,
         transient=True,
     ) as bar:
-        task = bar.add_task("", total=None)
+        task = bar.add_task("reading the inputs", total=None)  # at once, before the first tensor
 
         def update(name: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=name[-60:])
@@ -359,7 +360,7 @@ def merge(
     from .api import merge as do_merge
     from .render import files_table
 
-    with progress_bar("merging", not as_json) as cb:
+    with progress_bar("merging") as cb:  # on stderr: with --json too, where stderr is a terminal
         report = do_merge(
             adapter,
             output,
@@ -679,7 +680,7 @@ def export(
     from .api import export as do_export
     from .render import files_table
 
-    with progress_bar(f"exporting {to}", not as_json) as cb:
+    with progress_bar(f"exporting {to}") as cb:
         report = do_export(
             source,
             to,

@@ -249,3 +249,18 @@ def test_held_out_prompts_without_answers_serve_generate(tmp_path, fixtures, bas
     r = run([*args, "--generate", "1", "--max-new-tokens", "4", "--json"])
     report = json.loads(r.stdout)
     assert r.exit_code == 0 and report["task"]["prompts"] == 1 and report["data"] == str(data), r.output
+
+
+def test_progress_goes_to_a_terminal_stderr_with_json_too(tmp_path, fixtures, monkeypatch):
+    """merge --json on a terminal: stdout holds the JSON alone, the bar goes to stderr."""
+    import io
+
+    from rich.console import Console
+
+    import qmerge.cli as cli_module
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli_module, "err", Console(file=screen, force_terminal=True, width=100))
+    r = CliRunner().invoke(cli, ["merge", str(fixtures / "adapter-qlora"), "-o", str(tmp_path / "m"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["num_tensors_merged"] > 0
+    assert "merging" in screen.getvalue()

@@ -146,6 +146,8 @@ def write_gguf_file(
     mid = path.with_name(path.name + ".intermediate.gguf")  # named after the temporary: cleaned with it
     try:
         merged, _, summary = fmt.write(source, mid, progress)
+        if progress:
+            progress(f"llama.cpp quantizing to {gguf_type}", 0, 1)
         llama_cpp.quantize(mid, path, gguf_type, tensor_types.token_embedding, tensor_types.output)
     finally:
         mid.unlink(missing_ok=True)
