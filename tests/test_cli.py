@@ -261,6 +261,8 @@ def test_progress_goes_to_a_terminal_stderr_with_json_too(tmp_path, fixtures, mo
 
     screen = io.StringIO()
     monkeypatch.setattr(cli_module, "err", Console(file=screen, force_terminal=True, width=100))
-    r = CliRunner().invoke(cli, ["merge", str(fixtures / "adapter-qlora"), "-o", str(tmp_path / "m"), "--json"])
+    r = CliRunner().invoke(
+        cli, ["merge", str(fixtures / "adapter-qlora"), "-o", str(tmp_path / "m"), "--json"]
+    )
     assert r.exit_code == 0 and json.loads(r.stdout)["num_tensors_merged"] > 0
     assert "merging" in screen.getvalue()
