@@ -37,9 +37,8 @@ from .write import Layout, stream_into
 # llama.cpp quantizes from a GGUF file: qmerge writes an f32 one first (bf16 beyond this many
 # parameters, to bound the disk the intermediate takes).
 _F32_INTERMEDIATE_MAX = 3e9
-# types --calibrate applies to (formats/gguf_calibrated.py): every type llama.cpp quantizes; of those, qmerge
-# writes these files itself (the others are llama.cpp's files with the 4-bit layers' blocks chosen again)
-CALIBRATED_TYPES = LLAMA_CPP_TYPES
+# --calibrate applies to every type llama.cpp quantizes (formats/options.py's CALIBRATED_TYPES); of those,
+# qmerge writes these files itself (the others are llama.cpp's files with the 4-bit layers' blocks chosen again)
 OWN_CALIBRATED_TYPES = GGUF_OWN_CALIBRATED_TYPES
 # GGML types llama.cpp's quantizer can give the token embedding or the output layer
 TENSOR_TYPES = GGUF_TENSOR_TYPES

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.card import hub_id_of, model_card
+from ..io.card import card_data, hub_id_of
 from ..pipeline.source import Source
 
 _CHECKPOINT = re.compile(r"checkpoint-\d+$")
@@ -30,13 +30,11 @@ def finetune_label(source: Source) -> str | None:
 def gguf_metadata(source: Source, gguf_type: str, name: str | None = None):
     """gguf.Metadata for the GGUF of `source` (general.name is `name` when given)."""
     import gguf
-    from huggingface_hub import ModelCard
 
-    card = ModelCard(
-        model_card(source, {"export": "gguf", "dtype": gguf_type}, name or "model")
-    ).data.to_dict()
-    named = source.adapter.base_model_name_or_path if source.adapter is not None else None
-    base_id = hub_id_of(source.base.path, named) or source.base.path.name
+    card = card_data(source, {"export": "gguf", "dtype": gguf_type})
+    adapter = source.adapter
+    named, beside = (adapter.base_model_name_or_path, adapter.path) if adapter is not None else (None, None)
+    base_id = hub_id_of(source.base.path, named, beside) or source.base.path.name
     total = sum(torch.Size(s.shape).numel() for s in source.tensors.values())
     # the base's name gives the basename, size label and version, as a model folder's name gives them to
     # the converter; the card gives the base model, license and tags

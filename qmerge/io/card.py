@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import __version__
-from .hub import parse_hub_id
+from .hub import local_directory, parse_hub_id
 from .records import identify
 
 CARD = "README.md"
@@ -29,25 +29,36 @@ def front_matter_of(directory: Path | None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def hub_id_of(directory: Path, named: str | None = None) -> str | None:
+def hub_id_of(directory: Path, named: str | None = None, beside: Path | None = None) -> str | None:
     """The Hub id a model is known by: its cache snapshot's, else `named` (the adapter's
-    base_model_name_or_path) when that is a Hub id and not a local path, else its card's base_model."""
+    base_model_name_or_path, relative paths taken `beside` the adapter) when that is a Hub id and not a
+    local directory; None when neither says."""
     found = identify(directory).get("hub_id")
     if found:
         return found
-    if named and not Path(named).exists() and parse_hub_id(named) and "@" not in named:
-        return named
-    return None
+    if not named or local_directory(named, beside or Path.cwd()) is not None:
+        return None
+    return named if parse_hub_id(named) and "@" not in named else None
 
 
 def model_card(source, settings: dict, name: str) -> str:
     """README.md for a directory written from `source` (a pipeline Source) with `settings` (the format's)."""
+    meta = card_data(source, settings)
+    from huggingface_hub import ModelCardData
+
+    yaml = ModelCardData(**meta).to_yaml()
+    quantized = settings.get("export") == "nf4"
+    return f"---\n{yaml}\n---\n\n{_body(source, settings, name, meta.get('base_model'), quantized)}"
+
+
+def card_data(source, settings: dict) -> dict:
+    """The card's front matter (keys with a value), as the Hub and gguf-py's Metadata read it."""
     adapter = source.adapter
     base_card = front_matter_of(source.base.path)
     adapter_card = front_matter_of(adapter.path) if adapter is not None else {}
     quantized = settings.get("export") == "nf4"
     if adapter is not None:
-        base_id = hub_id_of(source.base.path, adapter.base_model_name_or_path)
+        base_id = hub_id_of(source.base.path, adapter.base_model_name_or_path, adapter.path)
         relation = "quantized" if quantized else "merge"
     else:  # a model directory re-exported: its own base, as its card names it
         base_id = hub_id_of(source.base.path) or _single(base_card.get("base_model"))
@@ -67,10 +78,7 @@ def model_card(source, settings: dict, name: str) -> str:
         "datasets": _list(adapter_card.get("datasets")) or None,
         "tags": [t for t in tags if t],
     }
-    from huggingface_hub import ModelCardData
-
-    data = ModelCardData(**{k: v for k, v in meta.items() if v is not None})
-    return f"---\n{data.to_yaml()}\n---\n\n{_body(source, settings, name, base_id, quantized)}"
+    return {k: v for k, v in meta.items() if v is not None}
 
 
 def _body(source, settings: dict, name: str, base_id: str | None, quantized: bool) -> str:

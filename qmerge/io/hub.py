@@ -14,6 +14,12 @@ from ..errors import InputError
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 
 
+def local_directory(named: str, beside: Path) -> Path | None:
+    """The directory a base_model_name_or_path names on this machine: as given, else relative to `beside`
+    (the adapter's directory: TRL writes the path as given at training time); None when it names none."""
+    return next((p for p in (Path(named), Path(beside) / named) if p.is_dir()), None)
+
+
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
     """("org/name", revision or None) for a Hub id, None for anything else (a path, say)."""
     m = _HUB_ID.fullmatch(str(text))

@@ -22,7 +22,7 @@ import torch
 from ..errors import MismatchError, QmergeError
 from ..io.adapter import Adapter
 from ..io.hf_dir import ModelDir
-from ..io.hub import cached_snapshot, parse_hub_id
+from ..io.hub import cached_snapshot, local_directory, parse_hub_id
 from ..io.records import TRAINING_RECORD, identify, read_json
 
 # config keys that differ between copies of one model (how it was saved, loaded or quantized): not compared
@@ -65,14 +65,13 @@ def named_bases(adapter: Adapter) -> list[NamedBase]:
 def label(adapter: Adapter, named: str) -> str:
     """How to name a base_model_name_or_path in outputs: a directory by its name (no local path: outputs
     may be published), anything else (a Hub id) as written."""
-    local = Path(named).is_dir() or (adapter.path / named).is_dir()
-    return Path(named).name if local else named
+    return Path(named).name if local_directory(named, adapter.path) else named
 
 
 def find_named(adapter: Adapter, named: str) -> Path | None:
     """The directory `named` (a base_model_name_or_path) is here: as given, beside the adapter, or a Hub id
     in the local cache (at the adapter's revision); None when it is not here."""
-    found = next((p for p in (Path(named), adapter.path / named) if p.is_dir()), None)
+    found = local_directory(named, adapter.path)
     if found is not None:
         return found
     hub = parse_hub_id(named)

@@ -16,7 +16,7 @@ from ..errors import InputError, MismatchError, OptionError
 from ..io.adapter import Adapter, AdapterLayout
 from ..io.atomic import Inputs
 from ..io.hf_dir import ModelDir
-from ..io.hub import cached_snapshot, parse_hub_id
+from ..io.hub import cached_snapshot, local_directory, parse_hub_id
 from ..lora.scaling import LoraSettings
 from ..names import MERGE_BASES
 from .base import QuantSettings, TrainingWeights
@@ -42,9 +42,9 @@ def resolve_base_path(adapter: Adapter, base: Path | None) -> Path:
         return cached_snapshot(*hub, named_by="--base ") if hub else Path(base)
     named = adapter.base_model_name_or_path
     if named:
-        for candidate in (Path(named), adapter.path / named):
-            if candidate.is_dir():
-                return candidate
+        found = local_directory(named, adapter.path)
+        if found is not None:
+            return found
         hub = parse_hub_id(named)
         if hub is not None:
             revision = hub[1] or adapter.config.get("revision") or None
