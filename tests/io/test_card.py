@@ -65,3 +65,17 @@ def test_a_local_base_is_named_without_its_path(tmp_path):
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model is None and "the base `base16`" in card.text
     assert str(tmp_path) not in (out / "README.md").read_text()
+
+
+def test_a_malformed_card_of_the_base_is_read_as_no_card(tmp_path):
+    """The base's README.md is the user's file: YAML that does not parse gives no license, not a failure."""
+    shutil.copytree(HOSTILE / "clean", tmp_path / "run")
+    (tmp_path / "run" / "base16" / "README.md").write_text(
+        "---\nlicense: [unclosed\n  tags: : :\n---\nbody\n"
+    )
+    (tmp_path / "run" / "adapter" / "README.md").write_text("---\n- a list, not a mapping\n---\n")
+    out = tmp_path / "m"
+    r = run(["merge", tmp_path / "run" / "adapter", "-o", out])
+    assert r.exit_code == 0, r.output
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license is None and "qmerge" in card.data.tags
