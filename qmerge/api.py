@@ -115,6 +115,7 @@ def export(
     tensor_types: TensorTypes = TensorTypes(),
     keep_delta: float | None = None,
     name: str | None = None,
+    modelfile: str | Path | None = None,
 ) -> WriteReport:
     """Export `source` (a QLoRA adapter, merged on the fly, or a model directory) to one format.
 
@@ -133,19 +134,21 @@ def export(
     name: a GGUF's general.name (default: the base's name and the fine-tune's). With "gguf", `out` may be an
         existing directory: the file is then named by llama.cpp's convention,
         <basename>-<size>-<finetune>-<type>.gguf, inside it.
+    modelfile: with "gguf", also write an Ollama Modelfile here: FROM the GGUF, with TEMPLATE, SYSTEM and
+        stop strings translated from the model's chat template and checked by rendering sample
+        conversations both ways (the report's "modelfile" says whether, and why not). gguf-lora writes its
+        own Modelfile in its directory.
     The other keywords are merge()'s. A combination a format does not take is an UnsupportedError.
     """
-    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, name=name)
+    conflict = option_conflict(
+        to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, name=name, modelfile=modelfile
+    )
     if conflict:
         raise UnsupportedError(conflict)
     if to in ("gguf", "gguf-lora"):
         from .formats.gguf import check_type
 
         check_type(gguf_type)
-    if imatrix is not None and Path(imatrix).resolve() == Path(out).resolve():
-        raise UnsupportedError(
-            f"{imatrix}: the importance matrix would be the output file itself; give it its own path."
-        )
     from .pipeline.source import open_source
 
     # the config check runs in the background unless calibration builds the model with transformers anyway
@@ -164,6 +167,7 @@ def export(
         from .formats.gguf_meta import gguf_file_name, gguf_metadata
 
         out = Path(out) / gguf_file_name(gguf_metadata(src, gguf_type, name), gguf_type)
+    _separate_paths(out, imatrix, modelfile)
     if keep_delta is not None and src.adapter is None:
         raise UnsupportedError(
             f"{source}: keep_delta keeps a share of an adapter's delta; this is a model directory, with no "
@@ -182,9 +186,23 @@ def export(
         Path(imatrix) if imatrix is not None else None,
         tensor_types,
         keep_delta,
+        Path(modelfile) if modelfile is not None else None,
     )
     report = write_format(src, job)
     return finished(report, src)
+
+
+def _separate_paths(out, imatrix, modelfile) -> None:
+    """The importance matrix and the Modelfile each get a path of their own, apart from the output."""
+    paths = [("the output file", out), ("the importance matrix", imatrix), ("the Modelfile", modelfile)]
+    seen: dict[Path, str] = {}
+    for what, p in paths:
+        if p is None:
+            continue
+        key = Path(p).resolve()
+        if key in seen:
+            raise UnsupportedError(f"{p}: {what} would be {seen[key]} itself; give each its own path.")
+        seen[key] = what
 
 
 def check(

@@ -640,6 +640,12 @@ def _show_check(report, as_json: bool) -> None:
     help="The GGUF's general.name (default: the base's name and the fine-tune's: the adapter's folder, or "
     "the run's above a checkpoint-N). With -o DIR, the file is named DIR/<basename>-<size>-<finetune>-<type>.gguf.",
 )
+@click.option(
+    "--modelfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --to gguf: also write an Ollama Modelfile here (FROM the GGUF; TEMPLATE, SYSTEM and stop "
+    "strings translated from the model's chat template and checked by rendering).",
+)
 @json_option
 @pickle_option
 @quant_options
@@ -663,6 +669,7 @@ def export(
     gguf_output_type,
     imatrix,
     name,
+    modelfile,
     as_json,
     allow_pickle,
     allow_other_base,
@@ -674,7 +681,9 @@ def export(
     tensor_types = TensorTypes(
         gguf_embedding_type and gguf_embedding_type.lower(), gguf_output_type and gguf_output_type.lower()
     )
-    conflict = option_conflict(to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, CLI_NAMES, name)
+    conflict = option_conflict(
+        to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, CLI_NAMES, name, modelfile
+    )
     if conflict:
         raise click.UsageError(conflict)
     from .api import export as do_export
@@ -701,6 +710,7 @@ def export(
             keep_delta=keep_delta,
             allow_other_base=allow_other_base,
             name=name,
+            modelfile=modelfile,
         )
     _warn(report.warnings)
     if as_json:

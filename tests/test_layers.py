@@ -29,6 +29,7 @@ FORBIDDEN = {
     "quant": {"io", "lora", *HIGHER_THAN_IO, "transformers", "peft", "bitsandbytes", "safetensors"},
     "lora": {"io", "quant", *HIGHER_THAN_IO, "transformers", "peft", "bitsandbytes"},
     "io": HIGHER_THAN_IO,
+    "chat": {*HIGHER_THAN_IO, "io", "torch", "transformers"},
     "pipeline": {"formats", "verify", "describe", "api", "render", "cli", "demo", "train", "peft"},
     "formats": {"verify", "describe", "api", "render", "cli", "demo", "train", "peft"},
     "verify": {"formats", "describe", "api", "render", "cli", "demo", "train"},

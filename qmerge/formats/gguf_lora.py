@@ -28,6 +28,8 @@ from ..pipeline.stream import Progress
 from ..reports import WriteReport
 from .gguf import TensorTypes, check_type, write_gguf_file
 from .gguf_calibrated import calibrated_gguf_file
+from .gguf_meta import gguf_metadata
+from .modelfile import write_modelfile
 from .write import provenance_of
 
 ADAPTER_FILE, MODELFILE = "adapter.gguf", "Modelfile"
@@ -76,7 +78,7 @@ def write_adapter(source: Source, path: Path) -> None:
     arch, _ = architecture_of(source.config)
     w = gguf.GGUFWriter(str(path), arch.gguf_arch)
     w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_name(source.name)
+    gguf_metadata(source, "f32", source.gguf_name).set_gguf_meta_model(w)  # general.*, as the base GGUF's
     w.add_string("adapter.type", "lora")
     w.add_float32("adapter.lora.alpha", 1.0)
     w.add_string("qmerge.version", __version__)
@@ -98,6 +100,16 @@ def not_written_by_qmerge(path: Path) -> str | None:
         ):
             return f"it holds {p.name}, which qmerge does not write (move it first)"
     return None
+
+
+def _modelfile(source: Source, tmp: Path, out: Path, base_name: str) -> dict:
+    """Write tmp/Modelfile (FROM the base GGUF, ADAPTER the adapter, the chat template translated): its JSON."""
+    chat = write_modelfile(
+        tmp / MODELFILE, tmp / base_name, source.tokenizer_dir, f"./{ADAPTER_FILE}", f"./{base_name}"
+    )
+    if chat.template is None:
+        source.warnings.append(f"{MODELFILE}: no TEMPLATE: {chat.reason}.")
+    return {"path": str(out / MODELFILE), **chat.to_json()}
 
 
 def write_gguf_lora(
@@ -135,7 +147,7 @@ def write_gguf_lora(
             )
         else:
             _, digests, summary = write_gguf_file(base, tmp / base_name, base_type, progress, tensor_types)
-        (tmp / MODELFILE).write_text(f"FROM ./{base_name}\nADAPTER ./{ADAPTER_FILE}\n", encoding="utf-8")
+        summary["modelfile"] = _modelfile(source, tmp, Path(out), base_name)
         prov = provenance_of(source, {"export": "gguf-lora", "base_gguf_type": base_type})
         if calibrate is not None:
             prov["calibration"] = {"data": str(Path(calibrate).resolve()), **summary["calibration"]}

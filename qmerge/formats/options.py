@@ -64,7 +64,16 @@ FORMATS: dict[str, Format] = {
         "gguf",
         "a GGUF file llama.cpp loads",
         frozenset(
-            {"gguf_type", "calibrate", "calibration_tokens", "imatrix", "tensor_types", "keep_delta", "name"}
+            {
+                "gguf_type",
+                "calibrate",
+                "calibration_tokens",
+                "imatrix",
+                "tensor_types",
+                "keep_delta",
+                "name",
+                "modelfile",
+            }
         ),
     ),
     "gguf-lora": Format(
@@ -85,6 +94,7 @@ CLI_NAMES = {
     "tensor_types": "--gguf-embedding-type / --gguf-output-type",
     "keep_delta": "--keep-delta",
     "name": "--name",
+    "modelfile": "--modelfile",
 }
 API_NAMES = {k: k for k in CLI_NAMES} | {"tensor_types": "tensor_types"}
 
@@ -115,6 +125,7 @@ def option_conflict(
     keep_delta: float | None = None,
     names: dict[str, str] = API_NAMES,
     name: str | None = None,
+    modelfile=None,
 ) -> str | None:
     """What is wrong with this combination of export options, named as `names` spells them (CLI_NAMES for the
     command line's usage error, API_NAMES for the API's UnsupportedError), or None."""
@@ -133,10 +144,21 @@ def option_conflict(
             f"a {n['gguf_type']} llama.cpp quantizes (not f32, f16, bf16, q8_0; nor "
             f"{', '.join(GGUF_OWN_CALIBRATED_TYPES)} with {n['calibrate']}, which qmerge writes itself)."
         )
+    return _gguf_conflict(to, calibrate, imatrix, keep_delta, n, name, modelfile)
+
+
+def _gguf_conflict(to, calibrate, imatrix, keep_delta, n: dict[str, str], name, modelfile) -> str | None:
+    """The options only a GGUF export takes, given elsewhere (option_conflict's second half)."""
+    to_gguf = f"{n['to']} gguf"
     if name is not None and "name" not in FORMATS[to].takes:
         return f"{n['name']} names the model in a GGUF's metadata: it applies to {to_gguf} and gguf-lora."
     if name is not None and not name.strip():
         return f"{n['name']} must not be empty."
+    if modelfile is not None and "modelfile" not in FORMATS[to].takes:
+        return (
+            f"{n['modelfile']} writes an Ollama Modelfile for {to_gguf} (gguf-lora writes its own in its "
+            "directory)."
+        )
     calibrated_gguf = to == "gguf" and calibrate is not None
     if keep_delta is not None and not calibrated_gguf:
         return (
@@ -166,6 +188,7 @@ class Job:
     imatrix: Path | None = None
     tensor_types: TensorTypes = TensorTypes()
     keep_delta: float | None = None
+    modelfile: Path | None = None  # gguf: an Ollama Modelfile for the file, written once it is in place
 
 
 def write_format(src: Source, job: Job) -> WriteReport:
@@ -194,6 +217,23 @@ def write_format(src: Source, job: Job) -> WriteReport:
 
 
 def _gguf(src: Source, j: Job) -> WriteReport:
+    if j.modelfile is None:
+        return _gguf_file(src, j)
+    from dataclasses import replace
+
+    from .modelfile import check_modelfile_target, modelfile_beside
+
+    check_modelfile_target(j.modelfile, j.force, src.inputs())  # refused now, not after the export
+    report = _gguf_file(src, j)
+    record, chat = modelfile_beside(
+        Path(report.output), j.modelfile, src.tokenizer_dir, j.force, src.inputs()
+    )
+    if not chat["translated"]:
+        src.warnings.append(f"{j.modelfile}: no TEMPLATE: {chat['reason']}.")
+    return replace(report, files=[*report.files, record], details={**report.details, "modelfile": chat})
+
+
+def _gguf_file(src: Source, j: Job) -> WriteReport:
     if j.calibrate is None:
         from .gguf import write_gguf
 

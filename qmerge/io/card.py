@@ -20,6 +20,8 @@ def front_matter_of(directory: Path | None) -> dict:
     path = Path(directory) / CARD if directory is not None else None
     if path is None or not path.is_file():
         return {}
+    if not path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("---"):
+        return {}  # no front matter (huggingface_hub would log that it found none)
     try:
         from huggingface_hub import ModelCard
 

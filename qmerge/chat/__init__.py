@@ -1,0 +1,1 @@
+"""Chat templates: the model's Jinja template translated to Ollama's Go template, checked by rendering."""
