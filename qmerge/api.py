@@ -26,6 +26,7 @@ from .formats.options import (
     option_conflict,
     write_format,
 )
+from .spelling import keyword_errors
 
 if TYPE_CHECKING:
     from .pipeline.base import QuantSettings
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 
+@keyword_errors
 def merge(
     adapter: str | Path,
     out: str | Path,
@@ -63,6 +65,7 @@ def merge(
     allow_pickle: bool = False,
     allow_other_base: bool = False,
     progress: Progress | None = None,
+    check_report: str | Path | None = None,
 ) -> WriteReport:
     """Merge a QLoRA adapter into the weights its training saw and write a Hugging Face model directory.
 
@@ -79,6 +82,7 @@ def merge(
     allow_pickle: read .bin/.pt weights (with torch.load(weights_only=True)).
     allow_other_base: go ahead when `base` is another model than the one the adapter names.
     progress: called as (phase, done, total) while tensors are written.
+    check_report: a `qmerge check --json` report (saved to a file) whose figures the model card shows.
 
     Returns a WriteReport (files with sha256, tensors merged, seconds, quantization, warnings).
     """
@@ -88,12 +92,15 @@ def merge(
     from .pipeline.source import open_checkpoint
 
     fmt = Plain(dtypes.option_dtype(dtype))  # a bad dtype is refused before anything is opened
+    card_check = _card_check(check_report)
     source = open_checkpoint(
         Path(adapter), Path(base) if base else None, quant, merge_base, allow_pickle, True, allow_other_base
     )
+    source.card_check = card_check
     return finished(write_model_dir(source, fmt, Path(out), max_shard_size, force, progress), source)
 
 
+@keyword_errors
 def export(
     source: str | Path,
     to: str,
@@ -116,6 +123,7 @@ def export(
     keep_delta: float | None = None,
     name: str | None = None,
     modelfile: str | Path | None = None,
+    check_report: str | Path | None = None,
 ) -> WriteReport:
     """Export `source` (a QLoRA adapter, merged on the fly, or a model directory) to one format.
 
@@ -138,10 +146,19 @@ def export(
         stop strings translated from the model's chat template and checked by rendering sample
         conversations both ways (the report's "modelfile" says whether, and why not). gguf-lora writes its
         own Modelfile in its directory.
+    check_report: with a model directory format, a `qmerge check --json` report whose figures its card shows.
     The other keywords are merge()'s. A combination a format does not take is an UnsupportedError.
     """
     conflict = option_conflict(
-        to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, name=name, modelfile=modelfile
+        to,
+        gguf_type,
+        calibrate,
+        imatrix,
+        tensor_types,
+        keep_delta,
+        name=name,
+        modelfile=modelfile,
+        check_report=check_report,
     )
     if conflict:
         raise UnsupportedError(conflict)
@@ -151,6 +168,7 @@ def export(
         check_type(gguf_type)
     from .pipeline.source import open_source
 
+    card_check = _card_check(check_report)
     # the config check runs in the background unless calibration builds the model with transformers anyway
     background = calibrate is None
     src = open_source(
@@ -162,7 +180,7 @@ def export(
         background,
         allow_other_base,
     )
-    src.gguf_name = name
+    src.gguf_name, src.card_check = name, card_check
     if to == "gguf" and Path(out).is_dir():  # a directory: the file named as llama.cpp's converter names it
         from .formats.gguf_meta import gguf_file_name, gguf_metadata
 
@@ -192,6 +210,15 @@ def export(
     return finished(report, src)
 
 
+def _card_check(path: str | Path | None) -> dict | None:
+    """The check report a model card shows, read before any work (None without one)."""
+    if path is None:
+        return None
+    from .io.card import read_check_report
+
+    return read_check_report(Path(path))
+
+
 def _separate_paths(out, imatrix, modelfile) -> None:
     """The importance matrix and the Modelfile each get a path of their own, apart from the output."""
     paths = [("the output file", out), ("the importance matrix", imatrix), ("the Modelfile", modelfile)]
@@ -205,6 +232,7 @@ def _separate_paths(out, imatrix, modelfile) -> None:
         seen[key] = what
 
 
+@keyword_errors
 def check(
     adapter: str | Path,
     candidate: str | Path,
@@ -274,6 +302,7 @@ def check(
     return run(adapter, candidate, base, thresholds, quant, merge_base, progress, options)
 
 
+@keyword_errors
 def describe(path: str | Path, base: str | Path | None = None, *, allow_pickle: bool = False) -> Description:
     """Describe a base, an adapter (with its base), a merged model or a GGUF file without loading a model:
     architecture, parameter count, quantization, the adapter's settings and modules, problems found. The

@@ -96,6 +96,15 @@ class QmergeGroup(click.Group):
     With --json, every error is also printed on stdout as {"error": MESSAGE, "exit_code": N}."""
 
     def invoke(self, ctx):
+        from .spelling import CLI
+
+        token = CLI.set(True)  # the library's messages keep the options' spelling
+        try:
+            return self._invoke(ctx)
+        finally:
+            CLI.reset(token)
+
+    def _invoke(self, ctx):
         debug = bool(os.environ.get("QMERGE_DEBUG"))
         as_json = _wants_json(ctx)
         try:
@@ -353,8 +362,24 @@ def inspect(path, base, as_json, allow_pickle, per_module):
 @pickle_option
 @quant_options
 @other_base_option
+@click.option(
+    "--check-report",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A `qmerge check --json` report (saved to a file) whose figures the model card shows.",
+)
 def merge(
-    adapter, base, output, shard, force, dtype, merge_base, as_json, allow_pickle, allow_other_base, **quant
+    adapter,
+    base,
+    output,
+    shard,
+    force,
+    dtype,
+    merge_base,
+    as_json,
+    allow_pickle,
+    allow_other_base,
+    check_report,
+    **quant,
 ):
     """Merge a QLoRA adapter into the weights its training saw (fp32 math, streamed)."""
     from .api import merge as do_merge
@@ -373,6 +398,7 @@ def merge(
             allow_pickle=allow_pickle,
             allow_other_base=allow_other_base,
             progress=cb,
+            check_report=check_report,
         )
     _warn(report.warnings)
     if as_json:
@@ -646,6 +672,11 @@ def _show_check(report, as_json: bool) -> None:
     help="With --to gguf: also write an Ollama Modelfile here (FROM the GGUF; TEMPLATE, SYSTEM and stop "
     "strings translated from the model's chat template and checked by rendering).",
 )
+@click.option(
+    "--check-report",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With a model directory format: a `qmerge check --json` report whose figures the model card shows.",
+)
 @json_option
 @pickle_option
 @quant_options
@@ -670,6 +701,7 @@ def export(
     imatrix,
     name,
     modelfile,
+    check_report,
     as_json,
     allow_pickle,
     allow_other_base,
@@ -682,7 +714,7 @@ def export(
         gguf_embedding_type and gguf_embedding_type.lower(), gguf_output_type and gguf_output_type.lower()
     )
     conflict = option_conflict(
-        to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, CLI_NAMES, name, modelfile
+        to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, CLI_NAMES, name, modelfile, check_report
     )
     if conflict:
         raise click.UsageError(conflict)
@@ -711,6 +743,7 @@ def export(
             allow_other_base=allow_other_base,
             name=name,
             modelfile=modelfile,
+            check_report=check_report,
         )
     _warn(report.warnings)
     if as_json:

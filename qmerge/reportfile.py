@@ -122,6 +122,10 @@ def _sections(r: dict) -> list[tuple[str, list[tuple[str, str]] | str]]:
         ]
         if diffs:
             out.append(("completions that differ", diffs))
+        same = [(c["prompt"], _agreeing(c)) for c in t.get("agreeing", [])]
+        if same:
+            shown = f"{len(same)} of {t['prompts'] - len(diffs)}"
+            out.append((f"completions that agree ({shown}): what both models answered", same))
     if r.get("against_base"):
         out.append(
             ("against the base model (no adapter), on text", _metric_rows(r["against_base"]["metrics"]))
@@ -135,6 +139,11 @@ def _sections(r: dict) -> list[tuple[str, list[tuple[str, str]] | str]]:
             )
         )
     return out
+
+
+def _agreeing(c: dict) -> str:
+    expected = f"expected {c['expected']!r}; " if c.get("expected") is not None else ""
+    return f"{expected}both {c['candidate']!r}"
 
 
 def _metric_rows(m: dict) -> list[tuple[str, str]]:

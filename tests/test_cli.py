@@ -237,10 +237,14 @@ def test_held_out_prompts_without_answers_serve_generate(tmp_path, fixtures, bas
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     args = ["check", fixtures / "adapter-qlora", "--candidate", merged, "--data", data]
-    r = run([*args, "--generate", "2", "--max-new-tokens", "4", "--json"])
+    html = tmp_path / "check.html"
+    r = run([*args, "--generate", "2", "--max-new-tokens", "4", "--json", "--report", html])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["task"]["prompts"] == 2 and report["task"]["accuracy_reference"] is None
+    # completions that agree are shown too (the merge is exact: both prompts agree)
+    assert len(report["task"]["agreeing"]) == 2 and not report["task"]["differing"]
+    assert "completions that agree (2 of 2)" in html.read_text()
     assert any("holds prompts without answers" in w for w in report["warnings"]) and "data" not in report
     r = run(args)
     assert r.exit_code == 1 and "no record has response tokens to compare the models on" in r.stderr

@@ -133,8 +133,13 @@ def calibrate(sink, model, cal: Quantizer, order: list[str], tokens, mask, progr
         def pre(module, args):
             if name in pending or position["next"] > order.index(name):
                 return  # a module called twice (shared weights): its first input decides
-            if progress:
-                progress(name, order.index(name), len(order))
+            if progress:  # the stage named: "calibration: 3 of 12 layers (model.layers.0...)"
+                i = order.index(name)
+                progress(
+                    f"calibration: {i + 1} of {len(order)} layers ({name.removesuffix('.weight')})",
+                    i,
+                    len(order),
+                )
             if args[0] is not last[0]:  # q/k/v (and gate/up) read one input: one Hessian, one inverse
                 last[:] = [args[0], Hessian.of_inputs(args[0][mask])]
             pending[name] = cal.quantize(name, last[1])
@@ -147,6 +152,8 @@ def calibrate(sink, model, cal: Quantizer, order: list[str], tokens, mask, progr
         for n, m in model.named_modules()
         if f"{n}.weight" in cal.quantized
     ]
+    if progress:
+        progress(f"calibration: 0 of {len(order)} layers (the forward pass starts)", 0, len(order))
     try:
         with torch.no_grad():
             model(input_ids=tokens, attention_mask=None if mask.all() else mask.long(), logits_to_keep=1)

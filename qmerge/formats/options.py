@@ -52,13 +52,13 @@ class Format:
     takes: frozenset[str]
 
 
-_PLAIN = frozenset({"max_shard_size"})
+_PLAIN = frozenset({"max_shard_size", "check_report"})
 FORMATS: dict[str, Format] = {
     **{d: Format(d, f"a Hugging Face model directory in {d}", _PLAIN) for d in DTYPES},
     "nf4": Format(
         "nf4",
         "a bitsandbytes 4-bit model directory transformers loads",
-        frozenset({"max_shard_size", "nf4", "calibrate", "calibration_tokens"}),
+        frozenset({"max_shard_size", "nf4", "calibrate", "calibration_tokens", "check_report"}),
     ),
     "gguf": Format(
         "gguf",
@@ -95,6 +95,7 @@ CLI_NAMES = {
     "keep_delta": "--keep-delta",
     "name": "--name",
     "modelfile": "--modelfile",
+    "check_report": "--check-report",
 }
 API_NAMES = {k: k for k in CLI_NAMES} | {"tensor_types": "tensor_types"}
 
@@ -126,6 +127,7 @@ def option_conflict(
     names: dict[str, str] = API_NAMES,
     name: str | None = None,
     modelfile=None,
+    check_report=None,
 ) -> str | None:
     """What is wrong with this combination of export options, named as `names` spells them (CLI_NAMES for the
     command line's usage error, API_NAMES for the API's UnsupportedError), or None."""
@@ -143,6 +145,11 @@ def option_conflict(
             f"{n['tensor_types']} apply where llama.cpp's quantizer writes the file: {to_gguf} or gguf-lora with "
             f"a {n['gguf_type']} llama.cpp quantizes (not f32, f16, bf16, q8_0; nor "
             f"{', '.join(GGUF_OWN_CALIBRATED_TYPES)} with {n['calibrate']}, which qmerge writes itself)."
+        )
+    if check_report is not None and "check_report" not in FORMATS[to].takes:
+        return (
+            f"{n['check_report']} puts a check's figures in a model directory's card: it applies to "
+            f"{n['to']} {', '.join(f for f in EXPORT_FORMATS if 'check_report' in FORMATS[f].takes)}."
         )
     return _gguf_conflict(to, calibrate, imatrix, keep_delta, n, name, modelfile)
 

@@ -121,6 +121,7 @@ def _body(source, settings: dict, name: str, base_id: str | None, quantized: boo
         )
     else:
         lines.append(f"- Stored as {settings.get('dtype')} safetensors; no quantization config.")
+    lines += check_lines(getattr(source, "card_check", None))
     lines += [
         "- `qmerge_provenance.json` lists the inputs (names, Hub ids and revisions, the adapter files' sha256) "
         "and the settings.",
@@ -141,6 +142,63 @@ def _body(source, settings: dict, name: str, base_id: str | None, quantized: boo
         "",
     ]
     return "\n".join(lines)
+
+
+def read_check_report(path: Path) -> dict:
+    """A `qmerge check --json` report for the card, or an InputError that says what is wrong with it."""
+    from ..errors import InputError
+    from .files import read_json
+
+    report = read_json(Path(path))
+    if not isinstance(report.get("passed"), bool) or not isinstance(report.get("metrics"), dict):
+        raise InputError(
+            f"{path}: not a report of qmerge check (no passed/metrics); save one with "
+            "`qmerge check ... --json > check.json`."
+        )
+    return report
+
+
+_FIGURES = (  # (check JSON metric, the card's words, format)
+    ("mean_kl", "mean KL divergence per token", "{:.3g}"),
+    ("max_kl", "largest KL divergence of a token", "{:.3g}"),
+    ("top1_agreement", "top-1 token agreement", "{:.2%}"),
+    ("max_abs_logit_diff", "largest logit difference", "{:.3g}"),
+    ("ppl_reference", "perplexity of the unmerged fine-tune", "{:.4g}"),
+    ("ppl_candidate", "perplexity of the checked model", "{:.4g}"),
+)
+
+
+def check_lines(report: dict | None) -> list[str]:
+    """The card's "Check" figures from a `qmerge check --json` report (none without one)."""
+    if not report:
+        return []
+    m, t = report["metrics"], report.get("thresholds") or {}
+    data = Path(report["data"]).name if report.get("data") else "text"
+    verdict = "passed" if report["passed"] else "did not pass"
+    limits = ", ".join(f"{k} {v}" for k, v in t.items() if v is not None) or "none"
+    rows = [f"| {words} | {fmt.format(m[k])} |" for k, words, fmt in _FIGURES if m.get(k) is not None]
+    task = report.get("task") or {}
+    if task:
+        rows.append(
+            f"| greedy completions equal to the unmerged fine-tune's | {task['agreement']:.1%} of {task['prompts']} |"
+        )
+        for k, who in (("accuracy_reference", "unmerged fine-tune"), ("accuracy_candidate", "checked model")):
+            if task.get(k) is not None:
+                rows.append(f"| completions equal to the data's answers, {who} | {task[k]:.1%} |")
+    candidate = Path(str(report.get("candidate", ""))).name
+    return [
+        "",
+        "## Check results",
+        "",
+        f"`qmerge check` compared `{candidate}` with the unmerged fine-tune (the base and the adapter as "
+        f"transformers and PEFT run them) on {m.get('n_tokens', '?')} tokens of {data}: it {verdict} "
+        f"(thresholds: {limits}).",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _causal(config: dict) -> bool:

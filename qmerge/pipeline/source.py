@@ -95,6 +95,7 @@ class Source:
         self.base_check = None  # a fit.BackgroundCheck while config.json is checked in a child process
         self.warnings: list[str] = []  # what the fit check warns of (said in every command's output)
         self.gguf_name: str | None = None  # a GGUF's general.name, when the user names it (export name=)
+        self.card_check: dict | None = None  # a check report whose figures the model card shows
         # how training quantized the base, and how qmerge knows (open_checkpoint establishes it)
         self.quantization: Quantization | None = Quantization.of_checkpoint(base) if base.is_4bit else None
 

@@ -240,6 +240,9 @@ class Session:
                 spill.close()
 
 
+AGREEING_SHOWN = 20  # completions that agree, kept in the JSON and the report
+
+
 def task_summary(done: list[Completion]) -> dict:
     """Agreement of the candidate's completions with the reference's, and each one's accuracy on answers."""
     with_answer = [c for c in done if c.expected is not None]
@@ -257,4 +260,6 @@ def task_summary(done: list[Completion]) -> dict:
         "accuracy_reference": accuracy(lambda c: c.reference),
         "accuracy_candidate": accuracy(lambda c: c.candidate),
         "differing": [c.__dict__ for c in done if not c.agrees],
+        # some that agree too, so that an accuracy (even 0%) can be read against what the models answered
+        "agreeing": [c.__dict__ for c in done if c.agrees][:AGREEING_SHOWN],
     }

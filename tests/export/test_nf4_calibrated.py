@@ -30,7 +30,13 @@ def test_calibrated_nf4_loads_and_keeps_more_of_the_delta(tmp_path, fixtures, ba
     from qmerge.verify.metrics import Thresholds
 
     adapter, cal = fixtures / "adapter-qlora", _data(tmp_path)
-    report = export(adapter, "nf4", tmp_path / "cal", base=base16, calibrate=cal)
+    stages = []
+    report = export(
+        adapter, "nf4", tmp_path / "cal", base=base16, calibrate=cal, progress=lambda *a: stages.append(a)
+    )
+    calibration = [s for s in stages if s[0].startswith("calibration: ")]  # the stage named, N of M layers
+    assert calibration[0] == ("calibration: 0 of 14 layers (the forward pass starts)", 0, 14)
+    assert calibration[-1][0].startswith("calibration: 14 of 14 layers (model.layers.1.")
     plain = export(adapter, "nf4", tmp_path / "plain", base=base16)
     c = report.details["calibration"]
     assert c["tokens"] > 10 and c["output_error_vs_rounding"] < 1.0 and len(c["layers"]) == 14

@@ -79,3 +79,31 @@ def test_a_malformed_card_of_the_base_is_read_as_no_card(tmp_path):
     assert r.exit_code == 0, r.output
     card = ModelCard.load(out / "README.md")
     assert card.data.license is None and "qmerge" in card.data.tags
+
+
+def test_a_check_report_puts_its_figures_in_the_card(tmp_path):
+    """merge, check the output (--json saved), merge again with --check-report: the card shows the figures."""
+    import json
+
+    shutil.copytree(HOSTILE / "clean", tmp_path / "run")
+    adapter, out = tmp_path / "run" / "adapter", tmp_path / "m"
+    assert run(["merge", adapter, "-o", out]).exit_code == 0
+    r = run(["check", adapter, "--candidate", out, "--json"])
+    assert r.exit_code == 0, r.output
+    saved = tmp_path / "check.json"
+    saved.write_text(r.stdout)
+    figures = json.loads(r.stdout)["metrics"]
+    r = run(["merge", adapter, "-o", out, "--force", "--check-report", saved])
+    assert r.exit_code == 0, r.output
+    card = ModelCard.load(out / "README.md")
+    assert (
+        "## Check results" in card.text and "it passed" in card.text and "`m` with the unmerged" in card.text
+    )
+    assert f"| top-1 token agreement | {figures['top1_agreement']:.2%} |" in card.text
+    assert f"on {figures['n_tokens']} tokens of text" in card.text
+    assert str(tmp_path) not in (out / "README.md").read_text()
+    saved.write_text('{"output": "m", "files": []}')  # a merge report, not a check's
+    r = run(["merge", adapter, "-o", tmp_path / "m2", "--check-report", saved])
+    assert r.exit_code == 1 and "not a report of qmerge check" in r.output and not (tmp_path / "m2").exists()
+    r = run(["export", adapter, "--to", "gguf", "-o", tmp_path / "x.gguf", "--check-report", saved])
+    assert r.exit_code == 2 and "--check-report" in r.output
