@@ -116,6 +116,14 @@ def module_order(model) -> list[str]:
     return [f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
 
 
+def _stage(progress, order: list[str], i: int) -> None:
+    """The stage named for the progress bar: "calibration: 3 of 12 layers (model.layers.0...)"; i = -1 before
+    the forward pass reaches the first layer."""
+    if progress:
+        where = "the forward pass starts" if i < 0 else order[i].removesuffix(".weight")
+        progress(f"calibration: {i + 1} of {len(order)} layers ({where})", max(i, 0), len(order))
+
+
 def calibrate(sink, model, cal: Quantizer, order: list[str], tokens, mask, progress) -> None:
     """One forward pass; each 4-bit layer is quantized when its input arrives and written in `order`
     (a layer that arrives early waits; one the pass never reaches is rounded plainly at the end)."""
@@ -133,13 +141,7 @@ def calibrate(sink, model, cal: Quantizer, order: list[str], tokens, mask, progr
         def pre(module, args):
             if name in pending or position["next"] > order.index(name):
                 return  # a module called twice (shared weights): its first input decides
-            if progress:  # the stage named: "calibration: 3 of 12 layers (model.layers.0...)"
-                i = order.index(name)
-                progress(
-                    f"calibration: {i + 1} of {len(order)} layers ({name.removesuffix('.weight')})",
-                    i,
-                    len(order),
-                )
+            _stage(progress, order, order.index(name))
             if args[0] is not last[0]:  # q/k/v (and gate/up) read one input: one Hessian, one inverse
                 last[:] = [args[0], Hessian.of_inputs(args[0][mask])]
             pending[name] = cal.quantize(name, last[1])
@@ -152,8 +154,7 @@ def calibrate(sink, model, cal: Quantizer, order: list[str], tokens, mask, progr
         for n, m in model.named_modules()
         if f"{n}.weight" in cal.quantized
     ]
-    if progress:
-        progress(f"calibration: 0 of {len(order)} layers (the forward pass starts)", 0, len(order))
+    _stage(progress, order, -1)
     try:
         with torch.no_grad():
             model(input_ids=tokens, attention_mask=None if mask.all() else mask.long(), logits_to_keep=1)
