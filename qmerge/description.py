@@ -80,7 +80,9 @@ def _assumed_quant(q: QuantSettings, source: Source) -> dict:
 
 def _modules(source: Source) -> list[dict]:
     """One row per 2-D weight: shape, whether it is 4-bit in training, its LoRA rank and scaling."""
-    lora = source.layout.lora
+    # by the weight the base stores (a VLM checkpoint in its older layout stores model.layers.* for the
+    # model.language_model.layers.* PEFT names)
+    lora = {(m.stored_as or m.weight)[: -len(".weight")]: m for m in source.layout.lora.values()}
     quantized = source.weights.quantized_names()
     out = []
     for name in sorted(source.base.weight_names()):
@@ -94,7 +96,7 @@ def _modules(source: Source) -> list[dict]:
             "shape": list(shape),
             "quantized": name in quantized,
             "lora_rank": source.adapter.store.shape(mod.lora_A)[0] if mod else None,
-            "scaling": module_scaling(source.settings, module) if mod else None,
+            "scaling": module_scaling(source.settings, mod.module) if mod else None,
         }
         if name in source.layout.replace:
             row["replaced_by_adapter"] = True  # modules_to_save (or a saved base layer) replaces the weight

@@ -51,6 +51,10 @@ SIDE_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
+    # what a vision-language model serves with (transformers' processors)
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
 )
 
 

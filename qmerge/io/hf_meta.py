@@ -11,7 +11,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError, QmergeError, UnsupportedError
 
 if TYPE_CHECKING:
     import torch
@@ -26,19 +26,25 @@ def _key(config: dict) -> str:
     )
 
 
-@lru_cache(maxsize=4)
-def _meta_model(config_json: str):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+# The auto classes a fine-tune is built with, tried in this order when config.json's `architectures` names
+# no class the installed transformers has (causal LMs, then vision-language models).
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText")
 
-    hf_logging.set_verbosity_error()  # config warnings about the user's model are not qmerge's to print
-    cfg = json.loads(config_json)
+
+def hf_config_of(config: dict):
+    """The transformers config for a config.json dict, parsed as AutoConfig.from_pretrained parses it
+    (special floats such as {"__float__": "Infinity"} decoded), or an error that says why not."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    cfg = dict(config)
+    decode = getattr(PretrainedConfig, "_decode_special_floats", None)
+    if decode is not None:
+        cfg = decode(cfg)
     model_type = cfg.pop("model_type", None)
     if not isinstance(model_type, str):
         raise UnsupportedError("config.json has no model_type; qmerge cannot tell the architecture.")
     try:
-        hf_config = AutoConfig.for_model(model_type, **cfg)
+        return AutoConfig.for_model(model_type, **cfg)
     except (KeyError, ValueError) as e:
         raise UnsupportedError(
             f"model_type {model_type!r} is not known to the installed transformers ({e})."
@@ -47,12 +53,53 @@ def _meta_model(config_json: str):
         raise InputError(
             f"config.json: transformers rejects this {model_type} config ({type(e).__name__}: {e})."
         ) from e
+
+
+def model_class(config: dict, hf_config=None):
+    """The transformers class a fine-tune of this model is built with: the one config.json's
+    `architectures` names (a causal LM, a vision-language model, a classifier), else the first auto class
+    of AUTO_CLASSES that knows the config. Returns (class, how to build: "auto" or "class")."""
+    import transformers
+
+    for name in config.get("architectures") or []:
+        cls = getattr(transformers, str(name), None) if "For" in str(name) else None
+        if cls is not None and hasattr(cls, "_from_config"):
+            return cls, "class"
+    hf_config = hf_config if hf_config is not None else hf_config_of(config)
+    for auto in AUTO_CLASSES:
+        cls = getattr(transformers, auto)
+        if type(hf_config) in cls._model_mapping:
+            return cls, "auto"
+    raise UnsupportedError(
+        f"config.json: the installed transformers builds no causal LM or vision-language model for "
+        f"{config.get('model_type')!r} (architectures {config.get('architectures')}); qmerge merges the "
+        "models transformers fine-tunes with AutoModelForCausalLM or AutoModelForImageTextToText."
+    )
+
+
+def build_model(config: dict, hf_config, **kwargs):
+    """The model_class model for `hf_config` (under whatever device context the caller set)."""
+    cls, how = model_class(config, hf_config)
+    return cls.from_config(hf_config, **kwargs) if how == "auto" else cls._from_config(hf_config, **kwargs)
+
+
+@lru_cache(maxsize=4)
+def _meta_model(config_json: str):
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # config warnings about the user's model are not qmerge's to print
+    config = json.loads(config_json)
+    hf_config = hf_config_of(config)
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config)
+            return build_model(config, hf_config)
+    except QmergeError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise InputError(
-            f"config.json: transformers cannot build a {model_type} causal LM from it ({type(e).__name__}: {e})."
+            f"config.json: transformers cannot build a {config.get('model_type')} model from it "
+            f"({type(e).__name__}: {e})."
         ) from e
 
 
@@ -77,7 +124,10 @@ def _quantized_linears(config_json: str, skip_modules: tuple[str, ...] | None) -
             continue
         if type(module) is nn.Linear or type(module).__name__ == "Conv1D":
             names.add(name + ".weight")
-    return frozenset(names)
+    # under the names a checkpoint stores them too (a VLM saved in its older layout: model.layers.* for
+    # the model's model.language_model.layers.*)
+    saved = dict(_checkpoint_names(config_json))
+    return frozenset(names | {saved[n] for n in names if n in saved})
 
 
 def quantized_linears(config: dict, skip_modules: list[str] | None = None) -> frozenset[str]:

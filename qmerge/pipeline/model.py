@@ -114,17 +114,29 @@ def read_fp32(store, key: str) -> torch.Tensor:
     return out
 
 
+def model_class_of(path: Path):
+    """The transformers class that loads the model directory at `path` as its fine-tune was built: the
+    causal LM, vision-language model or classifier its config.json names (io.hf_meta.model_class)."""
+    from ..io.files import read_json
+    from ..io.hf_meta import model_class
+
+    return model_class(read_json(Path(path) / "config.json"))[0]
+
+
 def empty_model(source: Source):
-    """The CausalLM transformers builds from the source's config, parameters on the meta device (buffers
-    such as rotary frequencies real), in fp32, for inference."""
+    """The model transformers builds from the source's config (hf_meta.model_class: a causal LM or a
+    vision-language model), parameters on the meta device (buffers such as rotary frequencies real), in fp32,
+    for inference."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from ..io.hf_meta import build_model
 
     config = AutoConfig.from_pretrained(str(source.base.path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights come dequantized through the hooks
     with quiet_libraries(), init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = build_model(source.base.config, config, dtype=torch.float32)
     return model.eval()
 
 

@@ -12,7 +12,7 @@ from ..errors import InputError
 from ..io.hf_dir import ModelDir
 from ..io.kinds import path_kind
 from ..io.records import read_provenance
-from ..pipeline.model import quiet_libraries
+from ..pipeline.model import model_class_of, quiet_libraries
 from .reference import model_logits
 
 
@@ -37,14 +37,12 @@ def candidate_logits(path: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, st
     kind = candidate_kind(path)
     if kind == "gguf":
         return llama_cpp.gguf_logits(path, tokens), kind
-    from transformers import AutoModelForCausalLM
-
     with quiet_libraries():
         if kind == "nf4":
-            model = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu")
+            model = model_class_of(path).from_pretrained(str(path), device_map="cpu")
             model = model.dequantize().float()
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            model = model_class_of(path).from_pretrained(str(path), dtype=torch.float32)
         model.eval()
     return model_logits(model, tokens), kind
 

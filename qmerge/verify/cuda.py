@@ -14,7 +14,7 @@ import torch
 from ..errors import DependencyError
 from ..io.files import read_json
 from ..io.records import TRAINING_RECORD
-from ..pipeline.model import quiet_libraries
+from ..pipeline.model import model_class_of, quiet_libraries
 from ..pipeline.source import Source
 from .reference import bnb_config
 
@@ -44,7 +44,6 @@ def compute_dtype(source: Source) -> torch.dtype:
 def cuda_reference(source: Source, fp32: bool = False):
     """The unmerged QLoRA model on the GPU."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     compute = torch.float32 if fp32 else compute_dtype(source)
     kwargs = {"device_map": {"": 0}}
@@ -55,7 +54,7 @@ def cuda_reference(source: Source, fp32: bool = False):
             quantization_config=bnb_config(source.quant, compute), dtype=source.quant.dtype or "auto"
         )
     with quiet_libraries():
-        model = AutoModelForCausalLM.from_pretrained(str(source.base.path), **kwargs)
+        model = model_class_of(source.base.path).from_pretrained(str(source.base.path), **kwargs)
         if fp32 and source.merge_base != "original":
             model = model.dequantize().float()
         model = PeftModel.from_pretrained(model, str(source.adapter.path)).eval()
@@ -64,8 +63,6 @@ def cuda_reference(source: Source, fp32: bool = False):
 
 def cuda_base(source: Source, fp32: bool = False):
     """The base model (no adapter) on the GPU, as training loaded it."""
-    from transformers import AutoModelForCausalLM
-
     compute = torch.float32 if fp32 else compute_dtype(source)
     kwargs = {"device_map": {"": 0}}
     if not source.base.is_4bit:
@@ -73,20 +70,18 @@ def cuda_base(source: Source, fp32: bool = False):
             quantization_config=bnb_config(source.quant, compute), dtype=source.quant.dtype or "auto"
         )
     with quiet_libraries():
-        model = AutoModelForCausalLM.from_pretrained(str(source.base.path), **kwargs)
+        model = model_class_of(source.base.path).from_pretrained(str(source.base.path), **kwargs)
     return (model.dequantize().float() if fp32 else model).eval()
 
 
 def cuda_candidate(path: Path, kind: str, fp32: bool = False):
     """A merged directory or NF4 export on the GPU (in fp32 with fp32, else as stored / in 4-bit)."""
-    from transformers import AutoModelForCausalLM
-
     with quiet_libraries():
         if kind == "nf4":
-            model = AutoModelForCausalLM.from_pretrained(str(path), device_map={"": 0})
+            model = model_class_of(path).from_pretrained(str(path), device_map={"": 0})
             model = model.dequantize().float() if fp32 else model
         else:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = model_class_of(path).from_pretrained(
                 str(path), device_map={"": 0}, dtype=torch.float32 if fp32 else "auto"
             )
     return model.eval()

@@ -16,7 +16,7 @@ from ..errors import UnsupportedError
 from ..io.adapter import Adapter
 from ..io.hf_dir import ModelDir
 from ..pipeline.base import QuantSettings
-from ..pipeline.model import quiet_libraries
+from ..pipeline.model import model_class_of, quiet_libraries
 from ..pipeline.source import quant_settings_for, resolve_base_path
 
 
@@ -44,12 +44,10 @@ def bnb_config(q: QuantSettings, compute=torch.float32):
 
 def load_4bit_base(base: ModelDir, quant: QuantSettings):
     """The base as transformers loads it for QLoRA: 4-bit Linear layers quantized by bitsandbytes."""
-    from transformers import AutoModelForCausalLM
-
     with quiet_libraries():
         if base.is_4bit:
-            return AutoModelForCausalLM.from_pretrained(str(base.path), device_map="cpu")
-        return AutoModelForCausalLM.from_pretrained(
+            return model_class_of(base.path).from_pretrained(str(base.path), device_map="cpu")
+        return model_class_of(base.path).from_pretrained(
             str(base.path),
             quantization_config=bnb_config(quant),
             dtype=quant.dtype or "auto",
@@ -65,14 +63,13 @@ def reference_model(
 ):
     """(the unmerged QLoRA model in fp32, its Adapter, its base ModelDir)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     adapter = Adapter(adapter_path)
     base = ModelDir(resolve_base_path(adapter, base_path))
     q = quant_settings_for(adapter, quant, base)
     with quiet_libraries():
         if merge_base == "original":
-            model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
+            model = model_class_of(base.path).from_pretrained(str(base.path), dtype=torch.float32)
         else:
             model = load_4bit_base(base, q)
             model = model.dequantize()  # bitsandbytes' dequantize_4bit, in the quant_state dtype
