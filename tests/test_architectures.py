@@ -77,3 +77,64 @@ def test_moe_experts_fused_at_load_merge_and_check(tmp_path):
     merge(adapter, tmp_path / "m", base=base, dtype="fp32")
     report = check(adapter, tmp_path / "m", base=base, device="cpu")
     assert report.passed and report.metrics.max_abs_logit_diff < 1e-4
+
+
+def test_falcon_h1_config_with_special_floats(tmp_path):
+    """A Mamba-2 hybrid whose config.json holds time_step_limit [0, {"__float__": "Infinity"}] (as
+    transformers writes infinity): read as AutoConfig.from_pretrained reads it; merged and checked."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    from qmerge.api import check
+
+    torch.manual_seed(0)
+    cfg = FalconH1Config(
+        **COMMON,
+        num_key_value_heads=2,
+        head_dim=16,
+        mamba_d_ssm=64,
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=8,
+        mamba_n_groups=1,
+    )
+    FalconH1ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
+    assert "__float__" in (tmp_path / "base" / "config.json").read_text()
+    targets = ["q_proj", "v_proj", "in_proj", "down_proj"]  # PEFT refuses LoRA on Mamba's out_proj
+    adapter = random_adapter(
+        tmp_path / "base", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=targets
+    )
+    merge(adapter, tmp_path / "merged", tmp_path / "base", dtype="fp32")
+    ref = reference_unmerged(adapter, tmp_path / "base")
+    assert (logits_of(tmp_path / "merged") - ref).abs().max() < FP32_TOL
+    assert check(adapter, tmp_path / "merged", tmp_path / "base", device="cpu", seq_len=16, max_seqs=2).passed
+
+
+def test_llama4_streamed_check(tmp_path):
+    """Llama 4 sends the token ids to its embedding's device inside its forward: the streamed check (whose
+    weights are offloaded) runs it, and measures the merge as exact."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from qmerge.api import check
+
+    torch.manual_seed(0)
+    cfg = Llama4TextConfig(
+        **{**COMMON, "max_position_embeddings": 256},
+        intermediate_size_mlp=128,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+        pad_token_id=0,
+        attention_chunk_size=64,
+    )
+    Llama4ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
+    targets = ["q_proj", "v_proj"]
+    adapter = random_adapter(
+        tmp_path / "base", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=targets
+    )
+    merge(adapter, tmp_path / "merged", tmp_path / "base", dtype="fp32")
+    ref = reference_unmerged(adapter, tmp_path / "base")
+    assert (logits_of(tmp_path / "merged") - ref).abs().max() < FP32_TOL
+    result = check(adapter, tmp_path / "merged", tmp_path / "base", device="cpu", seq_len=16, max_seqs=2)
+    assert result.passed and result.metrics.max_abs_logit_diff < 1e-4

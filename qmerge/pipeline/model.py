@@ -91,8 +91,9 @@ def base_weights(source: Source) -> Callable[[str], torch.Tensor]:
 
     def weight(name: str) -> torch.Tensor:
         key = saved_as.get(name, name)
-        if key not in stored:
-            key = tied.get(key, tied.get(name, key))
+        if key not in stored:  # tied: the tensor it is tied to, under its stored name
+            to = tied.get(key, tied.get(name, key))
+            key = saved_as.get(to, to)
         if source.weights.is_4bit(key):
             return source.weights.dequantized(key)
         return read_fp32(source.base.store, key)
@@ -177,6 +178,46 @@ def attach(model, weights: Mapping) -> None:
     attach_align_device_hook(
         model, execution_device="cpu", offload=True, weights_map=weights, preload_module_classes=WHOLE
     )
+    _report_execution_device(model)
+    _embedding_on_cpu(model)
+
+
+def _placeholder(module, *_) -> None:
+    """The module's offloaded (meta) weight as a CPU tensor of its shape that holds one value (stride 0)."""
+    w = module.weight
+    if w.is_meta:
+        module._parameters["weight"] = torch.nn.Parameter(
+            torch.zeros((), dtype=w.dtype).expand(w.shape), requires_grad=False
+        )
+
+
+def _embedding_on_cpu(model) -> None:
+    """Models that send the token ids to `embed_tokens.weight.device` (Llama 4) would send them to the meta
+    device: between its forwards, the offloaded embedding's weight is a one-value CPU placeholder (its
+    hook still brings the real rows for each forward)."""
+    emb = model.get_input_embeddings()
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        _placeholder(emb)
+        emb.register_forward_hook(_placeholder)
+
+
+_ON_CPU: dict[type, type] = {}
+
+
+def _report_execution_device(model) -> None:
+    """Models whose forward moves tensors to `self.device` (Idefics3's embeddings, Llama 4) would move them
+    to the meta device, where an offloaded model's parameters live: each transformers model in the tree
+    reports the CPU, where the hooks run it."""
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            cls = type(m)
+            if cls not in _ON_CPU:
+                _ON_CPU[cls] = type(
+                    cls.__name__, (cls,), {"device": property(lambda self: torch.device("cpu"))}
+                )
+            m.__class__ = _ON_CPU[cls]
 
 
 def streamed_model(source: Source):
@@ -199,8 +240,9 @@ def streamed_merge(source: Source, dtype: torch.dtype = torch.bfloat16):
 
     def weight(name: str) -> torch.Tensor:
         key = saved_as.get(name, name)
-        if key not in source.tensors:
-            key = tied.get(key, tied.get(name, key))
+        if key not in source.tensors:  # tied: the tensor it is tied to, under its stored name
+            to = tied.get(key, tied.get(name, key))
+            key = saved_as.get(to, to)
         step = decide(source, key, by_weight.get(key), by_bias.get(key), dtype, False)
         value = step.run(source, dtype)
         return value.to(dtype).float() if value.is_floating_point() else value

@@ -117,11 +117,14 @@ class Session:
         fp32 = opts.fp32_reference
         model = cuda_reference(source, fp32) if device == "cuda" else streamed_reference(source)
         self.vocab = model.get_input_embeddings().weight.shape[0]
+        # token ids both ends know: Mllama's embedding has 8 rows more than its output layer
+        out = model.get_output_embeddings()
+        logits = out.weight.shape[0] if getattr(out, "weight", None) is not None else self.vocab
         reference = Runner("reference", model, progress=progress)
-        text = text_batch(self.tokenizer, self.vocab, opts.text, opts.seq_len, opts.max_seqs)
+        text = text_batch(self.tokenizer, min(self.vocab, logits), opts.text, opts.seq_len, opts.max_seqs)
         self.data_scored = opts.data is not None  # False: --data held prompts only (see _data_batch)
         main = self._data_batch(text) if opts.data else text
-        self.main, self.text = chunks(main, self.vocab), chunks(text, self.vocab)
+        self.main, self.text = chunks(main, logits), chunks(text, logits)
         self.ref = reference.spill(self.main)
         self.asked = prompts(self.tokenizer, opts.data, opts.generate) if opts.generate and opts.data else []
         self.ref_answers = (

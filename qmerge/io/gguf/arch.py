@@ -285,7 +285,11 @@ def architecture_of(config: dict) -> tuple[Architecture, HParams]:
     hf_arch = archs[0] if isinstance(archs, list) and archs else by_type.get(config.get("model_type"))
     if hf_arch not in ARCHITECTURES:
         raise UnsupportedError(
-            f"GGUF export supports {', '.join(ARCHITECTURES)}; this model is {hf_arch or config.get('model_type')}."
+            f"qmerge writes GGUF for {', '.join(ARCHITECTURES)}; this model is "
+            f"{hf_arch or config.get('model_type')}. The route for it: export the merge in 16 bits "
+            "(qmerge export ADAPTER --to bf16 -o MERGED), then convert it with llama.cpp's "
+            "convert_hf_to_gguf.py MERGED (with --mmproj for a vision model's projector), and measure the "
+            "GGUF with qmerge check ADAPTER --candidate FILE.gguf."
         )
     arch = ARCHITECTURES[hf_arch]
     hp = read_hparams(config, arch.gguf_arch)
