@@ -220,6 +220,11 @@ def _stops(fmt: ChatFormat, special: list[str], bos: str) -> tuple[str, ...]:
     return (first,) if first else ()
 
 
+def _short(text: str, n: int = 160) -> str:
+    """repr of `text`, its middle cut beyond n characters (a reason stays one readable line)."""
+    return repr(text) if len(text) <= n else repr(text[: n // 2]) + " ... " + repr(text[-n // 2 :])
+
+
 def family_of(text: str) -> str:
     """A display name for the template family whose markers `text` holds ("other" for the rest)."""
     return next((name for marker, name in _FAMILIES if marker in text), "other")
@@ -255,7 +260,8 @@ def translate(
             return Translation(
                 None,
                 family,
-                reason=f"the translation renders a sample conversation differently: {got!r} vs {want!r}",
+                reason="the translation renders a sample conversation differently: "
+                f"{_short(got)} vs {_short(want)}",
             )
     if fmt.system_kind == "none":
         notes.append("the chat template refuses system messages; the Ollama template leaves them out")
