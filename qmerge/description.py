@@ -91,12 +91,17 @@ def _modules(source: Source) -> list[dict]:
             continue
         module = name[: -len(".weight")]
         mod = lora.get(module)
+        rank, scaling = (
+            (source.adapter.store.shape(mod.lora_A)[0], module_scaling(source.settings, mod.module))
+            if mod
+            else _parameter_lora(source, name)
+        )
         row = {
             "name": module,
             "shape": list(shape),
             "quantized": name in quantized,
-            "lora_rank": source.adapter.store.shape(mod.lora_A)[0] if mod else None,
-            "scaling": module_scaling(source.settings, mod.module) if mod else None,
+            "lora_rank": rank,
+            "scaling": scaling,
         }
         if name in source.layout.replace:
             row["replaced_by_adapter"] = True  # modules_to_save (or a saved base layer) replaces the weight
@@ -104,6 +109,13 @@ def _modules(source: Source) -> list[dict]:
             row["trainable_tokens"] = len(source.layout.rows[name][1])  # rows the adapter replaces
         out.append(row)
     return out
+
+
+def _parameter_lora(source: Source, name: str) -> tuple[int | None, float | None]:
+    """(r, scaling) of a LoRA on a parameter (target_parameters) that stored tensor `name` takes a part of."""
+    if not source.layout.params or name not in source.param_deltas:
+        return None, None
+    return source.param_deltas.rank_scaling(name)
 
 
 def _count_params(model: ModelDir) -> int:
@@ -127,6 +139,10 @@ def describe_model(model: ModelDir) -> Description:
     )
 
 
+def _listed(value) -> list[str]:
+    return [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
+
+
 def _adapter_summary(ad: Adapter) -> dict:
     s = ad.settings
     return {
@@ -135,6 +151,7 @@ def _adapter_summary(ad: Adapter) -> dict:
         "use_rslora": s.use_rslora,
         "use_dora": s.use_dora,
         "target_modules": ad.target_modules,
+        "target_parameters": sorted(_listed(ad.config.get("target_parameters"))),
         "modules_to_save": ad.modules_to_save,
         "rank_pattern": s.rank_pattern,
         "alpha_pattern": s.alpha_pattern,

@@ -50,6 +50,8 @@ def refuse_unsupported(source: Source) -> None:
         why.append("LoRA biases")
     if source.settings.fan_in_fan_out:
         why.append("fan_in_fan_out layers")
+    if layout.params:
+        why.append(f"LoRA on parameters (target_parameters: {sorted(layout.params)[0]}, ...)")
     if why:
         raise UnsupportedError(
             f"{source.adapter.path}: a llama.cpp LoRA adapter cannot carry {'; '.join(why)}. Merge instead: "

@@ -20,7 +20,6 @@ CONFIG = "adapter_config.json"
 _UNSUPPORTED_OPTIONS = {
     "use_qalora": "QA-LoRA",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on nn.Parameter targets",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_bdlora": "BD-LoRA",
 }
@@ -37,6 +36,10 @@ class LoraModule:
     lora_B_bias: str | None = None
     magnitude: str | None = None  # DoRA
     stored_as: str | None = None  # the weight's checkpoint name, where transformers renames it at load time
+    # LoRA on a parameter (PEFT's target_parameters, a ParamWrapper): wrappers of one module nest, each
+    # `depth` ".base_layer"s below the outermost; `parameter` is the model parameter, once resolved
+    depth: int = 0
+    parameter: str | None = None
 
     @property
     def weight(self) -> str:
@@ -55,6 +58,8 @@ class AdapterLayout:
     replace: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter key
     # trainable tokens: weight name -> (adapter key of the new rows, the token ids they replace)
     rows: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    # LoRA on parameters (target_parameters): model parameter name -> its LoRA (pipeline resolves them)
+    params: dict[str, LoraModule] = field(default_factory=dict)
 
 
 def resolve_adapter_dir(path: Path) -> Path:
@@ -226,7 +231,9 @@ def layout_adapter(keys: list[str], where: Path, token_indices: object = None) -
         # Adapter names other than the default are stripped by PEFT on save; a leftover one is an error.
         m = _LORA_KEY.match(rest)
         if m:
-            fields = parts.setdefault(m["module"], {"module": m["module"]})
+            module = m["module"]
+            depth = module.count(".base_layer")  # nested ParamWrappers (target_parameters)
+            fields = parts.setdefault(module, {"module": module.replace(".base_layer", ""), "depth": depth})
             attr, kind = _PART_FIELD.get(m["part"], ("magnitude", None))
             fields[attr] = key
             if kind:
@@ -249,7 +256,7 @@ def layout_adapter(keys: list[str], where: Path, token_indices: object = None) -
                 f"{where}: adapter tensors {replace[target]!r} and {key!r} both replace {target!r}."
             )
         replace[target] = key
-    lora = {name: LoraModule(**f) for name, f in parts.items()}
+    lora = {name: LoraModule(**f) for name, f in parts.items()}  # keyed as saved (".base_layer" kept)
     for mod in lora.values():
         if mod.lora_A is None or mod.lora_B is None:
             raise InputError(

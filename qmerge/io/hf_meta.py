@@ -11,7 +11,8 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from ..errors import InputError, QmergeError, UnsupportedError
+from ..errors import InputError, QmergeError
+from .hf_classes import build_model, hf_config_of
 
 if TYPE_CHECKING:
     import torch
@@ -24,63 +25,6 @@ def _key(config: dict) -> str:
     return json.dumps(
         {k: v for k, v in config.items() if k != "quantization_config"}, sort_keys=True, default=str
     )
-
-
-# The auto classes a fine-tune is built with, tried in this order when config.json's `architectures` names
-# no class the installed transformers has (causal LMs, then vision-language models).
-AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText")
-
-
-def hf_config_of(config: dict):
-    """The transformers config for a config.json dict, parsed as AutoConfig.from_pretrained parses it
-    (special floats such as {"__float__": "Infinity"} decoded), or an error that says why not."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    cfg = dict(config)
-    decode = getattr(PretrainedConfig, "_decode_special_floats", None)
-    if decode is not None:
-        cfg = decode(cfg)
-    model_type = cfg.pop("model_type", None)
-    if not isinstance(model_type, str):
-        raise UnsupportedError("config.json has no model_type; qmerge cannot tell the architecture.")
-    try:
-        return AutoConfig.for_model(model_type, **cfg)
-    except (KeyError, ValueError) as e:
-        raise UnsupportedError(
-            f"model_type {model_type!r} is not known to the installed transformers ({e})."
-        ) from e
-    except Exception as e:  # noqa: BLE001 - a config transformers rejects, whatever it raises
-        raise InputError(
-            f"config.json: transformers rejects this {model_type} config ({type(e).__name__}: {e})."
-        ) from e
-
-
-def model_class(config: dict, hf_config=None):
-    """The transformers class a fine-tune of this model is built with: the one config.json's
-    `architectures` names (a causal LM, a vision-language model, a classifier), else the first auto class
-    of AUTO_CLASSES that knows the config. Returns (class, how to build: "auto" or "class")."""
-    import transformers
-
-    for name in config.get("architectures") or []:
-        cls = getattr(transformers, str(name), None) if "For" in str(name) else None
-        if cls is not None and hasattr(cls, "_from_config"):
-            return cls, "class"
-    hf_config = hf_config if hf_config is not None else hf_config_of(config)
-    for auto in AUTO_CLASSES:
-        cls = getattr(transformers, auto)
-        if type(hf_config) in cls._model_mapping:
-            return cls, "auto"
-    raise UnsupportedError(
-        f"config.json: the installed transformers builds no causal LM or vision-language model for "
-        f"{config.get('model_type')!r} (architectures {config.get('architectures')}); qmerge merges the "
-        "models transformers fine-tunes with AutoModelForCausalLM or AutoModelForImageTextToText."
-    )
-
-
-def build_model(config: dict, hf_config, **kwargs):
-    """The model_class model for `hf_config` (under whatever device context the caller set)."""
-    cls, how = model_class(config, hf_config)
-    return cls.from_config(hf_config, **kwargs) if how == "auto" else cls._from_config(hf_config, **kwargs)
 
 
 @lru_cache(maxsize=4)
@@ -283,3 +227,45 @@ def unexpected_ok(config: dict):
         re.compile(p) for p in getattr(meta_model(config), "_keys_to_ignore_on_load_unexpected", None) or []
     ]
     return lambda name: name.endswith("inv_freq") or any(p.search(name) for p in patterns)
+
+
+def parameter_target(
+    config: dict, module: str, depth: int, targets: list[str]
+) -> tuple[str, int, bool] | None:
+    """For a LoRA saved at `module` (`depth` ".base_layer"s deep), the parameter PEFT's ParamWrapper
+    (target_parameters) adapts: (model parameter name, experts, swapped), or None where the module is a
+    layer LoRA adapts as a whole (nn.Linear, an embedding, Conv1D) or is not in the model.
+
+    PEFT wraps a module's targeted parameters in their registration order, each wrapper around the last,
+    so the outermost adapts the last of them; a 3-D parameter is [experts, in, out] unless the module says
+    `is_transposed` is False, when PEFT swaps in and out ([experts, out, in], transformers 5's experts)."""
+    from torch import nn
+
+    try:
+        mod = meta_model(config).get_submodule(module)
+    except AttributeError:
+        return None
+    if depth == 0 and (isinstance(mod, (nn.Linear, nn.Embedding)) or type(mod).__name__ == "Conv1D"):
+        return None
+    names = [
+        n
+        for n, _ in mod.named_parameters(recurse=False)
+        if any(f"{module}.{n}" == t or f"{module}.{n}".endswith("." + t) for t in targets)
+    ]
+    if depth >= len(names):
+        raise InputError(
+            f"adapter_config.json: target_parameters {targets} select {len(names)} parameters of {module}, but "
+            f"the adapter holds LoRA tensors for {depth + 1} or more; it was saved for another model."
+        )
+    param = getattr(mod, names[len(names) - 1 - depth])
+    swapped = param.ndim == 3 and not getattr(mod, "is_transposed", False)
+    return f"{module}.{names[len(names) - 1 - depth]}", param.shape[0] if param.ndim == 3 else 1, swapped
+
+
+def unfuse(config: dict, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A model tensor transformers builds from several checkpoint tensors (fused_at_load), split back into
+    them by transformers' own revert_weight_conversion, as save_pretrained splits it: {checkpoint name:
+    tensor}."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(_meta_model(_key(config)), {name: tensor})

@@ -44,3 +44,19 @@ def dora_merge(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tenso
     merged = weight.float() + delta.float()
     norm = torch.linalg.norm(merged, dim=1)
     return (magnitude.float() / norm).view(-1, 1) * merged
+
+
+def parameter_delta(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, experts: int, swapped: bool
+) -> torch.Tensor:
+    """PEFT's ParamWrapper delta (LoRA on a parameter, target_parameters) in fp32.
+
+    2-D parameter (experts == 1): scaling * B @ A, [out, in]. 3-D (experts E): A [E * r, in] holds each
+    expert's A as rows e*r..e*r+r; B [out, r * E] each expert's B as columns e, e+E, ...; the delta is
+    [E, in, out], or [E, out, in] where PEFT swapped in and out (`swapped`), as get_delta_weight's einsum.
+    """
+    if experts == 1:
+        return lora_delta(lora_A, lora_B, scaling)
+    A = lora_A.float().reshape(experts, -1, lora_A.shape[-1])  # e r i
+    B = lora_B.float().reshape(lora_B.shape[0], -1, experts)  # o r e
+    return torch.einsum("o r e, e r i -> e o i" if swapped else "o r e, e r i -> e i o", B, A) * scaling

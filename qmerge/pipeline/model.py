@@ -26,7 +26,7 @@ from .source import Source
 # Module classes whose weights are used by more than their own forward (PEFT's LoRA layers read
 # base_layer.weight for DoRA; a modules_to_save wrapper holds copies; trainable tokens read the
 # embedding's weight without calling it): all their weights come at once.
-WHOLE = ["Linear", "Embedding", "Conv1D", "ModulesToSaveWrapper", "TrainableTokensWrapper"]
+WHOLE = ["Linear", "Embedding", "Conv1D", "ModulesToSaveWrapper", "TrainableTokensWrapper", "ParamWrapper"]
 _READ_BLOCK = 32 * 2**20  # bytes of a stored tensor read at a time when it is widened to fp32
 
 
@@ -119,7 +119,7 @@ def model_class_of(path: Path):
     """The transformers class that loads the model directory at `path` as its fine-tune was built: the
     causal LM, vision-language model or classifier its config.json names (io.hf_meta.model_class)."""
     from ..io.files import read_json
-    from ..io.hf_meta import model_class
+    from ..io.hf_classes import model_class
 
     return model_class(read_json(Path(path) / "config.json"))[0]
 
@@ -131,7 +131,7 @@ def empty_model(source: Source):
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from ..io.hf_meta import build_model
+    from ..io.hf_classes import build_model
 
     config = AutoConfig.from_pretrained(str(source.base.path))
     if hasattr(config, "quantization_config"):

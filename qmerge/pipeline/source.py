@@ -20,6 +20,7 @@ from ..io.hub import cached_snapshot, local_directory, parse_hub_id
 from ..lora.scaling import LoraSettings
 from ..names import MERGE_BASES
 from .base import QuantSettings, TrainingWeights
+from .params import as_parameters
 from .quantization import Quantization, establish_quantization
 
 
@@ -84,7 +85,9 @@ class Source:
 
         self.base, self.adapter, self.quant, self.merge_base = base, adapter, quant, merge_base
         self.layout: AdapterLayout = (
-            _as_stored(adapter.layout, base) if adapter is not None else AdapterLayout()
+            _as_stored(as_parameters(adapter.layout, base, adapter), base)
+            if adapter is not None
+            else AdapterLayout()
         )
         self.settings: LoraSettings | None = adapter.settings if adapter is not None else None
         # GPT-2 style Conv1D weights: [in, out] on disk, quantized by bitsandbytes as [out, in].
@@ -96,6 +99,7 @@ class Source:
         self.warnings: list[str] = []  # what the fit check warns of (said in every command's output)
         self.gguf_name: str | None = None  # a GGUF's general.name, when the user names it (export name=)
         self.card_check: dict | None = None  # a check report whose figures the model card shows
+        self._param_deltas = None
         # how training quantized the base, and how qmerge knows (open_checkpoint establishes it)
         self.quantization: Quantization | None = Quantization.of_checkpoint(base) if base.is_4bit else None
 
@@ -170,6 +174,15 @@ class Source:
     def name(self) -> str:
         """A name for the output model: the adapter's directory, else the model's."""
         return (self.adapter.path.name if self.adapter else self.base.path.name) or "model"
+
+    @property
+    def param_deltas(self):
+        """The deltas of LoRA on parameters (target_parameters), by stored tensor (params.ParamDeltas)."""
+        if self._param_deltas is None:
+            from .params import ParamDeltas
+
+            self._param_deltas = ParamDeltas(self)
+        return self._param_deltas
 
     @property
     def tokenizer_dir(self) -> Path:

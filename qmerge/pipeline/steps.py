@@ -176,6 +176,20 @@ class SetRows(Change):
         return weight.index_copy(0, torch.tensor(self.indices), rows)
 
 
+@dataclass(frozen=True)
+class AddParamDelta(Change):
+    """weight + its part of a LoRA on a parameter (target_parameters: MoE experts, a router), the delta
+    made on the model parameter as PEFT makes it and split into the stored tensors (params.py)."""
+
+    name: str = ""
+
+    def reads(self, source: Source) -> Reads:
+        return self.base.reads(source) + [("adapter", k) for k in source.param_deltas.keys_of(self.name)]
+
+    def apply(self, source: Source, weight: torch.Tensor) -> torch.Tensor:
+        return weight.add_(source.param_deltas.delta(self.name).to(weight.device))
+
+
 Step = Copy | Dequantize | Replace | FusedLoRA | Change
 
 
@@ -221,6 +235,8 @@ def decide(
         return AddBias(start, bias_of.lora_B_bias, module_scaling(source.settings, bias_of.module))
     if name in source.layout.rows:
         return SetRows(start, *source.layout.rows[name])
+    if source.layout.params and name in source.param_deltas:
+        return AddParamDelta(start, name)
     return start
 
 

@@ -4,6 +4,7 @@ weights as training saw them, one module at a time; and the forward helpers chec
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -56,8 +57,7 @@ def streamed_reference(source: Source):
         if name in adapter:
             return adapter[name].float() if adapter[name].is_floating_point() else adapter[name]
         plain = (
-            name.removeprefix("base_model.model.")
-            .replace(".base_layer.", ".")
+            re.sub(r"(\.base_layer)+\.", ".", name.removeprefix("base_model.model."))  # nested wrappers
             .replace(".original_module.", ".")
             .replace(".token_adapter.", ".")
         )
