@@ -30,7 +30,7 @@ from .gguf import TensorTypes, check_type, write_gguf_file
 from .gguf_calibrated import calibrated_gguf_file
 from .gguf_meta import gguf_metadata
 from .modelfile import write_modelfile
-from .write import provenance_of
+from .write import data_file, provenance_of
 
 ADAPTER_FILE, MODELFILE = "adapter.gguf", "Modelfile"
 
@@ -129,8 +129,8 @@ def write_gguf_lora(
     layers receive in the fine-tuned model."""
     start = time.perf_counter()
     base_type = check_type(base_type)
+    architecture_of(source.config)  # an architecture llama.cpp runs (else the route), before anything else
     refuse_unsupported(source)
-    architecture_of(source.config)  # an architecture llama.cpp runs, before anything is written
     base = Source(source.base, None, source.quant, "dequantized")
     base_name = f"base-{base_type}.gguf"
     with atomic_dir(Path(out), force, source.inputs(), not_written_by_qmerge) as tmp:
@@ -152,7 +152,7 @@ def write_gguf_lora(
         summary["modelfile"] = _modelfile(source, tmp, Path(out), base_name)
         prov = provenance_of(source, {"export": "gguf-lora", "base_gguf_type": base_type})
         if calibrate is not None:
-            prov["calibration"] = {"data": str(Path(calibrate).resolve()), **summary["calibration"]}
+            prov["calibration"] = {"data": data_file(calibrate), **summary["calibration"]}
         write_json(tmp / PROVENANCE, prov)
         files = describe_files(tmp, digests)
     details = {"gguf_type": base_type, "adapter": ADAPTER_FILE, "base": base_name, **summary}

@@ -29,7 +29,7 @@ from ..quant.gptq import Hessian, gptq_4bit
 from ..reports import WriteReport
 from .calibration import OutputErrors, calibrate, calibration_inputs, module_order
 from .nf4 import NF4Options, Retention
-from .write import DEFAULT_MAX_SHARD, provenance_of
+from .write import DEFAULT_MAX_SHARD, data_file, provenance_of
 
 
 class Calibrated:
@@ -140,7 +140,7 @@ def _finish(tmp: Path, source: Source, cal: Calibrated, calibration: Path, token
     write_json(tmp / "config.json", cfg)
     copy_side_files(tmp, source.base, source.adapter.path if source.adapter else None)
     prov = provenance_of(
-        source, {"export": "nf4", "nf4": cal.opts.__dict__, "calibration": str(Path(calibration).resolve())}
+        source, {"export": "nf4", "nf4": cal.opts.__dict__, "calibration": data_file(calibration)}
     )
     prov["calibration"] = cal.summary(tokens)
     if cal.retention.summary():

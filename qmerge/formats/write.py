@@ -98,6 +98,15 @@ def stream_into(
         raise
 
 
+def data_file(path: Path) -> dict:
+    """A data file the output was made with, as provenance names it: its name, size and sha256 (no local
+    path: the output may be published)."""
+    from ..io.atomic import sha256_file
+
+    path = Path(path)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
 def provenance_of(source: Source, settings: dict) -> dict:
     """qmerge_provenance.json for an output made from `source`."""
     q = source.quant
