@@ -86,6 +86,8 @@ def _modules(source: Source) -> list[dict]:
     quantized = source.weights.quantized_names()
     out = []
     for name in sorted(source.base.weight_names()):
+        if name not in source.tensors:
+            continue  # not in the output: a SEQ_CLS fine-tune's classifier has no language-model head
         shape = source.tensors[name].shape
         if not name.endswith(".weight") or len(shape) != 2:
             continue

@@ -60,3 +60,40 @@ def build_model(config: dict, hf_config, **kwargs):
     """The model_class model for `hf_config` (under whatever device context the caller set)."""
     cls, how = model_class(config, hf_config)
     return cls.from_config(hf_config, **kwargs) if how == "auto" else cls._from_config(hf_config, **kwargs)
+
+
+def classifier_of(config: dict, adapter, layout) -> dict | None:
+    """The output config of a sequence-classification adapter (task_type SEQ_CLS), None for any other: it
+    was trained on the classifier transformers builds on the base (AutoModelForSequenceClassification),
+    whose head PEFT saves whole (modules_to_save: score / classifier) and gives the number of labels."""
+    if str(adapter.config.get("task_type", "")).upper() != "SEQ_CLS":
+        return None
+    saved = adapter.modules_to_save
+    heads = [
+        t for t in layout.replace if t.endswith(".weight") and t[: -len(".weight")].split(".")[-1] in saved
+    ]
+    if len(heads) != 1:
+        raise InputError(
+            f"{adapter.path}: a SEQ_CLS adapter saves its classification head (modules_to_save {saved}); "
+            f"found {len(heads)} head weights ({heads}). Re-save it with PEFT."
+        )
+    return classifier_config(config, adapter.store.shape(layout.replace[heads[0]])[0])
+
+
+def classifier_config(config: dict, num_labels: int) -> dict:
+    """config.json of the sequence classifier transformers builds on `config` for a SEQ_CLS fine-tune
+    (AutoModelForSequenceClassification with num_labels), as save_pretrained writes it."""
+    import transformers
+
+    cls = transformers.AutoModelForSequenceClassification
+    hf_config = hf_config_of(config)
+    target = cls._model_mapping.get(type(hf_config), None)
+    if target is None:
+        raise UnsupportedError(
+            f"config.json: transformers has no sequence classifier for {config.get('model_type')!r}; this "
+            "SEQ_CLS adapter cannot be merged into it."
+        )
+    hf_config.num_labels = num_labels
+    out = {**config, **{k: getattr(hf_config, k) for k in ("id2label", "label2id")}}
+    out["id2label"] = {str(k): v for k, v in out["id2label"].items()}
+    return {**out, "architectures": [target.__name__]}

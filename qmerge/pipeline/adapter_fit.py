@@ -32,6 +32,8 @@ def _replacement_problems(source: Source, target: str, key: str) -> list[Problem
     """A whole-tensor replacement (modules_to_save) has the base tensor's shape; only the vocabulary
     dimension of the embedding and output layer may differ (an adapter trained with added tokens)."""
     names = set(source.base.weight_names()) | set(source.aliases)
+    if target not in names and source.task_config is not None:
+        return _head_problems(source, target, key)
     if target not in names:
         return [Problem("error", f"adapter tensor {key} replaces {target}, which the base does not have.")]
     old = source.base_shape(source.aliases.get(target, target))
@@ -48,6 +50,25 @@ def _replacement_problems(source: Source, target: str, key: str) -> list[Problem
         ]
     if tuple(new) != tuple(old):
         return _vocabulary_problems(source, target, key, new[0], vocab)
+    return []
+
+
+def _head_problems(source: Source, target: str, key: str) -> list[Problem]:
+    """A SEQ_CLS adapter's head (score / classifier), new in the classifier: the shape the classifier has."""
+    from ..io.hf_meta import expected_shapes
+
+    want = expected_shapes(source.task_config)[0].get(target)
+    got = tuple(source.adapter.store.shape(key))
+    if want is None:
+        return [
+            Problem("error", f"adapter tensor {key} replaces {target}, which the classifier does not have.")
+        ]
+    if tuple(want) != got:
+        return [
+            Problem(
+                "error", f"adapter tensor {key} is {list(got)}; the classifier's {target} is {list(want)}."
+            )
+        ]
     return []
 
 

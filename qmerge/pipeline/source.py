@@ -15,6 +15,7 @@ import torch
 from ..errors import InputError, MismatchError, OptionError
 from ..io.adapter import Adapter, AdapterLayout
 from ..io.atomic import Inputs
+from ..io.hf_classes import classifier_of
 from ..io.hf_dir import ModelDir
 from ..io.hub import cached_snapshot, local_directory, parse_hub_id
 from ..lora.scaling import LoraSettings
@@ -94,6 +95,8 @@ class Source:
         self.conv1d = conv1d_weights(base.config)
         self.weights = TrainingWeights(base, quant, merge_base, self.conv1d)
         self.aliases = self._untied_aliases()
+        # a SEQ_CLS fine-tune's output config (the classifier transformers builds on the base), else None
+        self.task_config = classifier_of(base.config, adapter, self.layout) if adapter is not None else None
         self.tensors = self._specs()
         self.base_check = None  # a fit.BackgroundCheck while config.json is checked in a child process
         self.warnings: list[str] = []  # what the fit check warns of (said in every command's output)
@@ -150,6 +153,11 @@ class Source:
                 specs[name] = TensorSpec(name, self.base_shape(name), dt.is_floating_point, dt)
         for alias, source in self.aliases.items():
             specs[alias] = TensorSpec(alias, specs[source].shape, True, specs[source].stored)
+        if self.task_config is not None:  # the classifier has no language-model head
+            from ..io.hf_meta import expected_shapes
+
+            expected = expected_shapes(self.task_config)[0]
+            specs = {n: t for n, t in specs.items() if n in expected}
         for target, key in self.layout.replace.items():
             shape = tuple(self.adapter.store.shape(key))
             old = specs.get(target)
@@ -165,10 +173,12 @@ class Source:
 
     @property
     def config(self) -> dict:
-        """The output model's config.json: the base's, untied where the adapter changed a tied weight."""
+        """The output model's config.json: the base's (a SEQ_CLS fine-tune's classifier), untied where the
+        adapter changed a tied weight."""
+        config = self.task_config or self.base.config
         if not self.aliases:
-            return self.base.config
-        return {**self.base.config, "tie_word_embeddings": False}
+            return config
+        return {**config, "tie_word_embeddings": False}
 
     @property
     def name(self) -> str:

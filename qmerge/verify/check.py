@@ -20,6 +20,7 @@ import torch
 
 from .. import llama_cpp
 from ..data import NoResponse
+from ..errors import UnsupportedError
 from ..pipeline.base import QuantSettings
 from ..pipeline.model import load_tokenizer, streamed_model
 from ..pipeline.source import Source, open_checkpoint, open_source, quant_settings_for
@@ -70,6 +71,12 @@ def check(
     source = open_checkpoint(
         Path(adapter), Path(base) if base else None, quant, merge_base, allow_other_base=opts.allow_other_base
     )
+    if source.task_config is not None:
+        raise UnsupportedError(
+            f"{source.adapter.path}: a sequence-classification adapter (task_type SEQ_CLS); check compares "
+            "language models' next-token logits and does not measure classifiers yet. Its merge is exact (the "
+            "classifier's logits equal PEFT's unmerged ones in qmerge's tests)."
+        )
     kind, device = candidate_kind(Path(candidate)), resolve_device(opts.device)
     session = Session(source, opts, device, progress)
     cand = session.candidate(Path(candidate), kind)
