@@ -54,6 +54,16 @@ def drift(reference: Spill, candidate: Iterator[torch.Tensor], parts: list[Batch
     return d
 
 
+def _refuse_classifier(source: Source) -> None:
+    """check compares next-token logits: a sequence classifier (a SEQ_CLS adapter) is said, not measured."""
+    if source.task_config is not None:
+        raise UnsupportedError(
+            f"{source.adapter.path}: a sequence-classification adapter (task_type SEQ_CLS); check compares "
+            "language models' next-token logits and does not measure classifiers yet. Its merge is exact (the "
+            "classifier's logits equal PEFT's unmerged ones in qmerge's tests)."
+        )
+
+
 def check(
     adapter: Path,
     candidate: Path,
@@ -71,12 +81,7 @@ def check(
     source = open_checkpoint(
         Path(adapter), Path(base) if base else None, quant, merge_base, allow_other_base=opts.allow_other_base
     )
-    if source.task_config is not None:
-        raise UnsupportedError(
-            f"{source.adapter.path}: a sequence-classification adapter (task_type SEQ_CLS); check compares "
-            "language models' next-token logits and does not measure classifiers yet. Its merge is exact (the "
-            "classifier's logits equal PEFT's unmerged ones in qmerge's tests)."
-        )
+    _refuse_classifier(source)
     kind, device = candidate_kind(Path(candidate)), resolve_device(opts.device)
     session = Session(source, opts, device, progress)
     cand = session.candidate(Path(candidate), kind)
