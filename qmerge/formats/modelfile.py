@@ -1,9 +1,9 @@
 """Ollama Modelfiles: FROM (and ADAPTER) with the TEMPLATE, SYSTEM and stop strings of the model's own chat
 template, translated and checked by rendering (chat/translate.py), or a comment that says why not.
 
-The chat template is the one the GGUF carries (gguf-py's SpecialVocab of the tokenizer's directory, as the
-writer reads it), rendered by transformers' apply_chat_template as training renders it; whether llama.cpp
-starts each prompt with BOS is asked of llama.cpp, on the GGUF just written.
+The chat template is read from the GGUF just written (tokenizer.chat_template, what Ollama sees), rendered
+by transformers' apply_chat_template as training renders it; whether llama.cpp starts each prompt with BOS
+is asked of llama.cpp, on the same file.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def model_path(gguf: Path, modelfile: Path) -> str:
 
 def chat_translation(tokenizer_dir: Path, gguf: Path) -> Translation:
     """The Ollama side of the model's chat template (the GGUF's), or a Translation saying why there is none."""
-    template = _chat_template(tokenizer_dir)
+    template = _chat_template(gguf)
     if template is None:
         return Translation(None, "none", reason="the model has no chat template")
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -90,17 +90,12 @@ def chat_translation(tokenizer_dir: Path, gguf: Path) -> Translation:
     return translate(jinja, template, special, bos, bool(bos) and _adds_bos(gguf))
 
 
-def _chat_template(tokenizer_dir: Path) -> str | None:
-    """The chat template the GGUF carries (io/gguf/vocab.py's choice)."""
-    import gguf
+def _chat_template(gguf: Path) -> str | None:
+    """The chat template the GGUF carries (tokenizer.chat_template, as llama.cpp and Ollama read it)."""
+    import gguf as gguf_py
 
-    template = gguf.SpecialVocab(tokenizer_dir, load_merges=False).chat_template
-    if isinstance(template, list):  # named templates: the default one, as transformers picks it
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    jinja_file = Path(tokenizer_dir) / "chat_template.jinja"
-    if template is None and jinja_file.exists():
-        template = jinja_file.read_text(encoding="utf-8")
-    return template
+    field = gguf_py.GGUFReader(str(gguf)).fields.get("tokenizer.chat_template")
+    return field.contents() if field is not None else None
 
 
 def _adds_bos(gguf: Path) -> bool:
@@ -151,7 +146,6 @@ def modelfile_beside(
 ) -> tuple[OutputFile, dict]:
     """Write the Modelfile for the finished GGUF file `gguf` at `path`, atomically: (its file record, JSON)."""
     with atomic_file(Path(path), force, inputs, not_written_by_qmerge) as tmp:
-        chat = chat_translation(tokenizer_dir, gguf)
-        tmp.write_text(Modelfile(model_path(gguf, path), None, chat).text(), encoding="utf-8")
+        chat = write_modelfile(tmp, gguf, tokenizer_dir, None, model_path(gguf, path))
         record = describe_files(tmp)[0]
     return OutputFile(os.fspath(path), record.bytes, record.sha256), {"path": str(path), **chat.to_json()}
