@@ -1,9 +1,9 @@
 """Ollama Modelfiles: FROM (and ADAPTER) with the TEMPLATE, SYSTEM and stop strings of the model's own chat
 template, translated and checked by rendering (chat/translate.py), or a comment that says why not.
 
-The chat template is read from the GGUF just written (tokenizer.chat_template, what Ollama sees), rendered
-by transformers' apply_chat_template as training renders it; whether llama.cpp starts each prompt with BOS
-is asked of llama.cpp, on the same file.
+The chat template is the one training rendered with (the adapter's tokenizer's when it has one, chosen by
+the GGUF writer's own rule), rendered by transformers' apply_chat_template as training renders it; whether
+llama.cpp starts each prompt with BOS is asked of llama.cpp, on the GGUF just written.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def model_path(gguf: Path, modelfile: Path) -> str:
 
 def chat_translation(tokenizer_dir: Path, gguf: Path) -> Translation:
     """The Ollama side of the model's chat template (the GGUF's), or a Translation saying why there is none."""
-    template = _chat_template(gguf)
+    template = _chat_template(tokenizer_dir)
     if template is None:
         return Translation(None, "none", reason="the model has no chat template")
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -90,12 +90,15 @@ def chat_translation(tokenizer_dir: Path, gguf: Path) -> Translation:
     return translate(jinja, template, special, bos, bool(bos) and _adds_bos(gguf))
 
 
-def _chat_template(gguf: Path) -> str | None:
-    """The chat template the GGUF carries (tokenizer.chat_template, as llama.cpp and Ollama read it)."""
-    import gguf as gguf_py
+def _chat_template(tokenizer_dir: Path) -> str | None:
+    """The chat template training rendered with (the adapter's tokenizer's when it has one): what a GGUF
+    of that tokenizer carries (io/gguf/vocab.py's rule), the default of a list of named ones."""
+    from ..io.gguf.vocab import chat_template_of
 
-    field = gguf_py.GGUFReader(str(gguf)).fields.get("tokenizer.chat_template")
-    return field.contents() if field is not None else None
+    template = chat_template_of(tokenizer_dir)
+    if isinstance(template, list):  # named templates: the default one, as transformers picks it
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
 
 
 def _adds_bos(gguf: Path) -> bool:

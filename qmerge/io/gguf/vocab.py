@@ -37,9 +37,21 @@ def add_tokenizer(w, model_dir: Path, vocab_size: int) -> str:
         )
     special = gguf.SpecialVocab(model_dir, load_merges=(kind == "gpt2"), n_vocab=vocab_size)
     special.add_to_gguf(w)
-    if special.chat_template is None and (model_dir / "chat_template.jinja").exists():
-        w.add_chat_template((model_dir / "chat_template.jinja").read_text(encoding="utf-8"))
+    if special.chat_template is None and (template := chat_template_of(model_dir, special)) is not None:
+        w.add_chat_template(template)
     return kind
+
+
+def chat_template_of(model_dir: Path, special=None) -> str | list | None:
+    """The chat template a GGUF of this tokenizer carries: gguf-py's SpecialVocab's (tokenizer_config.json;
+    a list of named templates as it is), else chat_template.jinja (transformers 5 saves it apart)."""
+    import gguf
+
+    special = special if special is not None else gguf.SpecialVocab(model_dir, load_merges=False)
+    if special.chat_template is not None:
+        return special.chat_template
+    jinja = Path(model_dir) / "chat_template.jinja"
+    return jinja.read_text(encoding="utf-8") if jinja.exists() else None
 
 
 def _add_bpe(w, model_dir: Path, tj_path: Path, vocab_size: int) -> str:
