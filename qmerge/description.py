@@ -141,10 +141,6 @@ def describe_model(model: ModelDir) -> Description:
     )
 
 
-def _listed(value) -> list[str]:
-    return [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
-
-
 def _adapter_summary(ad: Adapter) -> dict:
     s = ad.settings
     return {
@@ -153,7 +149,7 @@ def _adapter_summary(ad: Adapter) -> dict:
         "use_rslora": s.use_rslora,
         "use_dora": s.use_dora,
         "target_modules": ad.target_modules,
-        "target_parameters": sorted(_listed(ad.config.get("target_parameters"))),
+        "target_parameters": sorted(ad.target_parameters),
         "modules_to_save": ad.modules_to_save,
         "rank_pattern": s.rank_pattern,
         "alpha_pattern": s.alpha_pattern,

@@ -40,6 +40,8 @@ class LoraModule:
     # `depth` ".base_layer"s below the outermost; `parameter` is the model parameter, once resolved
     depth: int = 0
     parameter: str | None = None
+    experts: int = 1  # the parameter's experts (its first dimension when 3-D)
+    swapped: bool = False  # PEFT swapped in and out: a 3-D parameter [experts, out, in]
 
     @property
     def weight(self) -> str:
@@ -172,6 +174,12 @@ class Adapter:
     def target_modules(self) -> list[str] | str | None:
         t = self.config.get("target_modules")
         return sorted(t) if isinstance(t, list) else t
+
+    @property
+    def target_parameters(self) -> list[str]:
+        """adapter_config.json's target_parameters (LoRA on parameters), [] without any."""
+        t = self.config.get("target_parameters") or []
+        return [t] if isinstance(t, str) else [v for v in t if isinstance(v, str)]
 
     @property
     def modules_to_save(self) -> list[str]:

@@ -24,10 +24,9 @@ _KEPT = 4  # fused deltas kept (a layer's gate_up and down, its router): the mer
 def as_parameters(layout: AdapterLayout, base: ModelDir, adapter: Adapter) -> AdapterLayout:
     """The layout with the LoRA modules that adapt parameters (target_parameters) moved to `params`, keyed
     by the model parameter each adapts, their shapes checked against it."""
-    targets = adapter.config.get("target_parameters")
+    targets = adapter.target_parameters
     if not targets:
         return layout
-    targets = [targets] if isinstance(targets, str) else list(targets)
     from ..io.hf_meta import parameter_target
 
     lora, params = {}, {}
@@ -36,8 +35,9 @@ def as_parameters(layout: AdapterLayout, base: ModelDir, adapter: Adapter) -> Ad
         if found is None:
             lora[key] = m
             continue
-        _check_shapes(adapter, m, base, *found)
-        params[found[0]] = replace(m, parameter=found[0])
+        name, experts, swapped = found
+        _check_shapes(adapter, m, base, name, experts, swapped)
+        params[name] = replace(m, parameter=name, experts=experts, swapped=swapped)
     return replace(layout, lora=lora, params=params)
 
 
@@ -93,23 +93,15 @@ class ParamDeltas:
             self._cache.move_to_end(param)
             return self._cache[param][name]
 
-    def _target(self, m: LoraModule) -> tuple[str, int, bool]:
-        from ..io.hf_meta import parameter_target
-
-        targets = self.source.adapter.config["target_parameters"]
-        targets = [targets] if isinstance(targets, str) else list(targets)
-        return parameter_target(self.source.base.config, m.module, m.depth, targets)
-
     def _split(self, param: str) -> dict[str, torch.Tensor]:
         from ..io.hf_meta import checkpoint_names, fused_at_load, unfuse
 
         src, config = self.source, self.source.base.config
         m = src.layout.params[param]
-        _, experts, swapped = self._target(m)
         A, B = src.adapter_tensor(m.lora_A), src.adapter_tensor(m.lora_B)
         # PEFT matches rank_pattern/alpha_pattern against the parameter's name (it writes
         # ".*\.gate_up_proj": 2r itself for a fused gate and up projection)
-        delta = parameter_delta(A, B, module_scaling(src.settings, param), experts, swapped)
+        delta = parameter_delta(A, B, module_scaling(src.settings, param), m.experts, m.swapped)
         if param in fused_at_load(config):
             return {k: v.contiguous() for k, v in unfuse(config, param, delta).items()}
         return {checkpoint_names(config).get(param, param): delta}
