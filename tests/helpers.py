@@ -7,6 +7,18 @@ from pathlib import Path
 import torch
 
 TOKENS = torch.tensor([[1, 17, 45, 99, 120, 7, 250, 33, 64, 81, 200, 5, 9, 300, 150, 42]])
+# A tiny decoder's text settings, shared by the family tests (every linear dimension whole 64-value blocks
+# or under one row: bitsandbytes' CPU dequantization is right for those).
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=320,
+    max_position_embeddings=128,
+)
 
 
 def bnb_config(compute=torch.float32):
@@ -22,14 +34,22 @@ def bnb_config(compute=torch.float32):
 
 
 def reference_unmerged(
-    adapter: Path, base: Path, tokens: torch.Tensor = TOKENS, original: bool = False
+    adapter: Path,
+    base: Path,
+    tokens: torch.Tensor = TOKENS,
+    original: bool = False,
+    model_class=None,
+    **load,
 ) -> torch.Tensor:
-    """fp32 logits of base + adapter unmerged: 4-bit base quantized by bitsandbytes and dequantized by it."""
+    """fp32 logits of base + adapter unmerged: 4-bit base quantized by bitsandbytes and dequantized by it.
+    `model_class`: the auto class training built (default AutoModelForCausalLM); `load`: more
+    from_pretrained arguments (num_labels for a classifier)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    cls = model_class or AutoModelForCausalLM
     if original:
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        model = cls.from_pretrained(str(base), dtype=torch.float32, **load)
     else:
         cfg = bnb_config()
         kw = (
@@ -37,17 +57,18 @@ def reference_unmerged(
             if (Path(base) / "config.json").read_text().find("quantization_config") >= 0
             else {"quantization_config": cfg}
         )
-        model = AutoModelForCausalLM.from_pretrained(str(base), device_map="cpu", **kw)
+        model = cls.from_pretrained(str(base), device_map="cpu", **kw, **load)
         model = model.dequantize().float()
     model = PeftModel.from_pretrained(model, str(adapter)).eval()
     with torch.no_grad():
         return model(input_ids=tokens).logits.float()
 
 
-def logits_of(model_dir: Path, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
+def logits_of(model_dir: Path, tokens: torch.Tensor = TOKENS, model_class=None) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    cls = model_class or AutoModelForCausalLM
+    model = cls.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=tokens).logits.float()
 

@@ -79,12 +79,22 @@ def test_moe_experts_fused_at_load_merge_and_check(tmp_path):
     assert report.passed and report.metrics.max_abs_logit_diff < 1e-4
 
 
+def _merged_exactly_and_checked(tmp_path, targets: list[str]):
+    """A PEFT adapter on tmp_path/base's `targets`, merged in fp32 (asserted equal to PEFT's unmerged
+    forward) and checked by the streamed check: its report."""
+    from qmerge.api import check
+
+    base = tmp_path / "base"
+    adapter = random_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=targets)
+    merge(adapter, tmp_path / "merged", base, dtype="fp32")
+    assert (logits_of(tmp_path / "merged") - reference_unmerged(adapter, base)).abs().max() < FP32_TOL
+    return check(adapter, tmp_path / "merged", base, device="cpu", seq_len=16, max_seqs=2)
+
+
 def test_falcon_h1_config_with_special_floats(tmp_path):
     """A Mamba-2 hybrid whose config.json holds time_step_limit [0, {"__float__": "Infinity"}] (as
     transformers writes infinity): read as AutoConfig.from_pretrained reads it; merged and checked."""
     from transformers import FalconH1Config, FalconH1ForCausalLM
-
-    from qmerge.api import check
 
     torch.manual_seed(0)
     cfg = FalconH1Config(
@@ -99,22 +109,14 @@ def test_falcon_h1_config_with_special_floats(tmp_path):
     )
     FalconH1ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
     assert "__float__" in (tmp_path / "base" / "config.json").read_text()
-    targets = ["q_proj", "v_proj", "in_proj", "down_proj"]  # PEFT refuses LoRA on Mamba's out_proj
-    adapter = random_adapter(
-        tmp_path / "base", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=targets
-    )
-    merge(adapter, tmp_path / "merged", tmp_path / "base", dtype="fp32")
-    ref = reference_unmerged(adapter, tmp_path / "base")
-    assert (logits_of(tmp_path / "merged") - ref).abs().max() < FP32_TOL
-    assert check(adapter, tmp_path / "merged", tmp_path / "base", device="cpu", seq_len=16, max_seqs=2).passed
+    # PEFT refuses LoRA on Mamba's out_proj
+    assert _merged_exactly_and_checked(tmp_path, ["q_proj", "v_proj", "in_proj", "down_proj"]).passed
 
 
 def test_llama4_streamed_check(tmp_path):
     """Llama 4 sends the token ids to its embedding's device inside its forward: the streamed check (whose
     weights are offloaded) runs it, and measures the merge as exact."""
     from transformers import Llama4ForCausalLM, Llama4TextConfig
-
-    from qmerge.api import check
 
     torch.manual_seed(0)
     cfg = Llama4TextConfig(
@@ -129,12 +131,5 @@ def test_llama4_streamed_check(tmp_path):
         attention_chunk_size=64,
     )
     Llama4ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
-    targets = ["q_proj", "v_proj"]
-    adapter = random_adapter(
-        tmp_path / "base", tmp_path / "adapter", r=4, lora_alpha=8, target_modules=targets
-    )
-    merge(adapter, tmp_path / "merged", tmp_path / "base", dtype="fp32")
-    ref = reference_unmerged(adapter, tmp_path / "base")
-    assert (logits_of(tmp_path / "merged") - ref).abs().max() < FP32_TOL
-    result = check(adapter, tmp_path / "merged", tmp_path / "base", device="cpu", seq_len=16, max_seqs=2)
+    result = _merged_exactly_and_checked(tmp_path, ["q_proj", "v_proj"])
     assert result.passed and result.metrics.max_abs_logit_diff < 1e-4

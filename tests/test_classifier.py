@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qmerge.api import describe, export, merge
-from tests.helpers import TOKENS, bnb_config
+from tests.helpers import TINY_TEXT, logits_of, reference_unmerged
 from tests.test_hostile import run
 
 
@@ -20,16 +20,7 @@ def _make(tmp_path, model_type: str, labels: int = 3):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model(
-        model_type,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=320,
-        pad_token_id=0,
-    )
+    cfg = AutoConfig.for_model(model_type, **TINY_TEXT, pad_token_id=0)
     AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base"), num_labels=labels)
     lora = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -39,17 +30,10 @@ def _make(tmp_path, model_type: str, labels: int = 3):
     return tmp_path / "base", tmp_path / "adapter"
 
 
-def _classifier_logits(path, **kw):
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), **kw)
-    return model
-
-
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_seq_cls_adapter_merges_into_the_classifier(tmp_path, model_type):
-    from peft import PeftModel
     from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
 
     base, adapter = _make(tmp_path, model_type)
     merge(adapter, tmp_path / "merged", base, dtype="fp32")
@@ -57,11 +41,9 @@ def test_seq_cls_adapter_merges_into_the_classifier(tmp_path, model_type):
     assert config["architectures"][0].endswith("ForSequenceClassification") and len(config["id2label"]) == 3
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
         assert "score.weight" in f.keys() and "lm_head.weight" not in f.keys()
-    ref = _classifier_logits(base, quantization_config=bnb_config(), device_map="cpu", num_labels=3)
-    ref = PeftModel.from_pretrained(ref.dequantize().float(), str(adapter)).eval()
-    got = _classifier_logits(tmp_path / "merged", dtype=torch.float32).eval()
-    with torch.no_grad():
-        want, have = ref(input_ids=TOKENS).logits, got(input_ids=TOKENS).logits
+    classifier = AutoModelForSequenceClassification
+    want = reference_unmerged(adapter, base, model_class=classifier, num_labels=3)
+    have = logits_of(tmp_path / "merged", model_class=classifier)
     assert want.shape == (1, 3) and (want - have).abs().max() < 1e-5
     assert not [p for p in describe(adapter, base).problems if p.severity == "error"]
 
@@ -69,7 +51,10 @@ def test_seq_cls_adapter_merges_into_the_classifier(tmp_path, model_type):
 def test_seq_cls_exports_and_check_says_it_does_not_measure_classifiers(tmp_path):
     base, adapter = _make(tmp_path, "llama")
     export(adapter, "nf4", tmp_path / "nf4", base=base)
-    assert _classifier_logits(tmp_path / "nf4", device_map="cpu").config.num_labels == 3
+    from transformers import AutoModelForSequenceClassification
+
+    nf4 = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "nf4"), device_map="cpu")
+    assert nf4.config.num_labels == 3
     r = run(["check", adapter, "--base", base, "--candidate", tmp_path / "nf4"])
     assert r.exit_code == 1 and "does not measure classifiers" in r.output
     r = run(["export", adapter, "--base", base, "--to", "gguf", "-o", tmp_path / "x.gguf"])

@@ -12,18 +12,8 @@ import torch
 
 from qmerge.api import check, describe, export, merge
 from qmerge.errors import UnsupportedError
-from tests.helpers import logits_of, reference_unmerged
+from tests.helpers import TINY_TEXT, logits_of, reference_unmerged
 
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=320,
-    max_position_embeddings=128,
-)
 # Linear dims are whole 64-value blocks: bitsandbytes 0.50.2 on CPU dequantizes a 2-D weight whose rows
 # are not whole blocks wrongly (its flat and 2-D results differ), which would blur the reference.
 FAMILIES = {
@@ -67,7 +57,7 @@ def _make(tmp_path, model_type: str, **lora):
 
     torch.manual_seed(0)
     extra = FAMILIES.get(model_type, {})
-    config = AutoConfig.for_model(model_type, **{**COMMON, **extra, **lora.pop("config", {})})
+    config = AutoConfig.for_model(model_type, **{**TINY_TEXT, **extra, **lora.pop("config", {})})
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(str(tmp_path / "base"))
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora))

@@ -12,18 +12,9 @@ import pytest
 import torch
 
 from qmerge.api import check, describe, merge
-from tests.helpers import TOKENS, bnb_config
+from tests.helpers import TINY_TEXT, TOKENS, logits_of, reference_unmerged
 
-T = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=320,
-    max_position_embeddings=256,
-    head_dim=16,
-)
+T = dict(TINY_TEXT, max_position_embeddings=256)
 MROPE = {"type": "mrope", "mrope_section": [2, 2, 4]}
 SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 
@@ -104,18 +95,6 @@ def _make(tmp_path, kind):
     return tmp_path / "base", tmp_path / "adapter"
 
 
-def _peft_unmerged(base, adapter):
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(
-        str(base), quantization_config=bnb_config(), device_map="cpu"
-    )
-    model = PeftModel.from_pretrained(model.dequantize().float(), str(adapter)).eval()
-    with torch.no_grad():
-        return model(input_ids=TOKENS[:, :10]).logits.float()
-
-
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_vision_language_model(tmp_path, kind):
     from transformers import AutoModelForImageTextToText
@@ -125,10 +104,8 @@ def test_vision_language_model(tmp_path, kind):
     report = merge(adapter, tmp_path / "merged", base, dtype="fp32")
     assert report.num_tensors_merged == 6  # q/v/up of two language-model layers
     assert (tmp_path / "merged" / "preprocessor_config.json").exists()  # served as a VLM, with its processor
-    ref = _peft_unmerged(base, adapter)
-    merged = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = merged(input_ids=TOKENS[:, :10]).logits.float()
+    ref = reference_unmerged(adapter, base, TOKENS[:, :10], model_class=AutoModelForImageTextToText)
+    got = logits_of(tmp_path / "merged", TOKENS[:, :10], AutoModelForImageTextToText)
     assert (got - ref).abs().max() < 2e-5 * ref.abs().max()
     result = check(adapter, tmp_path / "merged", base, device="cpu", seq_len=16, max_seqs=2)
     assert result.passed and result.metrics.max_abs_logit_diff < 1e-4
