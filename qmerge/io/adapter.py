@@ -36,12 +36,9 @@ class LoraModule:
     lora_B_bias: str | None = None
     magnitude: str | None = None  # DoRA
     stored_as: str | None = None  # the weight's checkpoint name, where transformers renames it at load time
-    # LoRA on a parameter (PEFT's target_parameters, a ParamWrapper): wrappers of one module nest, each
-    # `depth` ".base_layer"s below the outermost; `parameter` is the model parameter, once resolved
+    # LoRA on a parameter (target_parameters): ParamWrappers nest, each `depth` ".base_layer"s below the outermost
     depth: int = 0
-    parameter: str | None = None
-    experts: int = 1  # the parameter's experts (its first dimension when 3-D)
-    swapped: bool = False  # PEFT swapped in and out: a 3-D parameter [experts, out, in]
+    target: tuple[str, int, bool] | None = None  # (model parameter, experts, swapped in/out), once resolved
 
     @property
     def weight(self) -> str:

@@ -35,9 +35,8 @@ def as_parameters(layout: AdapterLayout, base: ModelDir, adapter: Adapter) -> Ad
         if found is None:
             lora[key] = m
             continue
-        name, experts, swapped = found
-        _check_shapes(adapter, m, base, name, experts, swapped)
-        params[name] = replace(m, parameter=name, experts=experts, swapped=swapped)
+        _check_shapes(adapter, m, base, *found)
+        params[found[0]] = replace(m, target=found)
     return replace(layout, lora=lora, params=params)
 
 
@@ -101,7 +100,8 @@ class ParamDeltas:
         A, B = src.adapter_tensor(m.lora_A), src.adapter_tensor(m.lora_B)
         # PEFT matches rank_pattern/alpha_pattern against the parameter's name (it writes
         # ".*\.gate_up_proj": 2r itself for a fused gate and up projection)
-        delta = parameter_delta(A, B, module_scaling(src.settings, param), m.experts, m.swapped)
+        _, experts, swapped = m.target
+        delta = parameter_delta(A, B, module_scaling(src.settings, param), experts, swapped)
         if param in fused_at_load(config):
             return {k: v.contiguous() for k, v in unfuse(config, param, delta).items()}
         return {checkpoint_names(config).get(param, param): delta}
