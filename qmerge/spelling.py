@@ -47,11 +47,25 @@ def _keyword(m: re.Match) -> str:
     return keyword + (f" {value}" if value else "")  # the next word is the sentence's, kept
 
 
+# a command to run, quoted whole ("... instead: qmerge export ADAPTER --to gguf (the merged ...)"): kept as
+# written, up to a bracket, comma, semicolon or backtick, or a full stop that ends the sentence (not "...")
+_COMMAND = re.compile(r"\bqmerge [a-z]+\b[^(),;`]*?(?=[(),;`]|(?<!\.)\.(?!\.)(?:\s|$)|$)")
+
+
 def as_keywords(message: str) -> str:
-    """`message` with the command line's options written as the API's keyword arguments."""
+    """`message` with the command line's options written as the API's keyword arguments (command lines it
+    quotes kept as they are: they are to be run)."""
+    pieces, end = [], 0
+    for m in _COMMAND.finditer(message):
+        pieces += [_translate(message[end : m.start()]), m.group()]
+        end = m.end()
+    return "".join([*pieces, _translate(message[end:])])
+
+
+def _translate(text: str) -> str:
     for option in sorted(_IRREGULAR, key=len, reverse=True):
-        message = re.sub(rf"(?<![\w-]){re.escape(option)}(?![\w-])", _IRREGULAR[option], message)
-    return _OPTION.sub(_keyword, message)
+        text = re.sub(rf"(?<![\w-]){re.escape(option)}(?![\w-])", _IRREGULAR[option], text)
+    return _OPTION.sub(_keyword, text)
 
 
 def keyword_errors(fn):

@@ -25,6 +25,14 @@ from tests.test_hostile import run
         ("Calibrate --gguf-type iq4_nl instead.", 'Calibrate gguf_type="iq4_nl" instead.'),
         ("unless --allow-other-base.", "unless allow_other_base=True."),
         ("no option here: a-b --", "no option here: a-b --"),
+        (  # a command line quoted to be run is kept; the sentence around it is translated
+            "Merge instead: qmerge export ADAPTER --to gguf (the merged model), or pass --force.",
+            "Merge instead: qmerge export ADAPTER --to gguf (the merged model), or pass force=True.",
+        ),
+        (
+            "export it (qmerge export A --to bf16 -o M), then measure it with qmerge check A --candidate F.gguf.",
+            "export it (qmerge export A --to bf16 -o M), then measure it with qmerge check A --candidate F.gguf.",
+        ),
     ],
 )
 def test_options_as_keywords(cli, api):

@@ -13,7 +13,7 @@ import torch
 from .. import llama_cpp
 from ..errors import UnsupportedError
 from ..io.atomic import OutputFile, atomic_file, describe_files
-from ..io.gguf.arch import architecture_of
+from ..io.gguf.families import architecture_of
 from ..io.gguf.rope import rope_tensors
 from ..io.gguf.writer import (
     DIRECT_TYPES,
@@ -54,7 +54,8 @@ def check_type(gguf_type: str) -> str:
 
 
 class GGUF:
-    """One GGUF file of a direct type (f32, f16, bf16, q8_0)."""
+    """One GGUF file of a direct type (f32, f16, bf16, q8_0). An MoE projection's experts arrive one at a
+    time into one stacked tensor, written when the last arrives: the stack is the largest tensor held."""
 
     def __init__(self, source: Source, gguf_type: str):
         self.gguf_type = gguf_type
@@ -63,19 +64,29 @@ class GGUF:
             self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, gguf_type
         )
         self.extra = rope_tensors(self.arch, self.hp)
-        self._by_name = {t.hf_name: t for t in self.tensors}
+        self._by_name = {hf: t for t in self.tensors for hf in t.sources}
+        self._stack: torch.Tensor | None = None  # the stack being filled, one expert at a time
 
     def layout(self, source: Source) -> Layout:
-        order = [t.hf_name for t in self.tensors]
+        order = [hf for t in self.tensors for hf in t.sources]
         return Layout(
             order=order,
-            dtypes={t.hf_name: torch_dtype_for(t.qtype) for t in self.tensors},
-            nbytes={t.hf_name: t.nbytes for t in self.tensors},
+            dtypes={hf: torch_dtype_for(self._by_name[hf].qtype) for hf in order},
+            nbytes={hf: self._by_name[hf].nbytes // len(self._by_name[hf].sources) for hf in order},
         )
 
     def encode(self, t: MergedTensor) -> list[tuple[str, np.ndarray]]:
         g = self._by_name[t.name]
-        return [(g.name, encode(self.arch.transform(t.name, t.value, self.hp), g.qtype, t.name))]
+        value = self.arch.transform(t.name, t.value, self.hp)
+        if g.parts:  # the layout gives the experts in order, one after another
+            expert = g.parts.index(t.name)
+            if expert == 0:
+                self._stack = torch.empty(g.shape, dtype=value.dtype)
+            self._stack[expert] = value
+            if expert + 1 < len(g.parts):
+                return []
+            value, self._stack = self._stack, None
+        return [(g.name, encode(value, g.qtype, g.hf_name))]
 
     def write(self, source: Source, path: Path, progress: Progress | None) -> tuple[int, dict, dict]:
         """Stream the file to `path`: (tensors merged, {file name: sha256}, summary)."""

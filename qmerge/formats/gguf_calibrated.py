@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UnsupportedError
 from ..io.atomic import OutputFile, atomic_file, describe_files
-from ..io.gguf.arch import architecture_of
+from ..io.gguf.families import architecture_of
 from ..io.gguf.imatrix import write_imatrix
 from ..io.gguf.rope import rope_tensors
 from ..io.gguf.writer import (
@@ -74,6 +75,11 @@ class CalibratedGGUF:
         self.arch, self.hp = architecture_of(source.config)
         four = source.weights.quantized_names()
         mapped = map_tensors(self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, "q8_0")
+        if stacked := [t.name for t in mapped if t.parts]:
+            raise UnsupportedError(
+                f"--calibrate does not write mixture-of-experts models ({stacked[0]} stacks "
+                f"{self.hp.n_expert} experts); export it without --calibrate (llama.cpp quantizes it)."
+            )
         if types is not None:
             mapped = [dataclasses.replace(t, qtype=types[t.name]) for t in mapped]
             self.quantized = {t.hf_name for t in mapped if t.hf_name in four and t.qtype.name in _IMPORTANCE}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io.gguf.arch import architecture_of
+from ..io.gguf.families import architecture_of
 from ..io.gguf.writer import encode, map_tensors
 from ..pipeline.source import Source
 from ..pipeline.stream import merged_tensor

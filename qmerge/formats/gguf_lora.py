@@ -19,7 +19,8 @@ import numpy as np
 from .. import __version__
 from ..errors import UnsupportedError
 from ..io.atomic import atomic_dir, describe_files
-from ..io.gguf.arch import architecture_of
+from ..io.gguf.families import architecture_of
+from ..io.gguf.moe import expert_of
 from ..io.gguf.writer import map_tensors
 from ..io.records import PROVENANCE, write_json
 from ..lora.scaling import module_scaling
@@ -52,6 +53,8 @@ def refuse_unsupported(source: Source) -> None:
         why.append("fan_in_fan_out layers")
     if layout.params:
         why.append(f"LoRA on parameters (target_parameters: {sorted(layout.params)[0]}, ...)")
+    if experts := sorted(m.weight for m in layout.lora.values() if expert_of(m.weight)):
+        why.append(f"LoRA on single experts ({experts[0]}, ...: llama.cpp holds each layer's experts as one)")
     if why:
         raise UnsupportedError(
             f"{source.adapter.path}: a llama.cpp LoRA adapter cannot carry {'; '.join(why)}. Merge instead: "

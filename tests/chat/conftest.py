@@ -1,7 +1,6 @@
 """References for the chat-template tests: Go's own text/template (a small program built with the Go
 toolchain when one is installed) and real models' chat templates (llama.cpp's collection in
-models/templates/, read from the llama-cpp-python source distribution, fetched from the package registry
-into a cache on first use, never kept in the repository)."""
+models/templates/, from the llama-cpp-python source distribution: tests/conftest.py's llama_cpp_source)."""
 
 from __future__ import annotations
 
@@ -9,8 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,6 @@ import pytest
 from qmerge.chat.ollama import collate
 
 HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("QMERGE_TEST_CACHE", Path.home() / ".cache" / "qmerge-tests"))
 
 
 @pytest.fixture(scope="session")
@@ -56,33 +52,6 @@ def ollama_case(template: str, messages: list[dict], system: str = "") -> dict:
 
 
 @pytest.fixture(scope="session")
-def llama_cpp_templates() -> Path:
-    """llama.cpp's models/templates/ directory (real models' chat templates), from the sdist of the
-    installed llama-cpp-python."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("llama_cpp_python")
-    except PackageNotFoundError:
-        pytest.skip("llama-cpp-python is not installed")
-    out = CACHE / f"llama-cpp-templates-{v}"
-    if not out.is_dir():
-        sdist_dir = CACHE / "sdist"
-        sdist = sdist_dir / f"llama_cpp_python-{v}.tar.gz"
-        if not sdist.exists():
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q"]
-            done = subprocess.run(
-                [*cmd, "-d", str(sdist_dir), f"llama-cpp-python=={v}"], capture_output=True, timeout=600
-            )
-            if done.returncode or not sdist.exists():
-                pytest.skip(f"llama-cpp-python {v}'s source distribution could not be fetched")
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        with tarfile.open(sdist) as tar:
-            for m in tar.getmembers():
-                if "/models/templates/" in m.name and m.name.endswith(".jinja") and m.isfile():
-                    (tmp / Path(m.name).name).write_bytes(tar.extractfile(m).read())
-        tmp.rename(out)
-        sdist.unlink(missing_ok=True)  # 75 MB: the templates are what the tests read
-    return out
+def llama_cpp_templates(llama_cpp_source) -> Path:
+    """llama.cpp's models/templates/ directory (real models' chat templates)."""
+    return llama_cpp_source / "models" / "templates"

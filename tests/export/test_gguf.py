@@ -10,6 +10,7 @@ from qmerge.api import export
 from qmerge.demo.tiny import TinySpec, build_base
 from qmerge.errors import UnsupportedError
 from qmerge.llama_cpp import llama
+from tests.export.models import DENSE
 from tests.helpers import inspect_path, kl_top1, logits_of, random_adapter
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -44,55 +45,7 @@ def _tie_gap(ref: torch.Tensor, cand: torch.Tensor) -> float:
     return float((ref.max(-1).values - picked).max())
 
 
-@pytest.fixture(scope="module")
-def arch_adapters(tmp_path_factory):
-    """A tiny base of each architecture with a random-B all-linear adapter made by PEFT.
-
-    The GGUF's general.name comes from the adapter's directory name, hence "adapter": llama.cpp gives
-    models named like phi3 special handling of tokens (<|endoftext|>, ...) that the tiny vocabulary lacks.
-    """
-
-    root = tmp_path_factory.mktemp("archs")
-    made = {}
-    for arch, tied in (
-        ("llama", False),
-        ("mistral", False),
-        ("qwen2", True),
-        ("qwen3", True),
-        ("gemma", True),
-        ("gemma2", True),
-        ("gemma3", True),
-        ("phi3", False),
-        ("granite", False),
-        ("smollm3", True),
-        ("olmo2", False),
-    ):
-        layers = 4 if arch == "smollm3" else 2  # its 4th layer is the one without RoPE
-        spec = TinySpec(arch=arch, tie_word_embeddings=tied, num_key_value_heads=2, num_hidden_layers=layers)
-        base = build_base(root / arch / "base", spec)
-        adapter = random_adapter(
-            base, root / arch / "adapter", seed=7, r=8, lora_alpha=16, target_modules="all-linear"
-        )
-        made[arch] = (base, adapter)
-    return made
-
-
-@pytest.mark.parametrize(
-    "arch",
-    [
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "gemma",
-        "gemma2",
-        "gemma3",
-        "phi3",
-        "granite",
-        "smollm3",
-        "olmo2",
-    ],
-)
+@pytest.mark.parametrize("arch", [arch for arch, _ in DENSE])
 def test_gguf_types_against_transformers(tmp_path, arch_adapters, arch):
     base, adapter = arch_adapters[arch]
     export(adapter, "fp32", tmp_path / "merged", base=base)
@@ -334,7 +287,7 @@ def test_phi3_longrope(tmp_path):
 
 
 def test_gemma_attention_scale_llama_cpp_cannot_express_is_refused():
-    from qmerge.io.gguf.arch import architecture_of
+    from qmerge.io.gguf.families import architecture_of
 
     def model_info(config):
         return architecture_of(config)[0]
@@ -363,7 +316,7 @@ def test_gemma_attention_scale_llama_cpp_cannot_express_is_refused():
 
 
 def test_granite_smollm3_olmo2_configs_llama_cpp_cannot_express_are_refused():
-    from qmerge.io.gguf.arch import architecture_of
+    from qmerge.io.gguf.families import architecture_of
 
     cfg = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=320)
     granite = {**cfg, "architectures": ["GraniteForCausalLM"], "num_hidden_layers": 2}

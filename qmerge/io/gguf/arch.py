@@ -1,6 +1,8 @@
 """One record per architecture GGUF export supports, as llama.cpp's convert_hf_to_gguf.py keeps one class
 per architecture: what it reads from config.json, what it writes as metadata, how tensors change, and
-what llama.cpp cannot express (refused with a message)."""
+what llama.cpp cannot express (refused with a message). Llama and the decoders that differ from it in
+names and norms are here, others in dense.py, the mixture-of-experts ones in moe.py, the table in
+families.py."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ class HParams:
     n_ctx: int
     rope_theta: float
     rope_scaling: dict | None
-    rms_eps: float
+    norm_eps: float  # RMSNorm's epsilon, or LayerNorm's where the architecture has LayerNorm
     vocab_size: int
     tied: bool
     rope_dims: int  # dimensions rotated per head (partial_rotary_factor x head_dim)
@@ -33,6 +35,10 @@ class HParams:
     attn_softcap: float | None = None  # gemma2
     final_softcap: float | None = None  # gemma2, gemma3
     config: dict | None = None  # config.json itself, for keys only one architecture reads
+    n_expert: int = 0  # routed experts (0: a dense model)
+    n_expert_used: int = 0
+    n_ff_exp: int | None = None  # one expert's feed-forward size, where it differs from n_ff
+    n_ff_shexp: int | None = None  # the shared expert's (Qwen2-MoE)
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -47,7 +53,7 @@ def _int(config: dict, key: str, default: object = None) -> int:
     return value
 
 
-def read_hparams(config: dict, arch: str) -> HParams:
+def read_hparams(config: dict, arch: Architecture) -> HParams:
     """HParams from a transformers config.json (transformers 5 keeps RoPE under rope_parameters)."""
     n_head, hidden = _int(config, "num_attention_heads"), _int(config, "hidden_size")
     rope = config.get("rope_parameters") or {}
@@ -59,7 +65,9 @@ def read_hparams(config: dict, arch: str) -> HParams:
     if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
     head_dim = int(config.get("head_dim") or hidden // n_head)
-    partial = float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+    partial = float(
+        rope.get("partial_rotary_factor", config.get("partial_rotary_factor", arch.partial_rotary))
+    )
     return HParams(
         n_layers=_int(config, "num_hidden_layers"),
         n_head=n_head,
@@ -70,9 +78,9 @@ def read_hparams(config: dict, arch: str) -> HParams:
         n_ctx=int(config.get("max_position_embeddings", 2048)),
         rope_theta=theta,
         rope_scaling=scaling,
-        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        norm_eps=float(config.get("layer_norm_eps" if arch.layer_norm else "rms_norm_eps") or 1e-6),
         vocab_size=_int(config, "vocab_size"),
-        tied=bool(config.get("tie_word_embeddings", arch in GEMMA_ARCHS)),
+        tied=bool(config.get("tie_word_embeddings", arch.gemma_norm)),  # Gemma ties unless told
         rope_dims=int(head_dim * partial),
         orig_ctx=config.get("original_max_position_embeddings")
         or rope.get("original_max_position_embeddings"),
@@ -80,7 +88,16 @@ def read_hparams(config: dict, arch: str) -> HParams:
         attn_softcap=config.get("attn_logit_softcapping"),
         final_softcap=config.get("final_logit_softcapping"),
         config=config,
+        n_expert=int(_first(config, "num_local_experts", "num_experts", "n_routed_experts") or 0),
+        n_expert_used=int(_first(config, "num_experts_per_tok", "num_experts_per_token") or 0),
+        n_ff_exp=config.get("moe_intermediate_size"),
+        n_ff_shexp=config.get("shared_expert_intermediate_size"),
     )
+
+
+def _first(config: dict, *keys: str) -> object:
+    """The first of `keys` config.json sets (as convert_hf_to_gguf's find_hparam)."""
+    return next((config[k] for k in keys if config.get(k) is not None), None)
 
 
 class Architecture:
@@ -91,9 +108,25 @@ class Architecture:
     gguf_arch = "llama"
     permute_qk = True
     gemma_norm = False  # RMSNorm by (1 + weight): llama.cpp stores weight + 1
+    own_output = False  # llama.cpp needs output.weight: it cannot use the embedding in its place
+    partial_rotary = 1.0  # the share of each head RoPE rotates when config.json does not say
+    tied_output = False  # llama.cpp always uses the embedding as the output layer
+    layer_norm = False  # LayerNorm (without bias) in place of RMSNorm
 
     def check(self, config: dict, hp: HParams) -> None:
         """Refuse what llama.cpp would run differently from transformers."""
+        if self.own_output and hp.tied:
+            raise UnsupportedError(
+                f"llama.cpp's {self.gguf_arch} architecture needs an output layer of its own, but this model "
+                f"ties it to the embedding ({self.model_type} checkpoints do not); export it as safetensors "
+                "instead."
+            )
+        if self.tied_output and not hp.tied:
+            raise UnsupportedError(
+                f"llama.cpp's {self.gguf_arch} architecture always uses the embedding as the output layer, but "
+                "this model has its own lm_head (untied by an adapter that changed lm_head or the embedding but "
+                "not both the same way); export it as safetensors instead."
+            )
 
     def add_metadata(self, w, hp: HParams) -> None:
         """Architecture-specific keys beyond the common ones."""
@@ -128,22 +161,8 @@ class Qwen3(Qwen2):
 class Gemma(Architecture):
     """Gemma: norms stored as weight + 1; the output layer is always the embedding (tied)."""
 
-    hf_class, model_type, gguf_arch, permute_qk, gemma_norm = (
-        "GemmaForCausalLM",
-        "gemma",
-        "gemma",
-        False,
-        True,
-    )
-
-    def check(self, config: dict, hp: HParams) -> None:
-        if not hp.tied:
-            raise UnsupportedError(
-                f"llama.cpp's {self.gguf_arch} architecture always uses the embedding as the output layer, but "
-                "this model has its own lm_head (untied by an adapter that changed lm_head or the embedding but "
-                "not both the same way); export it "
-                "as safetensors instead."
-            )
+    hf_class, model_type, gguf_arch, permute_qk = "GemmaForCausalLM", "gemma", "gemma", False
+    gemma_norm = tied_output = True
 
 
 class Gemma2(Gemma):
@@ -188,6 +207,12 @@ class Gemma3(Gemma2):
         if hp.final_softcap:
             w.add_final_logit_softcapping(float(hp.final_softcap))
         w.add_sliding_window(int(hp.sliding_window or 0))
+        config = hp.config or {}
+        local = ((config.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta")
+        if (
+            local := local or config.get("rope_local_base_freq")
+        ) is not None:  # the sliding layers' RoPE base
+            w.add_rope_freq_base_swa(float(local))
 
 
 class Phi3(Architecture):
@@ -199,99 +224,3 @@ class Phi3(Architecture):
         if hp.orig_ctx:
             w.add_rope_scaling_orig_ctx_len(int(hp.orig_ctx))
         w.add_sliding_window(int(hp.sliding_window or 0))
-
-
-class Granite(Architecture):
-    """Granite: a Llama whose embedding, residual branches, attention and logits are scaled by four
-    config multipliers, written as llama.cpp's scales (convert_hf_to_gguf's GraniteModel)."""
-
-    hf_class, model_type, gguf_arch = "GraniteForCausalLM", "granite", "granite"
-    SCALES = {
-        "attention_multiplier": "add_attention_scale",
-        "embedding_multiplier": "add_embedding_scale",
-        "residual_multiplier": "add_residual_scale",
-        "logits_scaling": "add_logit_scale",
-    }
-
-    def check(self, config: dict, hp: HParams) -> None:
-        if hp.head_dim != hp.hidden // hp.n_head:
-            raise UnsupportedError(
-                f"head_dim is {hp.head_dim}, not hidden_size / heads ({hp.hidden // hp.n_head}); llama.cpp's "
-                "granite architecture has no head_dim of its own, so the GGUF would not match."
-            )
-
-    def add_metadata(self, w, hp: HParams) -> None:
-        for key, add in self.SCALES.items():
-            if value := (hp.config or {}).get(key):  # as convert_hf_to_gguf: 0 or absent is not written
-                getattr(w, add)(float(value))
-
-
-class SmolLM3(Architecture):
-    """SmolLM3: a Llama without RoPE in every 4th layer, which llama.cpp's smollm3 architecture fixes."""
-
-    hf_class, model_type, gguf_arch = "SmolLM3ForCausalLM", "smollm3", "smollm3"
-
-    def check(self, config: dict, hp: HParams) -> None:
-        llama_cpp_rope = [int((i + 1) % 4 != 0) for i in range(hp.n_layers)]
-        if config.get("no_rope_layers", llama_cpp_rope) != llama_cpp_rope or config.get("use_sliding_window"):
-            raise UnsupportedError(
-                "llama.cpp runs smollm3 with RoPE left out of every 4th layer and no sliding window; this "
-                "model's no_rope_layers or use_sliding_window differ, so the GGUF would not match."
-            )
-
-
-class Olmo2(Architecture):
-    """OLMo 2: Q/K norms over the whole projection, norms after attention and MLP instead of before, NEOX
-    RoPE (convert_hf_to_gguf's Olmo2Model); no sliding window."""
-
-    hf_class, model_type, gguf_arch, permute_qk = "Olmo2ForCausalLM", "olmo2", "olmo2", False
-
-    def check(self, config: dict, hp: HParams) -> None:
-        if hp.tied:
-            raise UnsupportedError(
-                "llama.cpp's olmo2 architecture needs an output layer of its own, but this model ties it to "
-                "the embedding (OLMo 2 checkpoints do not); export it as safetensors instead."
-            )
-        if hp.sliding_window:
-            raise UnsupportedError(
-                "this olmo2 model has a sliding window; qmerge writes OLMo 2 without one (as OLMo 2 runs), "
-                "so the GGUF would not match."
-            )
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    a.hf_class: a
-    for a in (
-        Architecture(),
-        Mistral(),
-        Qwen2(),
-        Qwen3(),
-        Gemma(),
-        Gemma2(),
-        Gemma3(),
-        Phi3(),
-        Granite(),
-        SmolLM3(),
-        Olmo2(),
-    )
-}
-GEMMA_ARCHS = tuple(a.gguf_arch for a in ARCHITECTURES.values() if a.gemma_norm)
-
-
-def architecture_of(config: dict) -> tuple[Architecture, HParams]:
-    """The architecture record and hyperparameters of a config.json, or UnsupportedError."""
-    archs = config.get("architectures") or []
-    by_type = {a.model_type: name for name, a in ARCHITECTURES.items()}
-    hf_arch = archs[0] if isinstance(archs, list) and archs else by_type.get(config.get("model_type"))
-    if hf_arch not in ARCHITECTURES:
-        raise UnsupportedError(
-            f"qmerge writes GGUF for {', '.join(ARCHITECTURES)}; this model is "
-            f"{hf_arch or config.get('model_type')}. The route for it: export the merge in 16 bits "
-            "(qmerge export ADAPTER --to bf16 -o MERGED), then convert it with llama.cpp's "
-            "convert_hf_to_gguf.py MERGED (with --mmproj for a vision model's projector), and measure the "
-            "GGUF with qmerge check ADAPTER --candidate FILE.gguf."
-        )
-    arch = ARCHITECTURES[hf_arch]
-    hp = read_hparams(config, arch.gguf_arch)
-    arch.check(config, hp)
-    return arch, hp

@@ -31,12 +31,13 @@ def supported_types() -> str:
     return ", ".join(DIRECT_TYPES + LLAMA_CPP_TYPES)
 
 
-def ggml_type(gguf_type: str, shape: tuple[int, ...]):
-    """The GGML type a tensor of `shape` gets in a file of `gguf_type` (a direct type)."""
+def ggml_type(gguf_type: str, shape: tuple[int, ...], name: str = ""):
+    """The GGML type a tensor of `shape` named `name` (its GGUF name) gets in a file of `gguf_type` (a
+    direct type)."""
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if len(shape) < 2 or gguf_type == "f32":
+    if len(shape) < 2 or gguf_type == "f32" or _kept_f32(name):
         return T.F32
     if gguf_type == "f16":
         return T.F16
@@ -44,6 +45,17 @@ def ggml_type(gguf_type: str, shape: tuple[int, ...]):
         return T.BF16
     # q8_0 needs rows that are whole 32-value blocks; llama.cpp's converter falls back the same way.
     return T.Q8_0 if shape[-1] % 32 == 0 else T.F16
+
+
+def _kept_f32(name: str) -> bool:
+    """The 2-D tensors llama.cpp keeps in F32 whatever the file's type (its converter and its quantizer):
+    the MoE routers."""
+    import gguf
+
+    routers = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP)
+    kinds = {gguf.TENSOR_NAMES[k].rsplit(".", 1)[-1] for k in routers}  # "ffn_gate_inp", ...
+    pieces = name.split(".")  # blk.N.KIND.weight
+    return len(pieces) > 2 and pieces[-2] in kinds
 
 
 def torch_dtype_for(qtype) -> torch.dtype:
@@ -81,36 +93,74 @@ def type_nbytes(shape: tuple[int, ...], qtype) -> int:
 
 @dataclass(frozen=True)
 class GGUFTensor:
-    """One HF tensor as the GGUF file stores it."""
+    """One HF tensor as the GGUF file stores it, or (`parts`) the HF tensors of one MoE projection, one per
+    expert in expert order, stacked into one 3-D tensor (hf_name is then the stack's name, no stored one)."""
 
     hf_name: str
     name: str
     shape: tuple[int, ...]
     qtype: object  # gguf.GGMLQuantizationType
+    parts: tuple[str, ...] = ()
 
     @property
     def nbytes(self) -> int:
         return type_nbytes(self.shape, self.qtype)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The HF tensors this GGUF tensor is made of."""
+        return self.parts or (self.hf_name,)
 
 
 def map_tensors(
     arch: Architecture, hp: HParams, shapes: dict[str, tuple[int, ...]], gguf_type: str
 ) -> list[GGUFTensor]:
     """The GGUF tensors, in HF-name order, for the HF tensors `shapes` (unused ones left out: rotary
-    inv_freq buffers, a tied lm_head)."""
+    inv_freq buffers, a tied lm_head); an MoE's per-expert tensors become one stacked tensor each."""
     import gguf
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper()], hp.n_layers)
     out = []
-    for hf in sorted(shapes):
+    for hf, parts, shape in _stacked(hp, shapes):
         if hf.endswith("rotary_emb.inv_freq") or (hf == "lm_head.weight" and hp.tied):
             continue
         new = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise UnsupportedError(f"tensor {hf} has no GGUF counterpart for {arch.hf_class}.")
-        shape = tuple(shapes[hf])
-        out.append(GGUFTensor(hf, new, shape, ggml_type(gguf_type, shape)))
+        out.append(GGUFTensor(hf, new, shape, ggml_type(gguf_type, shape, new), parts))
     return out
+
+
+def _stacked(hp: HParams, shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple[str, ...], tuple]]:
+    """(name, parts, shape) in name order: a tensor of its own (no parts), or the stack of an MoE
+    projection's per-expert tensors, where the first of them sorts."""
+    from .moe import expert_of
+
+    stacks: dict[str, dict[int, str]] = {}
+    rows: list[tuple[str, tuple[str, ...], tuple]] = []
+    for hf in sorted(shapes):
+        found = expert_of(hf) if hp.n_expert else None
+        if found is None:
+            rows.append((hf, (), tuple(shapes[hf])))
+            continue
+        if found[0] not in stacks:
+            rows.append((found[0], (), ()))  # its parts and shape once every expert is seen
+        stacks.setdefault(found[0], {})[found[1]] = hf
+    return [_stack(row[0], stacks[row[0]], shapes, hp.n_expert) if row[0] in stacks else row for row in rows]
+
+
+def _stack(
+    name: str, experts: dict[int, str], shapes: dict, n_expert: int
+) -> tuple[str, tuple[str, ...], tuple]:
+    """One projection's experts in expert order and the stacked shape, or UnsupportedError when some are
+    missing or differ in shape."""
+    part_shapes = {tuple(shapes[hf]) for hf in experts.values()}
+    if sorted(experts) != list(range(n_expert)) or len(part_shapes) != 1:
+        raise UnsupportedError(
+            f"{name}: the checkpoint stores experts {sorted(experts)} of shapes {sorted(part_shapes)}; "
+            f"config.json names {n_expert} experts of one shape, so they cannot be stacked for GGUF."
+        )
+    return name, tuple(experts[e] for e in range(n_expert)), (n_expert, *part_shapes.pop())
 
 
 def gguf_head(
@@ -173,7 +223,10 @@ def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, meta) -> No
         w.add_key_length(hp.head_dim)
         w.add_value_length(hp.head_dim)
     w.add_rope_freq_base(hp.rope_theta)
-    w.add_layer_norm_rms_eps(hp.rms_eps)
+    if arch.layer_norm:
+        w.add_layer_norm_eps(hp.norm_eps)
+    else:
+        w.add_layer_norm_rms_eps(hp.norm_eps)
     w.add_vocab_size(hp.vocab_size)
     add_rope_metadata(w, arch, hp)
     ftype = {

@@ -1,0 +1,50 @@
+"""The architectures GGUF export writes, by the class name config.json's `architectures` gives."""
+
+from __future__ import annotations
+
+from ...errors import UnsupportedError
+from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Qwen2, Qwen3, read_hparams
+from .dense import Cohere2, Glm4, Granite, Olmo2, SmolLM3
+from .moe import Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.hf_class: a
+    for a in (
+        Architecture(),
+        Mistral(),
+        Qwen2(),
+        Qwen3(),
+        Gemma(),
+        Gemma2(),
+        Gemma3(),
+        Phi3(),
+        Granite(),
+        SmolLM3(),
+        Olmo2(),
+        Glm4(),
+        Cohere2(),
+        Mixtral(),
+        Qwen2Moe(),
+        Qwen3Moe(),
+        Olmoe(),
+    )
+}
+
+
+def architecture_of(config: dict) -> tuple[Architecture, HParams]:
+    """The architecture record and hyperparameters of a config.json, or UnsupportedError."""
+    archs = config.get("architectures") or []
+    by_type = {a.model_type: name for name, a in ARCHITECTURES.items()}
+    hf_arch = archs[0] if isinstance(archs, list) and archs else by_type.get(config.get("model_type"))
+    if hf_arch not in ARCHITECTURES:
+        raise UnsupportedError(
+            f"qmerge writes GGUF for {', '.join(ARCHITECTURES)}; this model is "
+            f"{hf_arch or config.get('model_type')}. The route for it: export the merge in 16 bits "
+            "(qmerge export ADAPTER --to bf16 -o MERGED), then convert it with llama.cpp's "
+            "convert_hf_to_gguf.py MERGED (with --mmproj for a vision model's projector), and measure the "
+            "GGUF with qmerge check ADAPTER --candidate FILE.gguf."
+        )
+    arch = ARCHITECTURES[hf_arch]
+    hp = read_hparams(config, arch)
+    arch.check(config, hp)
+    return arch, hp

@@ -1,0 +1,100 @@
+"""Mixture-of-experts decoders as llama.cpp runs them: the experts of a layer stored one tensor per expert
+(`...experts.E.gate_proj.weight`) are written as one 3-D tensor per projection (`blk.N.ffn_gate_exps`,
+experts first, as convert_hf_to_gguf.py stacks them), the router in F32, and the expert counts as metadata.
+
+llama.cpp fixes per architecture what transformers reads from config.json (whether the chosen experts'
+weights are renormalized, which layers are sparse): a config that differs is refused, since the GGUF would
+answer differently from the model that was checked."""
+
+from __future__ import annotations
+
+import re
+
+from ...errors import UnsupportedError
+from .arch import Architecture, HParams, Qwen2, Qwen3
+
+_EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<index>\d+)\.(?P<tail>.+)$")
+
+
+def expert_of(hf_name: str) -> tuple[str, int] | None:
+    """(the name of the stack `hf_name` belongs to, its expert index), or None for a tensor of its own:
+    `model.layers.0.mlp.experts.3.up_proj.weight` -> (`model.layers.0.mlp.experts.up_proj.weight`, 3)."""
+    m = _EXPERT.match(hf_name)
+    return (f"{m['head']}.{m['tail']}", int(m["index"])) if m else None
+
+
+class MoE(Architecture):
+    """The expert counts llama.cpp reads, and what it fixes that transformers reads from config.json."""
+
+    norm_topk = True  # llama.cpp renormalizes the chosen experts' weights (build_moe_ffn's norm_w)
+    norm_key: str | None = "norm_topk_prob"  # the config key transformers reads it from (default False)
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        if hp.n_expert <= 0 or hp.n_expert_used <= 0:
+            raise UnsupportedError(
+                f"config.json names no expert counts (num_experts / num_experts_per_tok) for this "
+                f"{self.model_type} model, so llama.cpp could not run its experts."
+            )
+        if self.norm_key and bool(config.get(self.norm_key, False)) != self.norm_topk:
+            raise UnsupportedError(
+                f"config.json sets {self.norm_key} to {bool(config.get(self.norm_key, False))}, but llama.cpp's "
+                f"{self.gguf_arch} architecture always {'renormalizes' if self.norm_topk else 'keeps'} the chosen "
+                "experts' weights, so the GGUF would not match."
+            )
+        sparse_step, dense = config.get("decoder_sparse_step", 1), config.get("mlp_only_layers") or []
+        if sparse_step not in (None, 1) or dense:
+            raise UnsupportedError(
+                f"this model has dense layers among its expert layers (decoder_sparse_step {sparse_step}, "
+                f"mlp_only_layers {dense}); llama.cpp's {self.gguf_arch} architecture gives every layer "
+                "experts, so the GGUF would not match."
+            )
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        super().add_metadata(w, hp)
+        w.add_expert_count(hp.n_expert)
+        w.add_expert_used_count(hp.n_expert_used)
+        if hp.n_ff_exp is not None:
+            w.add_expert_feed_forward_length(int(hp.n_ff_exp))
+        if hp.n_ff_shexp is not None:
+            w.add_expert_shared_feed_forward_length(int(hp.n_ff_shexp))
+
+
+class Mixtral(MoE):
+    """Mixtral runs as llama.cpp's `llama` with experts (Q/K rows permuted, weights always renormalized)."""
+
+    hf_class, model_type, norm_key = "MixtralForCausalLM", "mixtral", None
+
+
+class Qwen2Moe(MoE, Qwen2):
+    """Qwen1.5/Qwen2-MoE: a shared expert beside the routed ones, gated by a sigmoid; no renormalization."""
+
+    hf_class, model_type, gguf_arch, norm_topk = "Qwen2MoeForCausalLM", "qwen2_moe", "qwen2moe", False
+    own_output = True
+
+
+class Qwen3Moe(MoE, Qwen3):
+    """Qwen3-MoE: Q/K norms, chosen experts' weights renormalized (Qwen3-30B-A3B sets norm_topk_prob)."""
+
+    hf_class, model_type, gguf_arch = "Qwen3MoeForCausalLM", "qwen3_moe", "qwen3moe"
+
+
+class Olmoe(MoE):
+    """OLMoE: Q/K norms over the whole projection (one size for both: llama.cpp has no GQA form of them),
+    NEOX RoPE, an output layer of its own, no renormalization."""
+
+    hf_class, model_type, gguf_arch, norm_topk = "OlmoeForCausalLM", "olmoe", "olmoe", False
+    permute_qk, own_output = False, True
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        if hp.n_head_kv != hp.n_head:
+            raise UnsupportedError(
+                f"this olmoe model has {hp.n_head_kv} key/value heads for {hp.n_head} query heads; llama.cpp's "
+                "olmoe architecture sizes the key norm for as many as the queries, so it could not load it."
+            )
+        if config.get("clip_qkv") is not None:
+            raise UnsupportedError(
+                f"config.json sets clip_qkv ({config['clip_qkv']}); llama.cpp's olmoe architecture does not "
+                "clip Q/K/V, so the GGUF would not match."
+            )

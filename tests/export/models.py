@@ -1,0 +1,103 @@
+"""The tiny models the GGUF tests export: one base of each dense architecture GGUF export writes (the demo's
+builder) and of each mixture-of-experts family (transformers' own classes with the demo's tokenizer), each
+with a random-B `all-linear` adapter made by PEFT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qmerge.demo.tiny import TinySpec, build_base, build_tokenizer
+from tests.helpers import TINY_TEXT, random_adapter
+
+# (architecture, tied embeddings) as TinySpec names them
+DENSE = (
+    ("llama", False),
+    ("mistral", False),
+    ("qwen2", True),
+    ("qwen3", True),
+    ("gemma", True),
+    ("gemma2", True),
+    ("gemma3", True),
+    ("phi3", False),
+    ("granite", False),
+    ("smollm3", True),
+    ("olmo2", False),
+)
+
+
+def tiny_dense(root: Path, arch: str, tied: bool) -> tuple[Path, Path]:
+    """A tiny base of `arch` and its adapter. The GGUF's general.name comes from the adapter's directory
+    name, hence "adapter": llama.cpp gives models named like phi3 special handling of tokens
+    (<|endoftext|>, ...) that the tiny vocabulary lacks."""
+    layers = 4 if arch == "smollm3" else 2  # its 4th layer is the one without RoPE
+    spec = TinySpec(arch=arch, tie_word_embeddings=tied, num_key_value_heads=2, num_hidden_layers=layers)
+    base = build_base(root / "base", spec)
+    return base, random_adapter(
+        base, root / "adapter", seed=7, r=8, lora_alpha=16, target_modules="all-linear"
+    )
+
+
+# each mixture-of-experts family as its checkpoints are: what llama.cpp fixes (renormalized experts, MHA for
+# OLMoE's Q/K norms, an output layer of its own) set as the real models set it
+MOE = {
+    "qwen3_moe": dict(moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen2_moe": dict(
+        moe_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        shared_expert_intermediate_size=128,
+        tie_word_embeddings=False,
+    ),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=4, tie_word_embeddings=False),
+}
+# the other families GGUF export writes that the demo's builder does not make
+FAMILIES = {
+    **MOE,
+    "glm4": dict(tie_word_embeddings=False),
+    # 4 layers: the 4th is global, without RoPE; a window shorter than the test's 20 tokens; rotary_pct as
+    # Command R7B's config.json has it (llama.cpp's converter reads it)
+    "cohere2": dict(num_hidden_layers=4, sliding_window=8, rotary_pct=1.0, logit_scale=0.5),
+}
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+GGUF_ARCH = {
+    "qwen3_moe": "qwen3moe",
+    "qwen2_moe": "qwen2moe",
+    "mixtral": "llama",
+    "olmoe": "olmoe",
+    "glm4": "glm4",
+    "cohere2": "cohere2",
+}
+
+
+def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
+    """A tiny base of `model_type` (transformers' class, FAMILIES' config) with the demo's tokenizer (llama.cpp
+    needs a vocabulary), norms away from 1 and biases non-zero so that a wrong mapping shows, routers far
+    from uniform, saved in bf16; and an `all-linear` adapter."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = root / "base"
+    tok = build_tokenizer(base, 320)
+    extra = {**TINY_TEXT, **FAMILIES[model_type], **config}
+    cfg = AutoConfig.for_model(
+        model_type, **{**extra, "vocab_size": len(tok)}, bos_token_id=1, eos_token_id=2, pad_token_id=3
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.02 * torch.randn_like(p))
+            elif name.endswith(".gate.weight"):  # routers far from uniform: the chosen experts matter
+                p.normal_(std=0.5)
+    model.to(torch.bfloat16).save_pretrained(str(base))
+    # PEFT's all-linear adapts the fused experts as parameters except on Qwen2-MoE: named there
+    experts = {"target_parameters": EXPERTS} if model_type == "qwen2_moe" else {}
+    adapter = random_adapter(
+        base, root / "adapter", seed=7, r=8, lora_alpha=16, target_modules="all-linear", **experts
+    )
+    return base, adapter

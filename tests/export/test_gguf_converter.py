@@ -1,0 +1,79 @@
+"""qmerge's GGUF files against llama.cpp's own converter (convert_hf_to_gguf.py, from the llama-cpp-python
+source distribution, never kept in the repository), on every architecture GGUF export writes: the same
+merged model converted both ways gives the same tensors (names, shapes, types, bytes) and the same
+hyperparameters. The vocabulary is left out of the converter (tests/export/run_converter.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qmerge.api import export
+from tests.export.models import DENSE, FAMILIES
+
+pytest.importorskip("llama_cpp")
+HERE = Path(__file__).resolve().parent
+NAMES = [arch for arch, _ in DENSE] + sorted(FAMILIES)
+TYPES = ("f32", "q8_0")
+
+
+@pytest.fixture(scope="session")
+def converted(llama_cpp_source, arch_adapters, family_models, tmp_path_factory):
+    """{name: folder} with qmerge-TYPE.gguf and llama.cpp-TYPE.gguf of one merged bf16 model, and the
+    converter's failures (its output)."""
+    root = tmp_path_factory.mktemp("converter")
+    jobs = []
+    for name, (base, adapter) in {**arch_adapters, **family_models}.items():
+        (root / name).mkdir()
+        export(adapter, "bf16", root / name / "merged", base=base)
+        for t in TYPES:
+            export(root / name / "merged", "gguf", root / name / f"qmerge-{t}.gguf", gguf_type=t)
+            jobs += [str(root / name / "merged"), t, str(root / name / f"llama.cpp-{t}.gguf")]
+    converter = str(llama_cpp_source / "convert_hf_to_gguf.py")
+    done = subprocess.run(
+        [sys.executable, str(HERE / "run_converter.py"), converter, *jobs],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return root, done.stdout + done.stderr[-3000:]
+
+
+def _metadata(reader, arch: str) -> dict:
+    """The hyperparameters (not the vocabulary, not general.*), with the keys one side writes where the
+    other relies on llama.cpp's default left out when they hold that default."""
+    out = {k: f.contents() for k, f in reader.fields.items() if k.startswith(f"{arch}.")}
+    head_dim = out[f"{arch}.embedding_length"] // out[f"{arch}.attention.head_count"]
+    for key, default in {"attention.key_length": head_dim, "attention.value_length": head_dim,
+                         "rope.dimension_count": head_dim, "vocab_size": None,
+                         "rope.freq_base": 10000.0, "rope.scaling.type": "none"}.items():  # fmt: skip
+        if out.get(f"{arch}.{key}", default) in (default, None) or key == "vocab_size":
+            out.pop(f"{arch}.{key}", None)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("gtype", TYPES)
+def test_same_file_as_llama_cpps_converter(converted, name, gtype):
+    import gguf
+
+    root, log = converted
+    theirs_path = root / name / f"llama.cpp-{gtype}.gguf"
+    assert theirs_path.exists(), log
+    ours, theirs = (
+        gguf.GGUFReader(str(root / name / f"qmerge-{gtype}.gguf")),
+        gguf.GGUFReader(str(theirs_path)),
+    )
+    ta, tb = {t.name: t for t in ours.tensors}, {t.name: t for t in theirs.tensors}
+    assert sorted(ta) == sorted(tb)
+    for n in ta:
+        assert (ta[n].tensor_type, list(ta[n].shape)) == (tb[n].tensor_type, list(tb[n].shape)), n
+        assert np.array_equal(ta[n].data, tb[n].data), n
+    arch = ours.fields["general.architecture"].contents()
+    assert arch == theirs.fields["general.architecture"].contents()
+    assert _metadata(ours, arch) == _metadata(theirs, arch)
+    assert ours.fields["general.file_type"].contents() == theirs.fields["general.file_type"].contents()

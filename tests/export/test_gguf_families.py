@@ -1,0 +1,128 @@
+"""GGUF export of the families transformers' own classes build here (tests/export/models.py): mixture-of-experts
+models (each projection's per-expert tensors stacked into one 3-D tensor, the router kept in F32, the expert
+counts written) and GLM-4, checked by loading the file in llama.cpp and comparing its logits with transformers
+running the merged model, on an `all-linear` adapter (on MoE models, PEFT's LoRA on the fused expert
+parameters and on attention). What llama.cpp fixes and a config changes is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qmerge.api import check, export
+from qmerge.errors import UnsupportedError
+from tests.export.models import FAMILIES, GGUF_ARCH, MOE, tiny_family
+from tests.export.test_gguf import F32_TOL, SEQ, _tie_gap, llama_cpp_logits
+from tests.helpers import TINY_TEXT, inspect_path, kl_top1, logits_of, random_adapter
+
+pytest.importorskip("llama_cpp")
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_gguf_against_transformers(tmp_path, family_models, model_type):
+    base, adapter = family_models[model_type]
+    if model_type in MOE:  # the experts adapted
+        assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
+    export(adapter, "fp32", tmp_path / "merged", base=base)
+    ref = logits_of(tmp_path / "merged", SEQ)
+    assert (ref - logits_of(base, SEQ)).abs().max() > 0.05  # the adapter changes the answer
+    for gtype in ("f32", "q8_0"):
+        out = tmp_path / f"m-{gtype}.gguf"
+        report = export(adapter, "gguf", out, base=base, gguf_type=gtype)
+        assert report.details["gguf_architecture"] == GGUF_ARCH[model_type]
+        cand = llama_cpp_logits(out)
+        if gtype == "f32":
+            assert (cand - ref).abs().max() <= F32_TOL, model_type
+        else:
+            kl, _ = kl_top1(ref, cand)
+            assert kl <= 1e-3 and _tie_gap(ref, cand) <= 0.05, (model_type, kl)
+    info = inspect_path(tmp_path / "m-q8_0.gguf")
+    arch = GGUF_ARCH[model_type]
+    assert info["metadata"].get(f"{arch}.expert_count") == (4 if model_type in MOE else None)
+    if model_type not in MOE:
+        return
+    assert info["metadata"][f"{arch}.expert_used_count"] == 2
+
+
+def test_experts_stacked_and_routers_kept_f32(tmp_path, family_models):
+    import gguf
+
+    base, adapter = family_models["qwen2_moe"]
+    export(adapter, "gguf", tmp_path / "m.gguf", base=base, gguf_type="q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    T = gguf.GGMLQuantizationType
+    assert [int(d) for d in tensors["blk.0.ffn_gate_exps.weight"].shape] == [64, 64, 4]  # {in, out, experts}
+    assert [int(d) for d in tensors["blk.0.ffn_down_exps.weight"].shape] == [64, 64, 4]
+    assert tensors["blk.0.ffn_gate_exps.weight"].tensor_type == T.Q8_0
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == T.F32  # as llama.cpp's converter keeps routers
+    assert tensors["blk.0.ffn_gate_inp_shexp.weight"].tensor_type == T.F32
+    assert not [n for n in tensors if ".experts." in n or "exps.0" in n]
+    result = check(adapter, tmp_path / "m.gguf", base, seq_len=16, max_seqs=2)  # the GGUF as a candidate
+    assert result.passed and result.metrics.mean_kl < 1e-3
+
+
+def test_llama_cpp_quantizer_and_calibration_on_moe(tmp_path, family_models):
+    base, adapter = family_models["qwen3_moe"]
+    export(adapter, "fp32", tmp_path / "merged", base=base)
+    report = export(adapter, "gguf", tmp_path / "m.gguf", base=base, gguf_type="q4_k_m")
+    assert report.details["gguf_architecture"] == "qwen3moe"
+    kl, _ = kl_top1(logits_of(tmp_path / "merged", SEQ), llama_cpp_logits(tmp_path / "m.gguf"))
+    assert kl <= 1e-3  # measured 8.9e-5
+    data = tmp_path / "cal.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog\n" * 40, encoding="utf-8")
+    with pytest.raises(UnsupportedError, match="does not write mixture-of-experts"):
+        export(adapter, "gguf", tmp_path / "c.gguf", base=base, gguf_type="iq4_nl", calibrate=data)
+    assert not (tmp_path / "c.gguf").exists()
+
+
+def test_lora_gguf_on_an_moe_base(tmp_path):
+    """An attention adapter on an MoE base as a llama.cpp LoRA (the base GGUF with stacked experts) against
+    PEFT's unmerged forward; LoRA on the experts is refused for gguf-lora (llama.cpp's adapter has no form
+    for it) with the merge route named."""
+    from qmerge.llama_cpp import gguf_logits
+    from tests.helpers import reference_unmerged
+
+    base, experts = tiny_family(tmp_path, "mixtral")
+    adapter = random_adapter(
+        base,
+        tmp_path / "attn",
+        seed=3,
+        b_scale=0.3,
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
+    export(adapter, "gguf-lora", tmp_path / "out", base=base, gguf_type="f32")
+    got = gguf_logits(tmp_path / "out" / "base-f32.gguf", SEQ, lora=tmp_path / "out" / "adapter.gguf")
+    ref = reference_unmerged(adapter, base, SEQ)
+    assert (got - ref).abs().max() <= 2e-3 < (logits_of(base, SEQ) - ref).abs().max()
+    with pytest.raises(UnsupportedError, match="LoRA on parameters.*qmerge export ADAPTER --to gguf"):
+        export(experts, "gguf-lora", tmp_path / "lora", base=base)
+
+
+def test_moe_configs_llama_cpp_runs_otherwise_are_refused():
+    from qmerge.io.gguf.families import architecture_of
+
+    cfg = {**TINY_TEXT, "architectures": ["Qwen3MoeForCausalLM"], **FAMILIES["qwen3_moe"]}
+    assert architecture_of(cfg)[0].gguf_arch == "qwen3moe"
+    cases = [
+        ({"norm_topk_prob": False}, "renormalizes"),
+        ({"mlp_only_layers": [1]}, "dense layers"),
+        ({"decoder_sparse_step": 2}, "dense layers"),
+        ({"num_experts": None}, "expert counts"),
+    ]
+    for change, message in cases:
+        with pytest.raises(UnsupportedError, match=message):
+            architecture_of({**cfg, **change})
+    qwen2 = {**TINY_TEXT, "architectures": ["Qwen2MoeForCausalLM"], **FAMILIES["qwen2_moe"]}
+    with pytest.raises(UnsupportedError, match="keeps"):
+        architecture_of({**qwen2, "norm_topk_prob": True})
+    with pytest.raises(UnsupportedError, match="output layer of its own"):
+        architecture_of({**qwen2, "tie_word_embeddings": True})
+    olmoe = {**TINY_TEXT, "architectures": ["OlmoeForCausalLM"], **FAMILIES["olmoe"]}
+    assert architecture_of(olmoe)[0].gguf_arch == "olmoe"
+    with pytest.raises(UnsupportedError, match="key/value heads"):
+        architecture_of({**olmoe, "num_key_value_heads": 2})
+    with pytest.raises(UnsupportedError, match="clip_qkv"):
+        architecture_of({**olmoe, "clip_qkv": 8.0})
