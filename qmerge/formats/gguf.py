@@ -15,6 +15,7 @@ from ..errors import UnsupportedError
 from ..io.atomic import OutputFile, atomic_file, describe_files
 from ..io.gguf.families import architecture_of
 from ..io.gguf.rope import rope_tensors
+from ..io.gguf.vlm import note_text_only
 from ..io.gguf.writer import (
     DIRECT_TYPES,
     LLAMA_CPP_TYPES,
@@ -60,6 +61,7 @@ class GGUF:
     def __init__(self, source: Source, gguf_type: str):
         self.gguf_type = gguf_type
         self.arch, self.hp = architecture_of(source.config)
+        note_text_only(self.arch, source.warnings)
         self.tensors = map_tensors(
             self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, gguf_type
         )

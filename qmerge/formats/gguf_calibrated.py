@@ -25,6 +25,7 @@ from ..io.atomic import OutputFile, atomic_file, describe_files
 from ..io.gguf.families import architecture_of
 from ..io.gguf.imatrix import write_imatrix
 from ..io.gguf.rope import rope_tensors
+from ..io.gguf.vlm import note_text_only
 from ..io.gguf.writer import (
     LLAMA_CPP_TYPES,
     GGUFFile,
@@ -73,6 +74,7 @@ class CalibratedGGUF:
     def __init__(self, source: Source, kind: str, base_only: bool = False, types: dict | None = None):
         self.source, self.kind, self.base_only = source, kind, base_only
         self.arch, self.hp = architecture_of(source.config)
+        note_text_only(self.arch, source.warnings)
         four = source.weights.quantized_names()
         mapped = map_tensors(self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, "q8_0")
         if stacked := [t.name for t in mapped if t.parts]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.export.models import DENSE, FAMILIES, tiny_dense, tiny_family
+from tests.export.models import DENSE, FAMILIES, VLM, tiny_dense, tiny_family, tiny_vlm
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +17,9 @@ def arch_adapters(tmp_path_factory) -> dict:
 def family_models(tmp_path_factory) -> dict:
     """{model_type: (base, adapter)} for the families transformers' own classes build (tests/export/models.py)."""
     return {mt: tiny_family(tmp_path_factory.mktemp(mt), mt) for mt in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def vlm_models(tmp_path_factory) -> dict:
+    """{name: (base, adapter)} for the vision-language models whose language model GGUF export writes."""
+    return {name: tiny_vlm(tmp_path_factory.mktemp(name), name) for name in VLM}

@@ -101,3 +101,40 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
         base, root / "adapter", seed=7, r=8, lora_alpha=16, target_modules="all-linear", **experts
     )
     return base, adapter
+
+
+# vision-language models whose language model GGUF export writes (tests/test_vlm.py's tiny configs)
+VLM = {"gemma3_vlm": "gemma3", "llava": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+VLM_GGUF_ARCH = {"gemma3_vlm": "gemma3", "llava": "llama", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl"}
+
+
+def tiny_vlm(root: Path, name: str) -> tuple[Path, Path]:
+    """A tiny vision-language base (tests/test_vlm.py's config for VLM[name]) with the demo's tokenizer,
+    norms away from 1, in bf16; and a random-B adapter on its language model's linear layers."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.test_vlm import _model
+
+    base = root / "base"
+    build_tokenizer(base, 320)
+    torch.manual_seed(0)
+    model = _model(VLM[name])
+    if name == "gemma3_vlm":  # as Gemma 3 4B/12B: attention scaled by head_dim (llama.cpp's gemma3 fixes it)
+        model.config.text_config.query_pre_attn_scalar = model.config.text_config.head_dim
+    if name.startswith("qwen2"):  # llama.cpp's qwen2vl reads no RMSNorm epsilon (it uses 0): see test
+        model.config.text_config.rms_norm_eps = 1e-12
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))  # (Gemma's 1 + weight: as far from its identity)
+    model.to(torch.bfloat16).save_pretrained(str(base))
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    peft = get_peft_model(
+        model.float(), LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    )
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.05)
+    peft.save_pretrained(str(root / "adapter"))
+    return base, root / "adapter"

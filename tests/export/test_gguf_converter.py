@@ -13,21 +13,21 @@ import numpy as np
 import pytest
 
 from qmerge.api import export
-from tests.export.models import DENSE, FAMILIES
+from tests.export.models import DENSE, FAMILIES, VLM
 
 pytest.importorskip("llama_cpp")
 HERE = Path(__file__).resolve().parent
-NAMES = [arch for arch, _ in DENSE] + sorted(FAMILIES)
+NAMES = [arch for arch, _ in DENSE] + sorted(FAMILIES) + sorted(VLM)
 TYPES = ("f32", "q8_0")
 
 
 @pytest.fixture(scope="session")
-def converted(llama_cpp_source, arch_adapters, family_models, tmp_path_factory):
+def converted(llama_cpp_source, arch_adapters, family_models, vlm_models, tmp_path_factory):
     """{name: folder} with qmerge-TYPE.gguf and llama.cpp-TYPE.gguf of one merged bf16 model, and the
     converter's failures (its output)."""
     root = tmp_path_factory.mktemp("converter")
     jobs = []
-    for name, (base, adapter) in {**arch_adapters, **family_models}.items():
+    for name, (base, adapter) in {**arch_adapters, **family_models, **vlm_models}.items():
         (root / name).mkdir()
         export(adapter, "bf16", root / name / "merged", base=base)
         for t in TYPES:

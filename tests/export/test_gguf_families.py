@@ -12,7 +12,7 @@ import pytest
 
 from qmerge.api import check, export
 from qmerge.errors import UnsupportedError
-from tests.export.models import FAMILIES, GGUF_ARCH, MOE, tiny_family
+from tests.export.models import FAMILIES, GGUF_ARCH, MOE, VLM, VLM_GGUF_ARCH, tiny_family
 from tests.export.test_gguf import F32_TOL, SEQ, _tie_gap, llama_cpp_logits
 from tests.helpers import TINY_TEXT, inspect_path, kl_top1, logits_of, random_adapter
 
@@ -110,7 +110,7 @@ def test_moe_configs_llama_cpp_runs_otherwise_are_refused():
         ({"norm_topk_prob": False}, "renormalizes"),
         ({"mlp_only_layers": [1]}, "dense layers"),
         ({"decoder_sparse_step": 2}, "dense layers"),
-        ({"num_experts": None}, "expert counts"),
+        ({"num_experts_per_tok": 0}, "expert counts"),
     ]
     for change, message in cases:
         with pytest.raises(UnsupportedError, match=message):
@@ -126,3 +126,23 @@ def test_moe_configs_llama_cpp_runs_otherwise_are_refused():
         architecture_of({**olmoe, "num_key_value_heads": 2})
     with pytest.raises(UnsupportedError, match="clip_qkv"):
         architecture_of({**olmoe, "clip_qkv": 8.0})
+
+
+@pytest.mark.parametrize("name", sorted(VLM))
+def test_vision_language_models_language_gguf(tmp_path, vlm_models, name):
+    """The language model of a vision-language checkpoint as llama.cpp's text GGUF, against transformers'
+    image-text-to-text class on text; the report says the image side is not in the file.
+
+    Qwen2-VL's tiny models have an RMSNorm epsilon of 1e-12: llama.cpp 0.3.36's qwen2vl never reads the
+    epsilon the file carries (qmerge writes it, as llama.cpp's converter does) and uses 0, which at 1e-5
+    moved these tiny logits by 9.8e-3 (by 9e-4 at Qwen2-VL's own 1e-6); at 1e-12 the GGUF matches to 2.4e-7."""
+    from transformers import AutoModelForImageTextToText
+
+    base, adapter = vlm_models[name]
+    export(adapter, "fp32", tmp_path / "merged", base=base)
+    ref = logits_of(tmp_path / "merged", SEQ, model_class=AutoModelForImageTextToText)
+    assert (ref - logits_of(base, SEQ, model_class=AutoModelForImageTextToText)).abs().max() > 0.05
+    report = export(adapter, "gguf", tmp_path / "m.gguf", base=base, gguf_type="f32")
+    assert report.details["gguf_architecture"] == VLM_GGUF_ARCH[name]
+    assert any("mmproj" in w for w in report.warnings)
+    assert (llama_cpp_logits(tmp_path / "m.gguf") - ref).abs().max() <= F32_TOL

@@ -112,6 +112,11 @@ class Architecture:
     partial_rotary = 1.0  # the share of each head RoPE rotates when config.json does not say
     tied_output = False  # llama.cpp always uses the embedding as the output layer
     layer_norm = False  # LayerNorm (without bias) in place of RMSNorm
+    vision = False  # a vision-language checkpoint whose language model is written (vlm.py)
+
+    def text_name(self, hf_name: str) -> str | None:
+        """The tensor's name as a text-only checkpoint has it (None: a tensor the GGUF leaves out)."""
+        return hf_name
 
     def check(self, config: dict, hp: HParams) -> None:
         """Refuse what llama.cpp would run differently from transformers."""

@@ -6,6 +6,7 @@ from ...errors import UnsupportedError
 from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Qwen2, Qwen3, read_hparams
 from .dense import Cohere2, Glm4, Granite, Olmo2, SmolLM3
 from .moe import Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
+from .vlm import Gemma3Vision, Llava, Qwen2Vision, Qwen25Vision
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_class: a
@@ -27,6 +28,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         Qwen2Moe(),
         Qwen3Moe(),
         Olmoe(),
+        Gemma3Vision(),
+        Llava(),
+        Qwen2Vision(),
+        Qwen25Vision(),
     )
 }
 
@@ -45,6 +50,16 @@ def architecture_of(config: dict) -> tuple[Architecture, HParams]:
             "GGUF with qmerge check ADAPTER --candidate FILE.gguf."
         )
     arch = ARCHITECTURES[hf_arch]
-    hp = read_hparams(config, arch)
-    arch.check(config, hp)
+    params = text_config(config, arch.model_type)
+    hp = read_hparams(params, arch)
+    arch.check(params, hp)
     return arch, hp
+
+
+def text_config(config: dict, model_type: str) -> dict:
+    """config.json as transformers reads it (every default filled in), the text model's keys at the top
+    level for a vision-language model, as llama.cpp's converter reads its hyperparameters."""
+    from ..hf_classes import hf_config_of
+
+    full = hf_config_of({"model_type": model_type, **config}).to_dict()
+    return {**full, **(full.get("text_config") or {})}

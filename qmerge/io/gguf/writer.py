@@ -122,9 +122,10 @@ def map_tensors(
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper()], hp.n_layers)
     out = []
     for hf, parts, shape in _stacked(hp, shapes):
-        if hf.endswith("rotary_emb.inv_freq") or (hf == "lm_head.weight" and hp.tied):
+        text = arch.text_name(hf)
+        if text is None or text.endswith("rotary_emb.inv_freq") or (text == "lm_head.weight" and hp.tied):
             continue
-        new = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        new = names.get_name(text, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise UnsupportedError(f"tensor {hf} has no GGUF counterpart for {arch.hf_class}.")
         out.append(GGUFTensor(hf, new, shape, ggml_type(gguf_type, shape, new), parts))

@@ -1,0 +1,75 @@
+"""Vision-language models as llama.cpp runs their language model: the text GGUF of a checkpoint that holds a
+vision tower too. Tensor names lose their `language_model.` part (both layouts transformers saves:
+`model.language_model.*` and `language_model.model.*`) and the vision tower and projector are left out, as
+llama.cpp's converter does; the hyperparameters are the text config's (families.text_config). The image
+side (llama.cpp's mmproj file) is not written: the message says how to make it."""
+
+from __future__ import annotations
+
+from ...errors import UnsupportedError
+from .arch import Architecture, Gemma3, HParams, Qwen2
+
+# parts of a tensor name that mark the image side (vision tower, projector) of a vision-language model
+_VISION = ("vision_tower.", "vision_model.", "visual.", "multi_modal_projector.", "mm_projector.")
+MMPROJ_ROUTE = (
+    "this is a vision-language model: the GGUF holds its language model (text in, text out); for images "
+    "llama.cpp also needs the vision projector (mmproj), which qmerge does not write: export the merge in 16 "
+    "bits (qmerge export ADAPTER --to bf16 -o MERGED) and run llama.cpp's convert_hf_to_gguf.py MERGED --mmproj."
+)
+
+
+def note_text_only(arch: Architecture, warnings: list[str]) -> None:
+    """Say, once, that a vision-language model's GGUF holds its language model only."""
+    if arch.vision and MMPROJ_ROUTE not in warnings:
+        warnings.append(MMPROJ_ROUTE)
+
+
+class VisionLanguage(Architecture):
+    """The language model of a vision-language checkpoint."""
+
+    vision = True
+
+    def text_name(self, hf_name: str) -> str | None:
+        """The name the text model's tensor has in a text-only checkpoint, or None for the image side."""
+        if any(part in hf_name for part in _VISION):
+            return None
+        return hf_name.replace("language_model.", "")
+
+
+class Gemma3Vision(VisionLanguage, Gemma3):
+    """Gemma 3 4B/12B/27B (Gemma3ForConditionalGeneration): llama.cpp's gemma3 text model."""
+
+    hf_class, model_type = "Gemma3ForConditionalGeneration", "gemma3"
+
+
+class Llava(VisionLanguage):
+    """LLaVA with a Llama or Mistral language model: llama.cpp's llama (Q/K rows permuted)."""
+
+    hf_class, model_type = "LlavaForConditionalGeneration", "llava"
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        text = (config.get("text_config") or {}).get("model_type")
+        if text not in ("llama", "mistral"):
+            raise UnsupportedError(
+                f"this LLaVA model's language model is {text}; qmerge writes GGUF for LLaVA over Llama or "
+                "Mistral. The route: export the merge in 16 bits (qmerge export ADAPTER --to bf16 -o MERGED) "
+                "and convert it with llama.cpp's convert_hf_to_gguf.py MERGED."
+            )
+
+
+class Qwen2Vision(VisionLanguage, Qwen2):
+    """Qwen2-VL and Qwen2.5-VL: llama.cpp's qwen2vl, multimodal RoPE sections written from mrope_section."""
+
+    hf_class, model_type, gguf_arch = "Qwen2VLForConditionalGeneration", "qwen2_vl", "qwen2vl"
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        config = hp.config or {}
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        sections = list(rope.get("mrope_section") or [])
+        if sections:
+            w.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])  # time, height, width, extra
+
+
+class Qwen25Vision(Qwen2Vision):
+    hf_class, model_type = "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"
