@@ -74,7 +74,10 @@ class GGUF:
         return Layout(
             order=order,
             dtypes={hf: torch_dtype_for(self._by_name[hf].qtype) for hf in order},
-            nbytes={hf: self._by_name[hf].nbytes // len(self._by_name[hf].sources) for hf in order},
+            # a stack's room is asked for by its first expert, whole: the one before it is written out first
+            nbytes={
+                hf: self._by_name[hf].nbytes if hf == self._by_name[hf].sources[0] else 0 for hf in order
+            },
         )
 
     def encode(self, t: MergedTensor) -> list[tuple[str, np.ndarray]]:

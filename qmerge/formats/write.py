@@ -85,10 +85,7 @@ def stream_into(
     try:
         for name in layout.order:
             sink.wait_for_room(layout.nbytes[name])  # before the tensor is computed: bounds memory
-            t = next(tensors)
-            merged += t.merged
-            for key, data in fmt.encode(t):
-                sink.write(key, data)
+            merged += _hand_over(sink, fmt, next(tensors))
             confirm(source, wait=False)  # stop early when the background config check found a problem
         digests = sink.close()
         confirm(source)  # before anything is committed
@@ -96,6 +93,15 @@ def stream_into(
     except BaseException:
         sink.abort()
         raise
+
+
+def _hand_over(sink: Sink, fmt: Format, t: MergedTensor) -> bool:
+    """Encode `t` and give its arrays to `sink`; whether it was merged. A function of its own so that
+    nothing keeps the arrays once the sink has taken them (a loop variable would, while the next tensor is
+    computed: measured 0.875 GiB more at Mixtral 8x7B's shape, one stacked expert tensor)."""
+    for key, data in fmt.encode(t):
+        sink.write(key, data)
+    return t.merged
 
 
 def data_file(path: Path) -> dict:

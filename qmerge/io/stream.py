@@ -90,6 +90,7 @@ class StreamingFileWriter:
                     buf, fill = self._free.get(), 0
             if counted:
                 self._release(len(data))
+            del item, data  # not kept while the next array is awaited (it may be a whole expert stack)
         if fill and self._error is None:
             self._hash.update(buf[:fill])
             self._full.put((buf, fill))

@@ -60,6 +60,21 @@ FAMILIES = {
     # 4 layers: the 4th is global, without RoPE; a window shorter than the test's 20 tokens; rotary_pct as
     # Command R7B's config.json has it (llama.cpp's converter reads it)
     "cohere2": dict(num_hidden_layers=4, sliding_window=8, rotary_pct=1.0, logit_scale=0.5),
+    # its YaRN as Ministral 3 has it, the original context within the test's 20 tokens so that the
+    # attention temperature (llama_4_scaling_beta) changes with the position
+    "ministral3": dict(
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=1e6,
+            factor=16.0,
+            original_max_position_embeddings=8,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            mscale_all_dim=1.0,
+            mscale=1.0,
+            llama_4_scaling_beta=0.1,
+        ),
+    ),
 }
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 GGUF_ARCH = {
@@ -69,6 +84,7 @@ GGUF_ARCH = {
     "olmoe": "olmoe",
     "glm4": "glm4",
     "cohere2": "cohere2",
+    "ministral3": "mistral3",
 }
 
 
@@ -104,8 +120,20 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
 
 
 # vision-language models whose language model GGUF export writes (tests/test_vlm.py's tiny configs)
-VLM = {"gemma3_vlm": "gemma3", "llava": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
-VLM_GGUF_ARCH = {"gemma3_vlm": "gemma3", "llava": "llama", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl"}
+VLM = {
+    "gemma3_vlm": "gemma3",
+    "llava": "llava",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "mistral3_vlm": "mistral3",
+}
+VLM_GGUF_ARCH = {
+    "gemma3_vlm": "gemma3",
+    "llava": "llama",
+    "qwen2_vl": "qwen2vl",
+    "qwen2_5_vl": "qwen2vl",
+    "mistral3_vlm": "mistral3",
+}
 
 
 def tiny_vlm(root: Path, name: str) -> tuple[Path, Path]:

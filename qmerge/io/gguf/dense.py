@@ -108,3 +108,16 @@ class Cohere2(Architecture):
     def add_metadata(self, w, hp: HParams) -> None:
         w.add_logit_scale(float((hp.config or {}).get("logit_scale", 1.0)))
         w.add_sliding_window(int(hp.sliding_window or 0))
+
+
+class Ministral3(Architecture):
+    """Ministral 3: a Llama (Q/K rows permuted) with YaRN, whose mscale_all_dim and Llama 4 style attention
+    temperature (llama_4_scaling_beta) llama.cpp's mistral3 reads (convert_hf_to_gguf's Ministral3Model)."""
+
+    hf_class, model_type, gguf_arch = "Ministral3ForCausalLM", "ministral3", "mistral3"
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        rope = hp.rope_scaling or {}
+        if rope.get("rope_type", rope.get("type")) == "yarn":
+            w.add_rope_scaling_yarn_log_mul(float(rope["mscale_all_dim"]))
+            w.add_attn_temperature_scale(float(rope["llama_4_scaling_beta"]))

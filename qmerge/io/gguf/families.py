@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ...errors import UnsupportedError
 from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Qwen2, Qwen3, read_hparams
-from .dense import Cohere2, Glm4, Granite, Olmo2, SmolLM3
+from .dense import Cohere2, Glm4, Granite, Ministral3, Olmo2, SmolLM3
 from .moe import Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
-from .vlm import Gemma3Vision, Llava, Qwen2Vision, Qwen25Vision
+from .vlm import Gemma3Vision, Llava, Mistral3Vision, Qwen2Vision, Qwen25Vision
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_class: a
@@ -24,6 +24,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Olmo2(),
         Glm4(),
         Cohere2(),
+        Ministral3(),
         Mixtral(),
         Qwen2Moe(),
         Qwen3Moe(),
@@ -32,6 +33,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Llava(),
         Qwen2Vision(),
         Qwen25Vision(),
+        Mistral3Vision(),
     )
 }
 

@@ -11,6 +11,14 @@ import torch
 from ...errors import InputError, UnsupportedError
 from .arch import Architecture, HParams
 
+# YaRN's parameters as transformers names them -> the GGUF writer's method (as convert_hf_to_gguf writes them)
+_YARN = {
+    "extrapolation_factor": "add_rope_scaling_yarn_ext_factor",
+    "attention_factor": "add_rope_scaling_yarn_attn_factor",
+    "beta_fast": "add_rope_scaling_yarn_beta_fast",
+    "beta_slow": "add_rope_scaling_yarn_beta_slow",
+}
+
 
 def _kind(hp: HParams) -> str | None:
     s = hp.rope_scaling
@@ -31,6 +39,9 @@ def add_rope_metadata(w, arch: Architecture, hp: HParams) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(s["factor"]))
         w.add_rope_scaling_orig_ctx_len(int(s["original_max_position_embeddings"]))
+        for key, add in _YARN.items():  # those config.json sets (llama.cpp's defaults otherwise)
+            if (value := s.get(key)) is not None:
+                getattr(w, add)(float(value))
     elif kind == "llama3":
         pass  # carried by the rope_freqs tensor (see rope_tensors)
     elif kind in ("longrope", "su") and arch.gguf_arch == "phi3":

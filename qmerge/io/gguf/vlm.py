@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ...errors import UnsupportedError
 from .arch import Architecture, Gemma3, HParams, Qwen2
+from .dense import Ministral3
 
 # parts of a tensor name that mark the image side (vision tower, projector) of a vision-language model
 _VISION = ("vision_tower.", "vision_model.", "visual.", "multi_modal_projector.", "mm_projector.")
@@ -46,15 +47,16 @@ class Llava(VisionLanguage):
     """LLaVA with a Llama or Mistral language model: llama.cpp's llama (Q/K rows permuted)."""
 
     hf_class, model_type = "LlavaForConditionalGeneration", "llava"
+    text_types: tuple[str, ...] = ("llama", "mistral")  # the language models this record writes
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
         text = (config.get("text_config") or {}).get("model_type")
-        if text not in ("llama", "mistral"):
+        if text not in self.text_types:
             raise UnsupportedError(
-                f"this LLaVA model's language model is {text}; qmerge writes GGUF for LLaVA over Llama or "
-                "Mistral. The route: export the merge in 16 bits (qmerge export ADAPTER --to bf16 -o MERGED) "
-                "and convert it with llama.cpp's convert_hf_to_gguf.py MERGED."
+                f"this {self.model_type} model's language model is {text}; qmerge writes its GGUF over "
+                f"{' or '.join(self.text_types)}. The route: export the merge in 16 bits (qmerge export ADAPTER "
+                "--to bf16 -o MERGED) and convert it with llama.cpp's convert_hf_to_gguf.py MERGED."
             )
 
 
@@ -73,3 +75,11 @@ class Qwen2Vision(VisionLanguage, Qwen2):
 
 class Qwen25Vision(Qwen2Vision):
     hf_class, model_type = "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"
+
+
+class Mistral3Vision(Llava, Ministral3):
+    """Mistral Small 3.1/3.2 and Ministral 3 with images (Mistral3ForConditionalGeneration): llama.cpp's
+    mistral3 text model (Mistral 4's MoE language model is refused)."""
+
+    hf_class, model_type, gguf_arch = "Mistral3ForConditionalGeneration", "mistral3", "mistral3"
+    text_types = ("mistral", "ministral3")
