@@ -66,32 +66,42 @@ class GGUF:
             self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, gguf_type
         )
         self.extra = rope_tensors(self.arch, self.hp)
-        self._by_name = {hf: t for t in self.tensors for hf in t.sources}
+        self._by_name: dict[str, list] = {}  # stored tensor -> the GGUF tensors it is (part of)
+        for t in self.tensors:
+            for hf in t.sources:
+                self._by_name.setdefault(hf, []).append(t)
         self._stack: torch.Tensor | None = None  # the stack being filled, one expert at a time
 
     def layout(self, source: Source) -> Layout:
-        order = [hf for t in self.tensors for hf in t.sources]
+        order = list(self._by_name)
+        first = {hf: g[0] for hf, g in self._by_name.items()}
         return Layout(
             order=order,
-            dtypes={hf: torch_dtype_for(self._by_name[hf].qtype) for hf in order},
+            dtypes={hf: torch_dtype_for(first[hf].qtype) for hf in order},
             # a stack's room is asked for by its first expert, whole: the one before it is written out first
             nbytes={
-                hf: self._by_name[hf].nbytes if hf == self._by_name[hf].sources[0] else 0 for hf in order
+                hf: sum(g.nbytes for g in self._by_name[hf]) if hf == first[hf].sources[0] else 0
+                for hf in order
             },
         )
 
     def encode(self, t: MergedTensor) -> list[tuple[str, np.ndarray]]:
-        g = self._by_name[t.name]
+        gs = self._by_name[t.name]
         value = self.arch.transform(t.name, t.value, self.hp)
-        if g.parts:  # the layout gives the experts in order, one after another
-            expert = g.parts.index(t.name)
+        if gs[0].parts:  # the layout gives the experts in order, one after another
+            expert = gs[0].parts.index(t.name)
             if expert == 0:
-                self._stack = torch.empty(g.shape, dtype=value.dtype)
+                self._stack = torch.empty(gs[0].shape, dtype=value.dtype)
             self._stack[expert] = value
-            if expert + 1 < len(g.parts):
+            if expert + 1 < len(gs[0].parts):
                 return []
             value, self._stack = self._stack, None
-        return [(g.name, encode(value, g.qtype, g.hf_name))]
+        if gs[0].piece is not None:
+            values = self.arch.cut(self.arch.text_name(t.name), value)
+            return [
+                (g.name, encode(v.contiguous(), g.qtype, g.hf_name)) for g, v in zip(gs, values, strict=True)
+            ]
+        return [(gs[0].name, encode(value, gs[0].qtype, gs[0].hf_name))]
 
     def write(self, source: Source, path: Path, progress: Progress | None) -> tuple[int, dict, dict]:
         """Stream the file to `path`: (tensors merged, {file name: sha256}, summary)."""

@@ -77,9 +77,9 @@ class CalibratedGGUF:
         note_text_only(self.arch, source.warnings)
         four = source.weights.quantized_names()
         mapped = map_tensors(self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, "q8_0")
-        if stacked := [t.name for t in mapped if t.parts]:
+        if stacked := [t.name for t in mapped if t.parts or t.piece is not None]:
             raise UnsupportedError(
-                f"--calibrate does not write mixture-of-experts models ({stacked[0]} stacks "
+                f"--calibrate does not write mixture-of-experts models ({stacked[0]} holds "
                 f"{self.hp.n_expert} experts); export it without --calibrate (llama.cpp quantizes it)."
             )
         if types is not None:

@@ -53,6 +53,13 @@ MOE = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, num_key_value_heads=4, tie_word_embeddings=False),
 }
+MOE["gpt_oss"] = dict(  # experts stored fused, as gpt-oss checkpoints store them
+    intermediate_size=64,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    layer_types=["sliding_attention", "full_attention"],
+    sliding_window=8,
+)
 # the other families GGUF export writes that the demo's builder does not make
 FAMILIES = {
     **MOE,
@@ -85,6 +92,7 @@ GGUF_ARCH = {
     "glm4": "glm4",
     "cohere2": "cohere2",
     "ministral3": "mistral3",
+    "gpt_oss": "gpt-oss",
 }
 
 
@@ -108,11 +116,11 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.02 * torch.randn_like(p))
-            elif name.endswith(".gate.weight"):  # routers far from uniform: the chosen experts matter
+            elif name.endswith((".gate.weight", ".router.weight")):  # routers far from uniform: experts matter
                 p.normal_(std=0.5)
     model.to(torch.bfloat16).save_pretrained(str(base))
-    # PEFT's all-linear adapts the fused experts as parameters except on Qwen2-MoE: named there
-    experts = {"target_parameters": EXPERTS} if model_type == "qwen2_moe" else {}
+    # PEFT's all-linear adapts the fused experts as parameters except on Qwen2-MoE and gpt-oss: named there
+    experts = {"target_parameters": EXPERTS} if model_type in ("qwen2_moe", "gpt_oss") else {}
     adapter = random_adapter(
         base, root / "adapter", seed=7, r=8, lora_alpha=16, target_modules="all-linear", **experts
     )

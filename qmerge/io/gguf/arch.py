@@ -118,6 +118,15 @@ class Architecture:
         """The tensor's name as a text-only checkpoint has it (None: a tensor the GGUF leaves out)."""
         return hf_name
 
+    def split(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+        """The tensors (names as llama.cpp's converter names them before mapping, shapes) a stored tensor
+        becomes when llama.cpp holds it as several (fused experts), or None: it stays one."""
+        return None
+
+    def cut(self, name: str, t: torch.Tensor) -> list[torch.Tensor]:
+        """The values of split()'s tensors, in its order."""
+        raise NotImplementedError(name)
+
     def check(self, config: dict, hp: HParams) -> None:
         """Refuse what llama.cpp would run differently from transformers."""
         if self.own_output and hp.tied:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...errors import UnsupportedError
 from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Qwen2, Qwen3, read_hparams
 from .dense import Cohere2, Glm4, Granite, Ministral3, Olmo2, SmolLM3
-from .moe import Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
+from .moe import GptOss, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
 from .vlm import Gemma3Vision, Llava, Mistral3Vision, Qwen2Vision, Qwen25Vision
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -29,6 +29,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Qwen2Moe(),
         Qwen3Moe(),
         Olmoe(),
+        GptOss(),
         Gemma3Vision(),
         Llava(),
         Qwen2Vision(),

@@ -8,7 +8,10 @@ answer differently from the model that was checked."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+
+import torch
 
 from ...errors import UnsupportedError
 from .arch import Architecture, HParams, Qwen2, Qwen3
@@ -98,3 +101,60 @@ class Olmoe(MoE):
                 f"config.json sets clip_qkv ({config['clip_qkv']}); llama.cpp's olmoe architecture does not "
                 "clip Q/K/V, so the GGUF would not match."
             )
+
+
+class GptOss(MoE):
+    """gpt-oss with its experts in 16 bits (as a merge writes them; llama.cpp's converter takes them so too):
+    the fused gate/up experts (gate and up interleaved, [experts, in, 2 x ff]) split into llama.cpp's gate
+    and up experts, down experts transposed, biases split alike, attention sinks; sliding-window attention
+    in every other layer, SwiGLU clamped at 7 (llama.cpp fixes both) (convert_hf_to_gguf's GptOssModel)."""
+
+    hf_class, model_type, gguf_arch, permute_qk, norm_key = (
+        "GptOssForCausalLM",
+        "gpt_oss",
+        "gpt-oss",
+        False,
+        None,
+    )
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        llama_cpp_types = ["full_attention" if i % 2 else "sliding_attention" for i in range(hp.n_layers)]
+        if (
+            config.get("layer_types", llama_cpp_types) != llama_cpp_types
+            or config.get("swiglu_limit", 7.0) != 7.0
+        ):
+            raise UnsupportedError(
+                "llama.cpp runs gpt-oss with sliding-window attention in even layers and SwiGLU clamped at 7; "
+                f"this model's layer_types or swiglu_limit ({config.get('swiglu_limit')}) differ, so the GGUF "
+                "would not match."
+            )
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        w.add_sliding_window(int(hp.sliding_window or 0))
+        super().add_metadata(w, dataclasses.replace(hp, n_ff_exp=hp.n_ff))  # an expert's: intermediate_size
+
+    def split(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+        head = name.rsplit(".", 1)[0]  # ...mlp.experts
+        if name.endswith("experts.gate_up_proj"):  # [E, in, 2ff] -> two [E, ff, in]
+            e, n_in, ff2 = shape
+            return [(f"{head}.{p}.weight", (e, ff2 // 2, n_in)) for p in ("gate_proj", "up_proj")]
+        if name.endswith("experts.gate_up_proj_bias"):
+            return [(f"{head}.{p}.bias", (shape[0], shape[1] // 2)) for p in ("gate_proj", "up_proj")]
+        if name.endswith("experts.down_proj"):  # [E, ff, out] -> [E, out, ff]
+            return [(f"{head}.down_proj.weight", (shape[0], shape[2], shape[1]))]
+        if name.endswith("experts.down_proj_bias"):
+            return [(f"{head}.down_proj.bias", shape)]
+        if name.endswith("self_attn.sinks"):
+            return [(name + ".weight", shape)]
+        return None
+
+    def cut(self, name: str, t: torch.Tensor) -> list[torch.Tensor]:
+        if name.endswith("experts.gate_up_proj"):
+            t = t.transpose(-1, -2)
+            return [t[:, 0::2, :], t[:, 1::2, :]]
+        if name.endswith("experts.gate_up_proj_bias"):
+            return [t[..., 0::2], t[..., 1::2]]
+        if name.endswith("experts.down_proj"):
+            return [t.transpose(-1, -2)]
+        return [t]

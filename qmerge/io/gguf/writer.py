@@ -37,7 +37,7 @@ def ggml_type(gguf_type: str, shape: tuple[int, ...], name: str = ""):
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if len(shape) < 2 or gguf_type == "f32" or _kept_f32(name):
+    if len(shape) < 2 or gguf_type == "f32" or _kept_f32(name) or name.endswith(".bias"):
         return T.F32
     if gguf_type == "f16":
         return T.F16
@@ -48,8 +48,8 @@ def ggml_type(gguf_type: str, shape: tuple[int, ...], name: str = ""):
 
 
 def _kept_f32(name: str) -> bool:
-    """The 2-D tensors llama.cpp keeps in F32 whatever the file's type (its converter and its quantizer):
-    the MoE routers."""
+    """The 2-D weights llama.cpp keeps in F32 whatever the file's type (its converter and its quantizer):
+    the MoE routers. (Biases, 2-D for stacked experts, stay F32 too.)"""
     import gguf
 
     routers = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP)
@@ -101,6 +101,7 @@ class GGUFTensor:
     shape: tuple[int, ...]
     qtype: object  # gguf.GGMLQuantizationType
     parts: tuple[str, ...] = ()
+    piece: int | None = None  # which of the tensors a stored tensor is split into (Architecture.split)
 
     @property
     def nbytes(self) -> int:
@@ -119,16 +120,19 @@ def map_tensors(
     inv_freq buffers, a tied lm_head); an MoE's per-expert tensors become one stacked tensor each."""
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper()], hp.n_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper().replace("-", "_")], hp.n_layers)
     out = []
     for hf, parts, shape in _stacked(hp, shapes):
         text = arch.text_name(hf)
         if text is None or text.endswith("rotary_emb.inv_freq") or (text == "lm_head.weight" and hp.tied):
             continue
-        new = names.get_name(text, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise UnsupportedError(f"tensor {hf} has no GGUF counterpart for {arch.hf_class}.")
-        out.append(GGUFTensor(hf, new, shape, ggml_type(gguf_type, shape, new), parts))
+        pieces = arch.split(text, shape)
+        for i, (piece, piece_shape) in enumerate(pieces or [(text, shape)]):
+            new = names.get_name(piece, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise UnsupportedError(f"tensor {hf} has no GGUF counterpart for {arch.hf_class}.")
+            qtype = ggml_type(gguf_type, piece_shape, new)
+            out.append(GGUFTensor(hf, new, piece_shape, qtype, parts, i if pieces else None))
     return out
 
 
