@@ -60,6 +60,13 @@ MOE["gpt_oss"] = dict(  # experts stored fused, as gpt-oss checkpoints store the
     layer_types=["sliding_attention", "full_attention"],
     sliding_window=8,
 )
+MOE["llama4_text"] = dict(  # 4 layers: MoE in every 2nd, no RoPE in the 4th
+    num_hidden_layers=4,
+    intermediate_size_mlp=128,
+    num_local_experts=4,
+    num_experts_per_tok=1,
+    interleave_moe_layer_step=2,
+)
 # the other families GGUF export writes that the demo's builder does not make
 FAMILIES = {
     **MOE,
@@ -93,6 +100,7 @@ GGUF_ARCH = {
     "cohere2": "cohere2",
     "ministral3": "mistral3",
     "gpt_oss": "gpt-oss",
+    "llama4_text": "llama4",
 }
 
 
@@ -116,11 +124,15 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.02 * torch.randn_like(p))
-            elif name.endswith((".gate.weight", ".router.weight")):  # routers far from uniform: experts matter
+            elif name.endswith(
+                (".gate.weight", ".router.weight")
+            ):  # routers far from uniform: experts matter
                 p.normal_(std=0.5)
     model.to(torch.bfloat16).save_pretrained(str(base))
     # PEFT's all-linear adapts the fused experts as parameters except on Qwen2-MoE and gpt-oss: named there
     experts = {"target_parameters": EXPERTS} if model_type in ("qwen2_moe", "gpt_oss") else {}
+    if model_type == "llama4_text":
+        experts = {"target_parameters": [e.replace("mlp.", "feed_forward.") for e in EXPERTS]}
     adapter = random_adapter(
         base, root / "adapter", seed=7, r=8, lora_alpha=16, target_modules="all-linear", **experts
     )
@@ -134,6 +146,7 @@ VLM = {
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_5_vl",
     "mistral3_vlm": "mistral3",
+    "llama4_vlm": "llama4",
 }
 VLM_GGUF_ARCH = {
     "gemma3_vlm": "gemma3",
@@ -141,7 +154,20 @@ VLM_GGUF_ARCH = {
     "qwen2_vl": "qwen2vl",
     "qwen2_5_vl": "qwen2vl",
     "mistral3_vlm": "mistral3",
+    "llama4_vlm": "llama4",
 }
+
+
+def _llama4_vlm():
+    import transformers as tf
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    vision |= dict(image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64)
+    vision |= dict(projector_output_dim=64, pixel_shuffle_ratio=0.5)
+    text = dict(TINY_TEXT, **MOE["llama4_text"])
+    return tf.Llama4ForConditionalGeneration(
+        tf.Llama4Config(text_config=text, vision_config=vision, image_token_index=300)
+    )
 
 
 def tiny_vlm(root: Path, name: str) -> tuple[Path, Path]:
@@ -154,7 +180,7 @@ def tiny_vlm(root: Path, name: str) -> tuple[Path, Path]:
     base = root / "base"
     build_tokenizer(base, 320)
     torch.manual_seed(0)
-    model = _model(VLM[name])
+    model = _llama4_vlm() if name == "llama4_vlm" else _model(VLM[name])
     if name == "gemma3_vlm":  # as Gemma 3 4B/12B: attention scaled by head_dim (llama.cpp's gemma3 fixes it)
         model.config.text_config.query_pre_attn_scalar = model.config.text_config.head_dim
     if name.startswith("qwen2"):  # llama.cpp's qwen2vl reads no RMSNorm epsilon (it uses 0): see test

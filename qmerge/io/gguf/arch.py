@@ -74,7 +74,7 @@ def read_hparams(config: dict, arch: Architecture) -> HParams:
         n_head_kv=int(config.get("num_key_value_heads") or n_head),
         hidden=hidden,
         head_dim=head_dim,
-        n_ff=_int(config, "intermediate_size"),
+        n_ff=_int(config, arch.ff_key),
         n_ctx=int(config.get("max_position_embeddings", 2048)),
         rope_theta=theta,
         rope_scaling=scaling,
@@ -90,7 +90,7 @@ def read_hparams(config: dict, arch: Architecture) -> HParams:
         config=config,
         n_expert=int(_first(config, "num_local_experts", "num_experts", "n_routed_experts") or 0),
         n_expert_used=int(_first(config, "num_experts_per_tok", "num_experts_per_token") or 0),
-        n_ff_exp=config.get("moe_intermediate_size"),
+        n_ff_exp=config.get(arch.ff_exp_key),
         n_ff_shexp=config.get("shared_expert_intermediate_size"),
     )
 
@@ -113,6 +113,8 @@ class Architecture:
     tied_output = False  # llama.cpp always uses the embedding as the output layer
     layer_norm = False  # LayerNorm (without bias) in place of RMSNorm
     vision = False  # a vision-language checkpoint whose language model is written (vlm.py)
+    ff_key = "intermediate_size"  # the dense feed-forward size's config key
+    ff_exp_key = "moe_intermediate_size"  # one routed expert's
 
     def text_name(self, hf_name: str) -> str | None:
         """The tensor's name as a text-only checkpoint has it (None: a tensor the GGUF leaves out)."""

@@ -8,7 +8,6 @@ answer differently from the model that was checked."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import torch
@@ -130,9 +129,11 @@ class GptOss(MoE):
                 "would not match."
             )
 
+    ff_exp_key = "intermediate_size"
+
     def add_metadata(self, w, hp: HParams) -> None:
         w.add_sliding_window(int(hp.sliding_window or 0))
-        super().add_metadata(w, dataclasses.replace(hp, n_ff_exp=hp.n_ff))  # an expert's: intermediate_size
+        super().add_metadata(w, hp)
 
     def split(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
         head = name.rsplit(".", 1)[0]  # ...mlp.experts
@@ -158,3 +159,57 @@ class GptOss(MoE):
         if name.endswith("experts.down_proj"):
             return [t.transpose(-1, -2)]
         return [t]
+
+
+class Llama4(MoE):
+    """Llama 4's language model: MoE layers every interleave_moe_layer_step-th with a shared expert, fused
+    gate/up experts split in halves, sigmoid routing; RoPE by adjacent pairs (nothing permuted) left out of
+    every 4th layer, chunked attention of 8192 and attention temperature tuning as llama.cpp fixes them, Q/K
+    L2 norms unless 128 experts (convert_hf_to_gguf's Llama4Model)."""
+
+    hf_class, model_type, gguf_arch, permute_qk, norm_key = (
+        "Llama4ForCausalLM",
+        "llama4_text",
+        "llama4",
+        False,
+        None,
+    )
+    ff_key, ff_exp_key = "intermediate_size_mlp", "intermediate_size"
+    FIXED = {
+        "attention_chunk_size": 8192,
+        "floor_scale": 8192,
+        "attn_scale": 0.1,
+        "attn_temperature_tuning": True,
+    }
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        step = int(config.get("interleave_moe_layer_step", 1))
+        expected = {
+            **self.FIXED,
+            "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(hp.n_layers)],
+            "moe_layers": list(range(step - 1, hp.n_layers, step)),
+            "use_qk_norm": hp.n_expert != 128,
+        }
+        if differ := [k for k, v in expected.items() if config.get(k, v) != v]:
+            raise UnsupportedError(
+                f"llama.cpp's llama4 architecture fixes {', '.join(f'{k} = {expected[k]}' for k in differ)}; "
+                f"this model has {', '.join(f'{config.get(k)}' for k in differ)}, so the GGUF would not match."
+            )
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        w.add_interleave_moe_layer_step(int((hp.config or {}).get("interleave_moe_layer_step", 1)))
+        super().add_metadata(w, hp)
+
+    def split(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+        head = name.rsplit(".", 1)[0]  # ...feed_forward.experts
+        if name.endswith("experts.gate_up_proj"):  # [E, in, 2ff] -> two [E, ff, in]
+            e, n_in, ff2 = shape
+            return [(f"{head}.{p}.weight", (e, ff2 // 2, n_in)) for p in ("gate_proj", "up_proj")]
+        if name.endswith("experts.down_proj"):  # [E, ff, out] -> [E, out, ff]
+            return [(f"{head}.down_proj.weight", (shape[0], shape[2], shape[1]))]
+        return None
+
+    def cut(self, name: str, t: torch.Tensor) -> list[torch.Tensor]:
+        t = t.transpose(-1, -2)
+        return list(t.chunk(2, dim=-2)) if name.endswith("experts.gate_up_proj") else [t]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ...errors import UnsupportedError
 from .arch import Architecture, Gemma3, HParams, Qwen2
 from .dense import Ministral3
+from .moe import Llama4
 
 # parts of a tensor name that mark the image side (vision tower, projector) of a vision-language model
 _VISION = ("vision_tower.", "vision_model.", "visual.", "multi_modal_projector.", "mm_projector.")
@@ -83,3 +84,9 @@ class Mistral3Vision(Llava, Ministral3):
 
     hf_class, model_type, gguf_arch = "Mistral3ForConditionalGeneration", "mistral3", "mistral3"
     text_types = ("mistral", "ministral3")
+
+
+class Llama4Vision(VisionLanguage, Llama4):
+    """Llama 4 Scout and Maverick as published (Llama4ForConditionalGeneration): llama.cpp's llama4."""
+
+    hf_class, model_type = "Llama4ForConditionalGeneration", "llama4"
