@@ -147,6 +147,7 @@ VLM = {
     "qwen2_5_vl": "qwen2_5_vl",
     "mistral3_vlm": "mistral3",
     "llama4_vlm": "llama4",
+    "qwen3_vl": "qwen3_vl",
 }
 VLM_GGUF_ARCH = {
     "gemma3_vlm": "gemma3",
@@ -155,6 +156,7 @@ VLM_GGUF_ARCH = {
     "qwen2_5_vl": "qwen2vl",
     "mistral3_vlm": "mistral3",
     "llama4_vlm": "llama4",
+    "qwen3_vl": "qwen3vl",
 }
 
 

@@ -6,7 +6,7 @@ from ...errors import UnsupportedError
 from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Qwen2, Qwen3, read_hparams
 from .dense import Cohere2, Glm4, Granite, Ministral3, Olmo2, SmolLM3
 from .moe import GptOss, Llama4, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
-from .vlm import Gemma3Vision, Llama4Vision, Llava, Mistral3Vision, Qwen2Vision, Qwen25Vision
+from .vlm import Gemma3Vision, Llama4Vision, Llava, Mistral3Vision, Qwen2Vision, Qwen3Vision, Qwen25Vision
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_class: a
@@ -37,6 +37,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Qwen25Vision(),
         Mistral3Vision(),
         Llama4Vision(),
+        Qwen3Vision(),
     )
 }
 

@@ -7,7 +7,7 @@ side (llama.cpp's mmproj file) is not written: the message says how to make it."
 from __future__ import annotations
 
 from ...errors import UnsupportedError
-from .arch import Architecture, Gemma3, HParams, Qwen2
+from .arch import Architecture, Gemma3, HParams, Qwen2, Qwen3
 from .dense import Ministral3
 from .moe import Llama4
 
@@ -67,11 +67,15 @@ class Qwen2Vision(VisionLanguage, Qwen2):
     hf_class, model_type, gguf_arch = "Qwen2VLForConditionalGeneration", "qwen2_vl", "qwen2vl"
 
     def add_metadata(self, w, hp: HParams) -> None:
-        config = hp.config or {}
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        sections = list(rope.get("mrope_section") or [])
-        if sections:
-            w.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])  # time, height, width, extra
+        add_mrope_sections(w, hp)
+
+
+def add_mrope_sections(w, hp: HParams) -> None:
+    """The multimodal RoPE sections (time, height, width, extra), from mrope_section."""
+    config = hp.config or {}
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if sections := list(rope.get("mrope_section") or []):
+        w.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
 
 
 class Qwen25Vision(Qwen2Vision):
@@ -90,3 +94,15 @@ class Llama4Vision(VisionLanguage, Llama4):
     """Llama 4 Scout and Maverick as published (Llama4ForConditionalGeneration): llama.cpp's llama4."""
 
     hf_class, model_type = "Llama4ForConditionalGeneration", "llama4"
+
+
+class Qwen3Vision(VisionLanguage, Qwen3):
+    """Qwen3-VL: llama.cpp's qwen3vl (interleaved multimodal RoPE), with the count of layers that take
+    DeepStack visual features (none with text alone)."""
+
+    hf_class, model_type, gguf_arch = "Qwen3VLForConditionalGeneration", "qwen3_vl", "qwen3vl"
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        add_mrope_sections(w, hp)
+        vision = (hp.config or {}).get("vision_config") or {}
+        w.add_num_deepstack_layers(len(vision.get("deepstack_visual_indexes") or []))
