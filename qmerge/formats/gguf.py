@@ -97,7 +97,7 @@ class GGUF:
                 return []
             value, self._stack = self._stack, None
         if gs[0].piece is not None:
-            values = self.arch.cut(self.arch.text_name(t.name), value)
+            values = self.arch.cut(self.arch.text_name(t.name), value, self.hp)
             return [
                 (g.name, encode(v.contiguous(), g.qtype, g.hf_name)) for g, v in zip(gs, values, strict=True)
             ]

@@ -67,6 +67,22 @@ MOE["llama4_text"] = dict(  # 4 layers: MoE in every 2nd, no RoPE in the 4th
     num_experts_per_tok=1,
     interleave_moe_layer_step=2,
 )
+MOE["deepseek_v3"] = dict(  # a dense first layer, latent attention, a shared expert, sigmoid routing
+    num_key_value_heads=4,
+    moe_intermediate_size=64,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=64,
+    q_lora_rank=64,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    n_group=1,
+    topk_group=1,
+    scoring_func="sigmoid",  # as DeepSeek-V3's config.json says (transformers' class runs sigmoid anyway)
+)
 # the other families GGUF export writes that the demo's builder does not make
 FAMILIES = {
     **MOE,
@@ -101,6 +117,7 @@ GGUF_ARCH = {
     "ministral3": "mistral3",
     "gpt_oss": "gpt-oss",
     "llama4_text": "llama4",
+    "deepseek_v3": "deepseek2",
 }
 
 

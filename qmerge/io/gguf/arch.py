@@ -120,12 +120,18 @@ class Architecture:
         """The tensor's name as a text-only checkpoint has it (None: a tensor the GGUF leaves out)."""
         return hf_name
 
-    def split(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+    def adjust(self, hp: HParams) -> HParams:
+        """The hyperparameters as llama.cpp's architecture reads them, where it holds the model otherwise."""
+        return hp
+
+    def split(
+        self, name: str, shape: tuple[int, ...], hp: HParams
+    ) -> list[tuple[str, tuple[int, ...]]] | None:
         """The tensors (names as llama.cpp's converter names them before mapping, shapes) a stored tensor
         becomes when llama.cpp holds it as several (fused experts), or None: it stays one."""
         return None
 
-    def cut(self, name: str, t: torch.Tensor) -> list[torch.Tensor]:
+    def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
         """The values of split()'s tensors, in its order."""
         raise NotImplementedError(name)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...errors import UnsupportedError
 from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Qwen2, Qwen3, read_hparams
 from .dense import Cohere2, Glm4, Granite, Ministral3, Olmo2, SmolLM3
-from .moe import GptOss, Llama4, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
+from .moe import DeepseekV3, GptOss, Llama4, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
 from .vlm import Gemma3Vision, Llama4Vision, Llava, Mistral3Vision, Qwen2Vision, Qwen3Vision, Qwen25Vision
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -31,6 +31,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Olmoe(),
         GptOss(),
         Llama4(),
+        DeepseekV3(),
         Gemma3Vision(),
         Llava(),
         Qwen2Vision(),
@@ -57,7 +58,7 @@ def architecture_of(config: dict) -> tuple[Architecture, HParams]:
         )
     arch = ARCHITECTURES[hf_arch]
     params = text_config(config, arch.model_type)
-    hp = read_hparams(params, arch)
+    hp = arch.adjust(read_hparams(params, arch))
     arch.check(params, hp)
     return arch, hp
 

@@ -8,6 +8,7 @@ answer differently from the model that was checked."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -135,7 +136,9 @@ class GptOss(MoE):
         w.add_sliding_window(int(hp.sliding_window or 0))
         super().add_metadata(w, hp)
 
-    def split(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+    def split(
+        self, name: str, shape: tuple[int, ...], hp: HParams
+    ) -> list[tuple[str, tuple[int, ...]]] | None:
         head = name.rsplit(".", 1)[0]  # ...mlp.experts
         if name.endswith("experts.gate_up_proj"):  # [E, in, 2ff] -> two [E, ff, in]
             e, n_in, ff2 = shape
@@ -150,7 +153,7 @@ class GptOss(MoE):
             return [(name + ".weight", shape)]
         return None
 
-    def cut(self, name: str, t: torch.Tensor) -> list[torch.Tensor]:
+    def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
         if name.endswith("experts.gate_up_proj"):
             t = t.transpose(-1, -2)
             return [t[:, 0::2, :], t[:, 1::2, :]]
@@ -201,7 +204,9 @@ class Llama4(MoE):
         w.add_interleave_moe_layer_step(int((hp.config or {}).get("interleave_moe_layer_step", 1)))
         super().add_metadata(w, hp)
 
-    def split(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+    def split(
+        self, name: str, shape: tuple[int, ...], hp: HParams
+    ) -> list[tuple[str, tuple[int, ...]]] | None:
         head = name.rsplit(".", 1)[0]  # ...feed_forward.experts
         if name.endswith("experts.gate_up_proj"):  # [E, in, 2ff] -> two [E, ff, in]
             e, n_in, ff2 = shape
@@ -210,6 +215,87 @@ class Llama4(MoE):
             return [(f"{head}.down_proj.weight", (shape[0], shape[2], shape[1]))]
         return None
 
-    def cut(self, name: str, t: torch.Tensor) -> list[torch.Tensor]:
+    def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
         t = t.transpose(-1, -2)
         return list(t.chunk(2, dim=-2)) if name.endswith("experts.gate_up_proj") else [t]
+
+
+class DeepseekV3(MoE):
+    """DeepSeek-V3 (and R1, Kimi K2's layout): multi-head latent attention as llama.cpp's deepseek2 holds it
+    (one key/value head of the latent's size; kv_b_proj split into k_b, transposed, and v_b), sigmoid routing
+    with the score-correction bias, shared experts, leading dense layers; RoPE by adjacent pairs
+    (rope_interleave, as V3 has it) (convert_hf_to_gguf's DeepseekV2Model)."""
+
+    hf_class, model_type, gguf_arch, permute_qk, norm_key = (
+        "DeepseekV3ForCausalLM",
+        "deepseek_v3",
+        "deepseek2",
+        False,
+        None,
+    )
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        if not config.get("rope_interleave", True) or config.get("scoring_func", "sigmoid") != "sigmoid":
+            raise UnsupportedError(
+                "llama.cpp's deepseek2 architecture runs DeepSeek-V3 with RoPE on adjacent pairs "
+                "(rope_interleave) and sigmoid routing; this model's rope_interleave or scoring_func differ, so "
+                "the GGUF would not match."
+            )
+
+    def adjust(self, hp: HParams) -> HParams:
+        c = hp.config or {}
+        return dataclasses.replace(
+            hp, n_head_kv=1, rope_dims=int(c["qk_rope_head_dim"]), head_dim=hp.hidden // hp.n_head
+        )  # key/value lengths are MLA's (add_metadata)
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        import gguf
+
+        c = hp.config or {}
+        kv_lora = int(c["kv_lora_rank"])
+        w.add_leading_dense_block_count(int(c.get("first_k_dense_replace") or 0))
+        if c.get("q_lora_rank"):
+            w.add_q_lora_rank(int(c["q_lora_rank"]))
+        w.add_kv_lora_rank(kv_lora)
+        w.add_key_length(kv_lora + int(c["qk_rope_head_dim"]))
+        w.add_value_length(kv_lora)
+        w.add_key_length_mla(int(c["qk_nope_head_dim"]) + int(c["qk_rope_head_dim"]))
+        w.add_value_length_mla(int(c["v_head_dim"]))
+        super().add_metadata(w, hp)
+        w.add_expert_shared_count(int(c.get("n_shared_experts") or 0))
+        if c.get("routed_scaling_factor") is not None:
+            w.add_expert_weights_scale(float(c["routed_scaling_factor"]))
+        if c.get("norm_topk_prob"):
+            w.add_expert_weights_norm(True)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)  # what transformers' DeepSeek-V3 runs
+        w.add_expert_group_count(int(c.get("n_group") or 1))
+        w.add_expert_group_used_count(int(c.get("topk_group") or 1))
+        if (mscale := (hp.rope_scaling or {}).get("mscale_all_dim")) is not None:
+            w.add_rope_scaling_yarn_log_mul(0.1 * float(mscale))  # as the converter writes it for deepseek2
+
+    def split(
+        self, name: str, shape: tuple[int, ...], hp: HParams
+    ) -> list[tuple[str, tuple[int, ...]]] | None:
+        if name.endswith("mlp.gate.e_score_correction_bias"):
+            return [(name.replace("e_score_correction_bias", "e_score_correction.bias"), shape)]
+        if name.endswith("self_attn.kv_b_proj.weight"):
+            c, (rows, kv_lora) = hp.config or {}, shape
+            n_kv, nope, v = (
+                rows // (c["qk_nope_head_dim"] + c["v_head_dim"]),
+                c["qk_nope_head_dim"],
+                c["v_head_dim"],
+            )
+            return [
+                (name.replace("kv_b_proj", "k_b_proj"), (n_kv, kv_lora, nope)),
+                (name.replace("kv_b_proj", "v_b_proj"), (n_kv, v, kv_lora)),
+            ]
+        return None
+
+    def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
+        if name.endswith("self_attn.kv_b_proj.weight"):
+            nope, v = (hp.config or {})["qk_nope_head_dim"], (hp.config or {})["v_head_dim"]
+            kv_b = t.reshape(-1, nope + v, t.shape[-1])
+            k_b, v_b = kv_b.split([nope, v], dim=1)
+            return [k_b.transpose(1, 2), v_b]
+        return [t]

@@ -126,7 +126,7 @@ def map_tensors(
         text = arch.text_name(hf)
         if text is None or text.endswith("rotary_emb.inv_freq") or (text == "lm_head.weight" and hp.tied):
             continue
-        pieces = arch.split(text, shape)
+        pieces = arch.split(text, shape, hp)
         for i, (piece, piece_shape) in enumerate(pieces or [(text, shape)]):
             new = names.get_name(piece, try_suffixes=(".weight", ".bias"))
             if new is None:
