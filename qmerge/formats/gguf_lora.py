@@ -21,6 +21,7 @@ from ..errors import UnsupportedError
 from ..io.atomic import atomic_dir, describe_files
 from ..io.gguf.families import architecture_of
 from ..io.gguf.moe import expert_of
+from ..io.gguf.vlm import note_text_only
 from ..io.gguf.writer import map_tensors
 from ..io.records import PROVENANCE, write_json
 from ..lora.scaling import module_scaling
@@ -132,7 +133,10 @@ def write_gguf_lora(
     layers receive in the fine-tuned model."""
     start = time.perf_counter()
     base_type = check_type(base_type)
-    architecture_of(source.config)  # an architecture llama.cpp runs (else the route), before anything else
+    arch, _ = architecture_of(
+        source.config
+    )  # an architecture llama.cpp runs (else the route), before all else
+    note_text_only(arch, source.warnings)
     refuse_unsupported(source)
     base = Source(source.base, None, source.quant, "dequantized")
     base_name = f"base-{base_type}.gguf"

@@ -201,7 +201,9 @@ def test_unsupported_type_and_architecture(tmp_path, fixtures, base16):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(
         str(tmp_path / "gpt2")
     )
-    with pytest.raises(UnsupportedError, match="LlamaForCausalLM"):
+    with pytest.raises(
+        UnsupportedError, match="GPT2LMHeadModel, which qmerge does not write as GGUF.*llama, "
+    ):
         export(tmp_path / "gpt2", "gguf", tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists() and not (tmp_path / "x.gguf").exists()
     # llama.cpp's gemma has no separate output layer: an untied Gemma would lose its lm_head

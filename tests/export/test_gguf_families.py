@@ -146,3 +146,19 @@ def test_vision_language_models_language_gguf(tmp_path, vlm_models, name):
     assert report.details["gguf_architecture"] == VLM_GGUF_ARCH[name]
     assert any("mmproj" in w for w in report.warnings)
     assert (llama_cpp_logits(tmp_path / "m.gguf") - ref).abs().max() <= F32_TOL
+
+
+def test_lora_gguf_on_a_vision_language_base(tmp_path, vlm_models):
+    """gguf-lora on a vision-language model: the language model's base GGUF and the adapter, in llama.cpp
+    against PEFT's unmerged image-text-to-text model on text; the report says the image side is left out."""
+    from transformers import AutoModelForImageTextToText
+
+    from qmerge.llama_cpp import gguf_logits
+    from tests.helpers import reference_unmerged
+
+    base, adapter = vlm_models["qwen2_5_vl"]
+    report = export(adapter, "gguf-lora", tmp_path / "out", base=base, gguf_type="f32")
+    assert any("mmproj" in w for w in report.warnings)
+    got = gguf_logits(tmp_path / "out" / "base-f32.gguf", SEQ, lora=tmp_path / "out" / "adapter.gguf")
+    ref = reference_unmerged(adapter, base, SEQ, model_class=AutoModelForImageTextToText)
+    assert (got - ref).abs().max() <= F32_TOL  # measured 1.8e-7

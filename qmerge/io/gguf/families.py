@@ -50,8 +50,10 @@ def architecture_of(config: dict) -> tuple[Architecture, HParams]:
     hf_arch = archs[0] if isinstance(archs, list) and archs else by_type.get(config.get("model_type"))
     if hf_arch not in ARCHITECTURES:
         raise UnsupportedError(
-            f"qmerge writes GGUF for {', '.join(ARCHITECTURES)}; this model is "
-            f"{hf_arch or config.get('model_type')}. The route for it: export the merge in 16 bits "
+            f"this model is {hf_arch or config.get('model_type')}, which qmerge does not write as GGUF (it "
+            f"writes {len(ARCHITECTURES)} model classes, as llama.cpp's "
+            f"{', '.join(dict.fromkeys(a.gguf_arch for a in ARCHITECTURES.values()))}). The route for it: "
+            "export the merge in 16 bits "
             "(qmerge export ADAPTER --to bf16 -o MERGED), then convert it with llama.cpp's "
             "convert_hf_to_gguf.py MERGED (with --mmproj for a vision model's projector), and measure the "
             "GGUF with qmerge check ADAPTER --candidate FILE.gguf."
