@@ -163,6 +163,17 @@ def model_config(spec: TinySpec, vocab_size: int):
     )
 
 
+def away_from_identity(model) -> None:
+    """Norm weights away from 1 and non-zero biases (in place), so that a wrong mapping of either shows in
+    the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.02 * torch.randn_like(p))
+
+
 def build_base(out_dir: Path, spec: TinySpec = TinySpec(), dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write a deterministic tiny causal LM (weights, config, tokenizer) to out_dir in `dtype`."""
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -173,13 +184,7 @@ def build_base(out_dir: Path, spec: TinySpec = TinySpec(), dtype: torch.dtype = 
     config = model_config(spec, len(tok))
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        # Norm weights away from 1 and non-zero biases, so that a wrong mapping shows in the logits.
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.02 * torch.randn_like(p))
+    away_from_identity(model)
     model = model.to(dtype)
     model.generation_config = GenerationConfig(
         bos_token_id=1, eos_token_id=2, pad_token_id=3, max_new_tokens=16

@@ -133,10 +133,8 @@ def write_gguf_lora(
     layers receive in the fine-tuned model."""
     start = time.perf_counter()
     base_type = check_type(base_type)
-    arch, _ = architecture_of(
-        source.config
-    )  # an architecture llama.cpp runs (else the route), before all else
-    note_text_only(arch, source.warnings)
+    # an architecture llama.cpp runs (else the route), before anything else
+    note_text_only(architecture_of(source.config)[0], source.warnings)
     refuse_unsupported(source)
     base = Source(source.base, None, source.quant, "dequantized")
     base_name = f"base-{base_type}.gguf"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from qmerge.demo.tiny import TinySpec, build_base, build_tokenizer
+from qmerge.demo.tiny import TinySpec, away_from_identity, build_base, build_tokenizer
 from tests.helpers import TINY_TEXT, random_adapter
+from tests.test_moe_params import FAMILIES as MOE_PARAMS
 
 # (architecture, tied embeddings) as TinySpec names them
 DENSE = (
@@ -67,22 +68,10 @@ MOE["llama4_text"] = dict(  # 4 layers: MoE in every 2nd, no RoPE in the 4th
     num_experts_per_tok=1,
     interleave_moe_layer_step=2,
 )
-MOE["deepseek_v3"] = dict(  # a dense first layer, latent attention, a shared expert, sigmoid routing
-    num_key_value_heads=4,
-    moe_intermediate_size=64,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    n_shared_experts=1,
-    first_k_dense_replace=1,
-    kv_lora_rank=64,
-    q_lora_rank=64,
-    qk_rope_head_dim=16,
-    qk_nope_head_dim=16,
-    v_head_dim=16,
-    n_group=1,
-    topk_group=1,
-    scoring_func="sigmoid",  # as DeepSeek-V3's config.json says (transformers' class runs sigmoid anyway)
-)
+MOE["deepseek_v3"] = {  # a dense first layer, latent attention, a shared expert; routing as V3's config says
+    **MOE_PARAMS["deepseek_v3"],
+    "scoring_func": "sigmoid",  # (transformers' class runs sigmoid whatever it says)
+}
 # the other families GGUF export writes that the demo's builder does not make
 FAMILIES = {
     **MOE,
@@ -135,15 +124,10 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
+    away_from_identity(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.02 * torch.randn_like(p))
-            elif name.endswith(
-                (".gate.weight", ".router.weight")
-            ):  # routers far from uniform: experts matter
+            if name.endswith((".gate.weight", ".router.weight")):  # routers far from uniform: experts matter
                 p.normal_(std=0.5)
     model.to(torch.bfloat16).save_pretrained(str(base))
     # PEFT's all-linear adapts the fused experts as parameters except on Qwen2-MoE and gpt-oss: named there
@@ -191,7 +175,8 @@ def _llama4_vlm():
 
 def tiny_vlm(root: Path, name: str) -> tuple[Path, Path]:
     """A tiny vision-language base (tests/test_vlm.py's config for VLM[name]) with the demo's tokenizer,
-    norms away from 1, in bf16; and a random-B adapter on its language model's linear layers."""
+    norms away from 1 and biases non-zero, in bf16; and a random-B adapter on its language model's linear
+    layers."""
     from peft import LoraConfig, get_peft_model
 
     from tests.test_vlm import _model
@@ -204,10 +189,7 @@ def tiny_vlm(root: Path, name: str) -> tuple[Path, Path]:
         model.config.text_config.query_pre_attn_scalar = model.config.text_config.head_dim
     if name.startswith("qwen2"):  # llama.cpp's qwen2vl reads no RMSNorm epsilon (it uses 0): see test
         model.config.text_config.rms_norm_eps = 1e-12
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))  # (Gemma's 1 + weight: as far from its identity)
+    away_from_identity(model)  # (Gemma's norms, 1 + weight, as far from theirs)
     model.to(torch.bfloat16).save_pretrained(str(base))
     targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     peft = get_peft_model(

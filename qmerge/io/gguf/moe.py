@@ -26,6 +26,18 @@ def expert_of(hf_name: str) -> tuple[str, int] | None:
     return (f"{m['head']}.{m['tail']}", int(m["index"])) if m else None
 
 
+def fused_experts(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+    """The tensors llama.cpp holds for experts stored fused, [experts, in, out] (gpt-oss, Llama 4):
+    gate_up_proj -> gate and up experts [experts, ff, in]; down_proj -> [experts, out, ff]; else None."""
+    head = name.rsplit(".", 1)[0]  # ...experts
+    if name.endswith("experts.gate_up_proj"):
+        e, n_in, ff2 = shape
+        return [(f"{head}.{p}.weight", (e, ff2 // 2, n_in)) for p in ("gate_proj", "up_proj")]
+    if name.endswith("experts.down_proj"):
+        return [(f"{head}.down_proj.weight", (shape[0], shape[2], shape[1]))]
+    return None
+
+
 class MoE(Architecture):
     """The expert counts llama.cpp reads, and what it fixes that transformers reads from config.json."""
 
@@ -139,14 +151,11 @@ class GptOss(MoE):
     def split(
         self, name: str, shape: tuple[int, ...], hp: HParams
     ) -> list[tuple[str, tuple[int, ...]]] | None:
+        if pieces := fused_experts(name, shape):
+            return pieces
         head = name.rsplit(".", 1)[0]  # ...mlp.experts
-        if name.endswith("experts.gate_up_proj"):  # [E, in, 2ff] -> two [E, ff, in]
-            e, n_in, ff2 = shape
-            return [(f"{head}.{p}.weight", (e, ff2 // 2, n_in)) for p in ("gate_proj", "up_proj")]
         if name.endswith("experts.gate_up_proj_bias"):
             return [(f"{head}.{p}.bias", (shape[0], shape[1] // 2)) for p in ("gate_proj", "up_proj")]
-        if name.endswith("experts.down_proj"):  # [E, ff, out] -> [E, out, ff]
-            return [(f"{head}.down_proj.weight", (shape[0], shape[2], shape[1]))]
         if name.endswith("experts.down_proj_bias"):
             return [(f"{head}.down_proj.bias", shape)]
         if name.endswith("self_attn.sinks"):
@@ -207,13 +216,7 @@ class Llama4(MoE):
     def split(
         self, name: str, shape: tuple[int, ...], hp: HParams
     ) -> list[tuple[str, tuple[int, ...]]] | None:
-        head = name.rsplit(".", 1)[0]  # ...feed_forward.experts
-        if name.endswith("experts.gate_up_proj"):  # [E, in, 2ff] -> two [E, ff, in]
-            e, n_in, ff2 = shape
-            return [(f"{head}.{p}.weight", (e, ff2 // 2, n_in)) for p in ("gate_proj", "up_proj")]
-        if name.endswith("experts.down_proj"):  # [E, ff, out] -> [E, out, ff]
-            return [(f"{head}.down_proj.weight", (shape[0], shape[2], shape[1]))]
-        return None
+        return fused_experts(name, shape)
 
     def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
         t = t.transpose(-1, -2)
