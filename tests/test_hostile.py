@@ -258,11 +258,16 @@ def test_candidates_that_are_not_this_model(clean, tmp_path):
 
 
 def test_interrupt_stops_the_llama_cpp_quantizer(tmp_path, monkeypatch):
-    """llama.cpp's quantizer is one C call a signal cannot stop: it runs in a child that an interrupt kills."""
+    """llama.cpp's quantizer is one C call a signal cannot stop: it runs in a child that an interrupt kills.
+
+    Ctrl-C is sent every 0.3 s while the child runs, and raises only then: one signal alone can land in a
+    finalizer that the garbage collector runs meanwhile (its KeyboardInterrupt is then printed and dropped,
+    and the child ran its 60 s: seen once in a full run); a late one, after the child is gone, is ignored."""
     import signal
     import subprocess
     import sys
     import threading
+    import time
 
     import qmerge.llama_cpp as lc
 
@@ -272,14 +277,36 @@ def test_interrupt_stops_the_llama_cpp_quantizer(tmp_path, monkeypatch):
     )
     real_popen = subprocess.Popen
 
+    def running() -> bool:
+        return bool(started) and started[0].poll() is None
+
+    def interrupt(signum, frame):
+        if running():
+            raise KeyboardInterrupt
+
+    def keep_interrupting():
+        time.sleep(0.3)
+        while running():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+
+    sender = threading.Thread(target=keep_interrupting, daemon=True)
+
     def popen(*a, **k):
         started.append(real_popen(*a, **k))
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        sender.start()
         return started[-1]
 
     monkeypatch.setattr(lc.subprocess, "Popen", popen)
-    with pytest.raises(KeyboardInterrupt):
-        lc.quantize(tmp_path / "in.gguf", tmp_path / "out.gguf", "q4_k_m")
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lc.quantize(tmp_path / "in.gguf", tmp_path / "out.gguf", "q4_k_m")
+    finally:
+        if sender.is_alive():
+            started[0].kill()  # (a failure above): no more signals once the child is gone
+            sender.join()
+        signal.signal(signal.SIGINT, previous)  # after the sender is done: none arrives later
     assert started and started[0].poll() is not None  # the child was stopped, not left running
 
 
