@@ -46,6 +46,12 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def every_nth(n_layers: int, every: int, nth: object, other: object) -> list:
+    """A per-layer pattern llama.cpp fixes for an architecture: `nth` in every `every`-th layer, `other` in
+    the rest (global attention among sliding-window layers, layers without RoPE)."""
+    return [nth if (i + 1) % every == 0 else other for i in range(n_layers)]
+
+
 def _int(config: dict, key: str, default: object = None) -> int:
     value = config.get(key, default)
     if type(value) is not int or value <= 0:
@@ -215,9 +221,7 @@ class Gemma3(Gemma2):
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
-        llama_cpp_types = [
-            "full_attention" if i % 6 == 5 else "sliding_attention" for i in range(hp.n_layers)
-        ]
+        llama_cpp_types = every_nth(hp.n_layers, 6, "full_attention", "sliding_attention")
         pattern = config.get("sliding_window_pattern", config.get("_sliding_window_pattern", 6))
         if pattern != 6 or config.get("layer_types", llama_cpp_types) != llama_cpp_types:
             raise UnsupportedError(

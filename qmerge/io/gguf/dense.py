@@ -5,7 +5,7 @@ blocks (Cohere 2); each refuses what llama.cpp's architecture of that name fixes
 from __future__ import annotations
 
 from ...errors import UnsupportedError
-from .arch import Architecture, HParams
+from .arch import Architecture, HParams, every_nth
 
 
 class Granite(Architecture):
@@ -39,7 +39,7 @@ class SmolLM3(Architecture):
     hf_class, model_type, gguf_arch = "SmolLM3ForCausalLM", "smollm3", "smollm3"
 
     def check(self, config: dict, hp: HParams) -> None:
-        llama_cpp_rope = [int((i + 1) % 4 != 0) for i in range(hp.n_layers)]
+        llama_cpp_rope = every_nth(hp.n_layers, 4, 0, 1)
         if config.get("no_rope_layers", llama_cpp_rope) != llama_cpp_rope or config.get("use_sliding_window"):
             raise UnsupportedError(
                 "llama.cpp runs smollm3 with RoPE left out of every 4th layer and no sliding window; this "
@@ -90,9 +90,7 @@ class Cohere2(Architecture):
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
-        llama_cpp_types = [
-            "full_attention" if i % 4 == 3 else "sliding_attention" for i in range(hp.n_layers)
-        ]
+        llama_cpp_types = every_nth(hp.n_layers, 4, "full_attention", "sliding_attention")
         if config.get("layer_types", llama_cpp_types) != llama_cpp_types:
             raise UnsupportedError(
                 "llama.cpp runs cohere2 with global attention in every 4th layer and sliding-window attention "

@@ -14,7 +14,7 @@ import re
 import torch
 
 from ...errors import UnsupportedError
-from .arch import Architecture, HParams, Qwen2, Qwen3
+from .arch import Architecture, HParams, Qwen2, Qwen3, every_nth
 
 _EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<index>\d+)\.(?P<tail>.+)$")
 
@@ -131,7 +131,7 @@ class GptOss(MoE):
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
-        llama_cpp_types = ["full_attention" if i % 2 else "sliding_attention" for i in range(hp.n_layers)]
+        llama_cpp_types = every_nth(hp.n_layers, 2, "full_attention", "sliding_attention")
         if (
             config.get("layer_types", llama_cpp_types) != llama_cpp_types
             or config.get("swiglu_limit", 7.0) != 7.0
@@ -199,7 +199,7 @@ class Llama4(MoE):
         step = int(config.get("interleave_moe_layer_step", 1))
         expected = {
             **self.FIXED,
-            "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(hp.n_layers)],
+            "no_rope_layers": every_nth(hp.n_layers, 4, 0, 1),
             "moe_layers": list(range(step - 1, hp.n_layers, step)),
             "use_qk_norm": hp.n_expert != 128,
         }
