@@ -124,6 +124,7 @@ def export(
     name: str | None = None,
     modelfile: str | Path | None = None,
     check_report: str | Path | None = None,
+    mmproj: str | Path | None = None,
 ) -> WriteReport:
     """Export `source` (a QLoRA adapter, merged on the fly, or a model directory) to one format.
 
@@ -147,6 +148,9 @@ def export(
         conversations both ways (the report's "modelfile" says whether, and why not). gguf-lora writes its
         own Modelfile in its directory.
     check_report: with a model directory format, a `qmerge check --json` report whose figures its card shows.
+    mmproj: with "gguf" and a vision-language model, also write its vision projector here (llama.cpp's mmproj
+        GGUF, for llama-mtmd-cli / llama-server --mmproj), of the GGUF's type (f16 beside the types llama.cpp
+        quantizes); the report's "mmproj" describes it.
     The other keywords are merge()'s. A combination a format does not take is an UnsupportedError.
     """
     conflict = option_conflict(
@@ -159,6 +163,7 @@ def export(
         name=name,
         modelfile=modelfile,
         check_report=check_report,
+        mmproj=mmproj,
     )
     if conflict:
         raise UnsupportedError(conflict)
@@ -181,11 +186,14 @@ def export(
         allow_other_base,
     )
     src.gguf_name, src.card_check = name, card_check
+    src.mmproj = Path(mmproj) if mmproj is not None else None
     if to == "gguf" and Path(out).is_dir():  # a directory: the file named as llama.cpp's converter names it
         from .formats.gguf_meta import gguf_file_name, gguf_metadata
 
         out = Path(out) / gguf_file_name(gguf_metadata(src, gguf_type, name), gguf_type)
-    _separate_paths(out, imatrix, modelfile)
+    from .formats.options import separate_paths
+
+    separate_paths(out, imatrix, modelfile, mmproj)
     if keep_delta is not None and src.adapter is None:
         raise UnsupportedError(
             f"{source}: keep_delta keeps a share of an adapter's delta; this is a model directory, with no "
@@ -205,6 +213,7 @@ def export(
         tensor_types,
         keep_delta,
         Path(modelfile) if modelfile is not None else None,
+        Path(mmproj) if mmproj is not None else None,
     )
     report = write_format(src, job)
     return finished(report, src)
@@ -217,19 +226,6 @@ def _card_check(path: str | Path | None) -> dict | None:
     from .io.card import read_check_report
 
     return read_check_report(Path(path))
-
-
-def _separate_paths(out, imatrix, modelfile) -> None:
-    """The importance matrix and the Modelfile each get a path of their own, apart from the output."""
-    paths = [("the output file", out), ("the importance matrix", imatrix), ("the Modelfile", modelfile)]
-    seen: dict[Path, str] = {}
-    for what, p in paths:
-        if p is None:
-            continue
-        key = Path(p).resolve()
-        if key in seen:
-            raise UnsupportedError(f"{p}: {what} would be {seen[key]} itself; give each its own path.")
-        seen[key] = what
 
 
 @keyword_errors

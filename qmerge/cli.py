@@ -673,6 +673,12 @@ def _show_check(report, as_json: bool) -> None:
     "strings translated from the model's chat template and checked by rendering).",
 )
 @click.option(
+    "--mmproj",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --to gguf and a vision-language model (Gemma 3, Qwen2-VL, Qwen2.5-VL): also write its vision "
+    "projector here, the mmproj GGUF llama.cpp loads with --mmproj (the GGUF's type; f16 beside K-quants).",
+)
+@click.option(
     "--check-report",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="With a model directory format: a `qmerge check --json` report whose figures the model card shows.",
@@ -701,6 +707,7 @@ def export(
     imatrix,
     name,
     modelfile,
+    mmproj,
     check_report,
     as_json,
     allow_pickle,
@@ -714,7 +721,17 @@ def export(
         gguf_embedding_type and gguf_embedding_type.lower(), gguf_output_type and gguf_output_type.lower()
     )
     conflict = option_conflict(
-        to, gguf_type, calibrate, imatrix, tensor_types, keep_delta, CLI_NAMES, name, modelfile, check_report
+        to,
+        gguf_type,
+        calibrate,
+        imatrix,
+        tensor_types,
+        keep_delta,
+        CLI_NAMES,
+        name,
+        modelfile,
+        check_report,
+        mmproj,
     )
     if conflict:
         raise click.UsageError(conflict)
@@ -744,6 +761,7 @@ def export(
             name=name,
             modelfile=modelfile,
             check_report=check_report,
+            mmproj=mmproj,
         )
     _warn(report.warnings)
     if as_json:

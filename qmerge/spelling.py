@@ -47,9 +47,12 @@ def _keyword(m: re.Match) -> str:
     return keyword + (f" {value}" if value else "")  # the next word is the sentence's, kept
 
 
-# a command to run, quoted whole ("... instead: qmerge export ADAPTER --to gguf (the merged ...)"): kept as
-# written, up to a bracket, comma, semicolon or backtick, or a full stop that ends the sentence (not "...")
-_COMMAND = re.compile(r"\bqmerge [a-z]+\b[^(),;`]*?(?=[(),;`]|(?<!\.)\.(?!\.)(?:\s|$)|$)")
+# a command to run, quoted whole ("... instead: qmerge export ADAPTER --to gguf (the merged ...)"), qmerge's or
+# llama.cpp's converter's (its own --mmproj): kept as written, up to a bracket, comma, semicolon or backtick,
+# or a full stop that ends the sentence (not "...")
+_COMMAND = re.compile(
+    r"(?:\bqmerge [a-z]+\b|\bconvert_hf_to_gguf\.py )[^(),;`]*?(?=[(),;`]|(?<!\.)\.(?!\.)(?:\s|$)|$)"
+)
 
 
 def as_keywords(message: str) -> str:

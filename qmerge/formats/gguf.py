@@ -61,7 +61,7 @@ class GGUF:
     def __init__(self, source: Source, gguf_type: str):
         self.gguf_type = gguf_type
         self.arch, self.hp = architecture_of(source.config)
-        note_text_only(self.arch, source.warnings)
+        note_text_only(self.arch, source)
         self.tensors = map_tensors(
             self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, gguf_type
         )

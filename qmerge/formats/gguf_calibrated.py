@@ -74,7 +74,7 @@ class CalibratedGGUF:
     def __init__(self, source: Source, kind: str, base_only: bool = False, types: dict | None = None):
         self.source, self.kind, self.base_only = source, kind, base_only
         self.arch, self.hp = architecture_of(source.config)
-        note_text_only(self.arch, source.warnings)
+        note_text_only(self.arch, source)
         four = source.weights.quantized_names()
         mapped = map_tensors(self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, "q8_0")
         if stacked := [t.name for t in mapped if t.parts or t.piece is not None]:

@@ -134,7 +134,7 @@ def write_gguf_lora(
     start = time.perf_counter()
     base_type = check_type(base_type)
     # an architecture llama.cpp runs (else the route), before anything else
-    note_text_only(architecture_of(source.config)[0], source.warnings)
+    note_text_only(architecture_of(source.config)[0], source)
     refuse_unsupported(source)
     base = Source(source.base, None, source.quant, "dequantized")
     base_name = f"base-{base_type}.gguf"

@@ -73,6 +73,7 @@ FORMATS: dict[str, Format] = {
                 "keep_delta",
                 "name",
                 "modelfile",
+                "mmproj",
             }
         ),
     ),
@@ -95,6 +96,7 @@ CLI_NAMES = {
     "keep_delta": "--keep-delta",
     "name": "--name",
     "modelfile": "--modelfile",
+    "mmproj": "--mmproj",
     "check_report": "--check-report",
 }
 API_NAMES = {k: k for k in CLI_NAMES} | {"tensor_types": "tensor_types"}
@@ -128,6 +130,7 @@ def option_conflict(
     name: str | None = None,
     modelfile=None,
     check_report=None,
+    mmproj=None,
 ) -> str | None:
     """What is wrong with this combination of export options, named as `names` spells them (CLI_NAMES for the
     command line's usage error, API_NAMES for the API's UnsupportedError), or None."""
@@ -151,6 +154,8 @@ def option_conflict(
             f"{n['check_report']} puts a check's figures in a model directory's card: it applies to "
             f"{n['to']} {', '.join(f for f in EXPORT_FORMATS if 'check_report' in FORMATS[f].takes)}."
         )
+    if mmproj is not None and "mmproj" not in FORMATS[to].takes:
+        return f"{n['mmproj']} writes a vision model's projector beside the GGUF: it applies to {to_gguf}."
     return _gguf_conflict(to, calibrate, imatrix, keep_delta, n, name, modelfile)
 
 
@@ -196,6 +201,7 @@ class Job:
     tensor_types: TensorTypes = TensorTypes()
     keep_delta: float | None = None
     modelfile: Path | None = None  # gguf: an Ollama Modelfile for the file, written once it is in place
+    mmproj: Path | None = None  # gguf: a vision-language model's projector GGUF, written after the file
 
 
 def write_format(src: Source, job: Job) -> WriteReport:
@@ -224,14 +230,25 @@ def write_format(src: Source, job: Job) -> WriteReport:
 
 
 def _gguf(src: Source, j: Job) -> WriteReport:
-    if j.modelfile is None:
-        return _gguf_file(src, j)
     from dataclasses import replace
 
     from .modelfile import check_modelfile_target, modelfile_beside
 
-    check_modelfile_target(j.modelfile, j.force, src.inputs())  # refused now, not after the export
+    for extra in (j.modelfile, j.mmproj):  # refused now, not after the export
+        if extra is not None:
+            check_modelfile_target(extra, j.force, src.inputs())
+    if j.mmproj is not None:
+        from .mmproj import Mmproj, write_mmproj
+
+        Mmproj(src, j.gguf_type.lower())  # a model without a projector qmerge writes: refused before any work
     report = _gguf_file(src, j)
+    if j.mmproj is not None:
+        record, projector = write_mmproj(src, j.mmproj, j.gguf_type.lower(), j.force, j.progress)
+        report = replace(
+            report, files=[*report.files, record], details={**report.details, "mmproj": projector}
+        )
+    if j.modelfile is None:
+        return report
     record, chat = modelfile_beside(
         Path(report.output), j.modelfile, src.tokenizer_dir, j.force, src.inputs()
     )
@@ -276,3 +293,22 @@ def _model_dir(src: Source, j: Job) -> WriteReport:
 
     fmt = NF4(j.nf4) if j.to == "nf4" else Plain(dtypes.option_dtype(j.to), {"export": j.to})
     return write_model_dir(src, fmt, j.out, j.max_shard_size, j.force, j.progress)
+
+
+def separate_paths(out, imatrix, modelfile, mmproj=None) -> None:
+    """The importance matrix, the Modelfile and the projector each get a path of their own, apart from the
+    output."""
+    paths = [
+        ("the output file", out),
+        ("the importance matrix", imatrix),
+        ("the Modelfile", modelfile),
+        ("the vision projector", mmproj),
+    ]
+    seen: dict[Path, str] = {}
+    for what, p in paths:
+        if p is None:
+            continue
+        key = Path(p).resolve()
+        if key in seen:
+            raise UnsupportedError(f"{p}: {what} would be {seen[key]} itself; give each its own path.")
+        seen[key] = what

@@ -138,6 +138,14 @@ class ModelDir:
             return True
         return any(key.endswith(s) and key[: -len(s)] in self.quantized for s in QUANT_SUFFIXES)
 
+    def stored_as(self) -> dict[str, str]:
+        """{model parameter name: the name this checkpoint stores it by} (hf_meta.stored_as), once."""
+        if getattr(self, "_stored_as", None) is None:
+            from .hf_meta import stored_as
+
+            self._stored_as = stored_as(self.config, self.weight_names())
+        return self._stored_as
+
     def weight_names(self) -> list[str]:
         """The model's logical tensors: every stored tensor except quant-state companions."""
         return [k for k in self.store.keys() if not self.is_companion(k)]

@@ -52,7 +52,9 @@ class TrainingWeights:
 
                 skip = (self.base.quantization_config or {}).get("llm_int8_skip_modules")
                 names = set(self.base.weight_names())
-                self._quantized = frozenset(quantized_linears(self.base.config, skip)) & names
+                quantized = quantized_linears(self.base.config, skip)
+                stored_as = self.base.stored_as()  # a layout transformers renames at load: the stored names
+                self._quantized = frozenset(quantized | {stored_as.get(n, n) for n in quantized}) & names
         return self._quantized
 
     def is_4bit(self, name: str) -> bool:

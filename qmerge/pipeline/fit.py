@@ -47,6 +47,8 @@ def base_problems(source: Source) -> list[Problem]:
     except InputError as e:
         return [Problem("error", str(e), "base")]
     stored = {n: source.base_shape(n) for n in base.weight_names()}
+    stored_as = base.stored_as()  # with a layout transformers renames at load
+    expected |= {name: expected[m] for m, name in stored_as.items() if m in expected and name not in expected}
     ignored = unexpected_ok(base.config)
     tied = source_tied(source)
     found = []
@@ -64,6 +66,7 @@ def base_problems(source: Source) -> list[Problem]:
         for n, ckpt in saved_as.items()
         if n not in stored
         and ckpt not in stored
+        and stored_as.get(n) not in stored
         and n not in tied
         and ckpt not in tied
         and not n.endswith("inv_freq")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.hf_meta import checkpoint_names, fuse, fused_at_load, tied_weights
+from ..io.hf_meta import fuse, fused_at_load, tied_weights
 from .source import Source
 
 # Module classes whose weights are used by more than their own forward (PEFT's LoRA layers read
@@ -85,7 +85,7 @@ def base_weights(source: Source) -> Callable[[str], torch.Tensor]:
     """A function from a model parameter name to the fp32 weight `source` holds for it: 4-bit layers as
     bitsandbytes dequantizes them, others as stored; renamed (transformers 5) and tied names resolved."""
     config = source.base.config
-    saved_as = checkpoint_names(config)
+    saved_as = source.base.stored_as()
     tied = tied_weights(config)
     stored = set(source.base.weight_names())
 
@@ -234,7 +234,7 @@ def streamed_merge(source: Source, dtype: torch.dtype = torch.bfloat16):
 
     model = empty_model(source)
     config = source.base.config
-    saved_as, tied = checkpoint_names(config), tied_weights(config)
+    saved_as, tied = source.base.stored_as(), tied_weights(config)
     by_weight = {m.weight: m for m in source.layout.lora.values()}
     by_bias = {m.module + ".bias": m for m in source.layout.lora.values() if m.lora_B_bias}
 

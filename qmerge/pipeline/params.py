@@ -58,10 +58,10 @@ class ParamDeltas:
     """The deltas of LoRA on parameters, under the names the base checkpoint stores the tensors by."""
 
     def __init__(self, source):
-        from ..io.hf_meta import checkpoint_names, fused_at_load
+        from ..io.hf_meta import fused_at_load
 
         self.source, config = source, source.base.config
-        saved, fused = checkpoint_names(config), fused_at_load(config)
+        saved, fused = source.base.stored_as(), fused_at_load(config)
         self.owner: dict[str, str] = {}  # stored tensor -> the model parameter whose delta it takes a part of
         for param in source.layout.params:
             for piece in fused.get(param) or (saved.get(param, param),):
@@ -93,7 +93,7 @@ class ParamDeltas:
             return self._cache[param][name]
 
     def _split(self, param: str) -> dict[str, torch.Tensor]:
-        from ..io.hf_meta import checkpoint_names, fused_at_load, unfuse
+        from ..io.hf_meta import fused_at_load, unfuse
 
         src, config = self.source, self.source.base.config
         m = src.layout.params[param]
@@ -104,4 +104,4 @@ class ParamDeltas:
         delta = parameter_delta(A, B, module_scaling(src.settings, param), experts, swapped)
         if param in fused_at_load(config):
             return {k: v.contiguous() for k, v in unfuse(config, param, delta).items()}
-        return {checkpoint_names(config).get(param, param): delta}
+        return {src.base.stored_as().get(param, param): delta}

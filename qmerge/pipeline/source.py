@@ -102,6 +102,7 @@ class Source:
         self.warnings: list[str] = []  # what the fit check warns of (said in every command's output)
         self.gguf_name: str | None = None  # a GGUF's general.name, when the user names it (export name=)
         self.card_check: dict | None = None  # a check report whose figures the model card shows
+        self.mmproj: Path | None = None  # a vision projector GGUF written beside a GGUF (export mmproj=)
         self._param_deltas = None
         # how training quantized the base, and how qmerge knows (open_checkpoint establishes it)
         self.quantization: Quantization | None = Quantization.of_checkpoint(base) if base.is_4bit else None
@@ -121,10 +122,10 @@ class Source:
         touched = set(self.layout.replace) | {m.weight for m in self.layout.lora.values()}
         if not (touched - names) and not self._touches_vocabulary(touched & names):
             return {}  # no tie can be involved: transformers (which knows the ties) is not imported
-        from ..io.hf_meta import checkpoint_names, tied_weights
+        from ..io.hf_meta import tied_weights
 
         follows = bool(self.adapter and self.adapter.config.get("ensure_weight_tying"))
-        saved_as = checkpoint_names(self.base.config)
+        saved_as = self.base.stored_as()
         tied = {saved_as.get(a, a): saved_as.get(b, b) for a, b in tied_weights(self.base.config).items()}
         return {
             name: to
@@ -234,12 +235,10 @@ def _as_stored(layout: AdapterLayout, base: ModelDir) -> AdapterLayout:
     lm_head)."""
     from dataclasses import replace
 
-    from ..io.hf_meta import checkpoint_names
-
     targets = {m.weight for m in layout.lora.values()} | set(layout.replace) | set(layout.rows)
     if targets <= set(base.weight_names()):
         return layout  # nothing renamed (and transformers, which only a renamed target needs, not imported)
-    renamed = {m: c for m, c in checkpoint_names(base.config).items() if m != c}
+    renamed = {m: c for m, c in base.stored_as().items() if m != c}
     if not renamed:
         return layout
     return AdapterLayout(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.export.models import DENSE, FAMILIES, VLM, tiny_dense, tiny_family, tiny_vlm
+from tests.export.models import DENSE, FAMILIES, PROJECTORS, VLM, tiny_dense, tiny_family, tiny_vlm
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +23,10 @@ def family_models(tmp_path_factory) -> dict:
 def vlm_models(tmp_path_factory) -> dict:
     """{name: (base, adapter)} for the vision-language models whose language model GGUF export writes."""
     return {name: tiny_vlm(tmp_path_factory.mktemp(name), name) for name in VLM}
+
+
+@pytest.fixture(scope="session")
+def projector_models(tmp_path_factory) -> dict:
+    """{name: (base, adapter)} for the vision-language models whose projector GGUF export writes, the
+    adapter changing the vision tower too."""
+    return {name: tiny_vlm(tmp_path_factory.mktemp(name), name, vision=True) for name in PROJECTORS}

@@ -4,6 +4,7 @@ with a random-B `all-linear` adapter made by PEFT."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -173,10 +174,28 @@ def _llama4_vlm():
     )
 
 
-def tiny_vlm(root: Path, name: str) -> tuple[Path, Path]:
+# the vision-language models whose projector (mmproj) GGUF export writes, with the image processor settings
+# their releases ship (CLIP's normalisation for Qwen, SigLIP's for Gemma 3)
+PROJECTORS = {
+    "gemma3_vlm": dict(image_mean=[0.5] * 3, image_std=[0.5] * 3, image_seq_length=4),
+    "qwen2_vl": dict(
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711]
+    ),
+}
+PROJECTORS["qwen2_5_vl"] = PROJECTORS["qwen2_vl"]
+# the linear layers of vision towers and projectors, as `all-linear` adapts them
+VISION_LINEAR = (
+    r"(visual|vision_tower).*\.(attn\.qkv|attn\.proj|self_attn\.\w+_proj|mlp\.(fc1|fc2|\w+_proj|0|2))"
+)
+
+
+def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
     """A tiny vision-language base (tests/test_vlm.py's config for VLM[name]) with the demo's tokenizer,
     norms away from 1 and biases non-zero, in bf16; and a random-B adapter on its language model's linear
-    layers."""
+    layers. With `vision`, the adapter also changes the vision tower's linear layers, the base has its
+    image processor's settings, Qwen's vision tower three blocks (llama.cpp's converter numbers the merger's
+    layers within the block range) and Gemma 3's checkpoint the released layout
+    (`vision_tower.vision_model.*`, which transformers 5 saves without `vision_model.`)."""
     from peft import LoraConfig, get_peft_model
 
     from tests.test_vlm import _model
@@ -185,13 +204,28 @@ def tiny_vlm(root: Path, name: str) -> tuple[Path, Path]:
     build_tokenizer(base, 320)
     torch.manual_seed(0)
     model = _llama4_vlm() if name == "llama4_vlm" else _model(VLM[name])
+    if vision and name.startswith("qwen2"):
+        model.config.vision_config.depth = 3
+        if name == "qwen2_5_vl":
+            model.config.vision_config.fullatt_block_indexes = [2]  # window attention in blocks 0 and 1
+        torch.manual_seed(0)
+        model = type(model)(model.config)
     if name == "gemma3_vlm":  # as Gemma 3 4B/12B: attention scaled by head_dim (llama.cpp's gemma3 fixes it)
         model.config.text_config.query_pre_attn_scalar = model.config.text_config.head_dim
     if name.startswith("qwen2"):  # llama.cpp's qwen2vl reads no RMSNorm epsilon (it uses 0): see test
         model.config.text_config.rms_norm_eps = 1e-12
     away_from_identity(model)  # (Gemma's norms, 1 + weight, as far from theirs)
+    if vision:  # Gemma 3 starts its projector at zero: an image would give zeros whatever the file holds
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "multi_modal_projector" in n and not p.any():
+                    p.normal_(std=0.2)
     model.to(torch.bfloat16).save_pretrained(str(base))
     targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    if vision:
+        _released_layout(base, name)
+        (base / "preprocessor_config.json").write_text(json.dumps(PROJECTORS[name]))
+        targets = rf".*({targets[2:]}|{VISION_LINEAR})"
     peft = get_peft_model(
         model.float(), LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
     )
@@ -201,3 +235,18 @@ def tiny_vlm(root: Path, name: str) -> tuple[Path, Path]:
                 p.mul_(0.05)
     peft.save_pretrained(str(root / "adapter"))
     return base, root / "adapter"
+
+
+def _released_layout(base: Path, name: str) -> None:
+    """Gemma 3's tensors renamed as its releases store them (transformers loads both)."""
+    from safetensors.torch import load_file, save_file
+
+    if name != "gemma3_vlm":
+        return
+    path = base / "model.safetensors"
+    tensors = load_file(path)
+    renamed = {
+        k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k: v
+        for k, v in tensors.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})

@@ -65,10 +65,11 @@ def architecture_of(config: dict) -> tuple[Architecture, HParams]:
     return arch, hp
 
 
-def text_config(config: dict, model_type: str) -> dict:
+def text_config(config: dict, model_type: str, lift: bool = True) -> dict:
     """config.json as transformers reads it (every default filled in), the text model's keys at the top
-    level for a vision-language model, as llama.cpp's converter reads its hyperparameters."""
+    level for a vision-language model (unless not `lift`), as llama.cpp's converter reads its
+    hyperparameters."""
     from ..hf_classes import hf_config_of
 
     full = hf_config_of({"model_type": model_type, **config}).to_dict()
-    return {**full, **(full.get("text_config") or {})}
+    return {**full, **(full.get("text_config") or {})} if lift else full

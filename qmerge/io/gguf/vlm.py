@@ -2,7 +2,7 @@
 vision tower too. Tensor names lose their `language_model.` part (both layouts transformers saves:
 `model.language_model.*` and `language_model.model.*`) and the vision tower and projector are left out, as
 llama.cpp's converter does; the hyperparameters are the text config's (families.text_config). The image
-side (llama.cpp's mmproj file) is not written: the message says how to make it."""
+side, llama.cpp's mmproj file, is another file (mmproj.py, written with export mmproj=)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ from .moe import Llama4
 _VISION = ("vision_tower.", "vision_model.", "visual.", "multi_modal_projector.", "mm_projector.")
 MMPROJ_ROUTE = (
     "this is a vision-language model: the GGUF holds its language model (text in, text out); for images "
-    "llama.cpp also needs the vision projector (mmproj), which qmerge does not write: export the merge in 16 "
-    "bits (qmerge export ADAPTER --to bf16 -o MERGED) and run llama.cpp's convert_hf_to_gguf.py MERGED --mmproj."
+    "llama.cpp also needs the vision projector (mmproj): add --mmproj FILE to write it too (Gemma 3, Qwen2-VL, "
+    "Qwen2.5-VL), or, for other models, export the merge in 16 bits (qmerge export ADAPTER --to bf16 -o "
+    "MERGED) and run llama.cpp's convert_hf_to_gguf.py MERGED --mmproj."
 )
 
 
-def note_text_only(arch: Architecture, warnings: list[str]) -> None:
-    """Say, once, that a vision-language model's GGUF holds its language model only."""
-    if arch.vision and MMPROJ_ROUTE not in warnings:
-        warnings.append(MMPROJ_ROUTE)
+def note_text_only(arch: Architecture, source) -> None:
+    """Say, once, that a vision-language model's GGUF holds its language model only (unless the source's
+    projector is written beside it: export mmproj=)."""
+    if arch.vision and getattr(source, "mmproj", None) is None and MMPROJ_ROUTE not in source.warnings:
+        source.warnings.append(MMPROJ_ROUTE)
 
 
 class VisionLanguage(Architecture):

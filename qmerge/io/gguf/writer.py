@@ -188,6 +188,17 @@ def gguf_head(
     tokenizer = add_tokenizer(w, tokenizer_dir, hp.vocab_size)
     if arch.gemma_norm and tokenizer == "llama":
         w.add_add_space_prefix(False)  # as convert_hf_to_gguf's GemmaModel
+    head, align = header_bytes(w, tensors, extra, scratch)
+    return head, align, tokenizer
+
+
+def header_bytes(
+    w, tensors: list[GGUFTensor], extra: list[tuple[str, np.ndarray]], scratch: Path
+) -> tuple[bytes, int]:
+    """(header bytes padded to the data alignment, the alignment) of a GGUFWriter `w` holding the metadata,
+    once the tensor infos are added (through a file at `scratch`, removed)."""
+    import gguf
+
     for extra_name, values in extra:
         w.add_tensor_info(extra_name, values.shape, np.float32, values.nbytes)
     for t in tensors:
@@ -207,7 +218,7 @@ def gguf_head(
     finally:
         scratch.unlink(missing_ok=True)
     align = w.data_alignment
-    return head + bytes(-len(head) % align), align, tokenizer
+    return head + bytes(-len(head) % align), align
 
 
 def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, meta) -> None:
