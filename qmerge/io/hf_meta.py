@@ -211,9 +211,9 @@ def stored_as(config: dict, stored: list[str]) -> dict[str, str]:
         if isinstance(t, (WeightRenaming, PrefixChange))
     ]
     names = checkpoint_names(config)
-    params = set(model.state_dict())
+    params, saved = set(model.state_dict()), set(names.values())
     for name in stored:
-        if name in params or name in names.values():
+        if name in params or name in saved:
             continue
         loaded = apply_renamings(name, renamings)
         if loaded in params:
