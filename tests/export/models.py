@@ -193,8 +193,8 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
     """A tiny vision-language base (tests/test_vlm.py's config for VLM[name]) with the demo's tokenizer,
     norms away from 1 and biases non-zero, in bf16; and a random-B adapter on its language model's linear
     layers. With `vision`, the adapter also changes the vision tower's linear layers, the base has its
-    image processor's settings, Qwen's vision tower three blocks (llama.cpp's converter numbers the merger's
-    layers within the block range) and Gemma 3's checkpoint the released layout
+    image processor's settings, the vision tower a width of 64, Qwen's three blocks (llama.cpp's converter
+    numbers the merger's layers within the block range) and Gemma 3's checkpoint the released layout
     (`vision_tower.vision_model.*`, which transformers 5 saves without `vision_model.`)."""
     from peft import LoraConfig, get_peft_model
 
@@ -204,10 +204,17 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
     build_tokenizer(base, 320)
     torch.manual_seed(0)
     model = _llama4_vlm() if name == "llama4_vlm" else _model(VLM[name])
-    if vision and name.startswith("qwen2"):
-        model.config.vision_config.depth = 3
+    if (
+        vision
+    ):  # a vision width of whole 4-bit blocks (bitsandbytes' CPU dequantization, the reference, needs it)
+        v = model.config.vision_config
+        if name.startswith("qwen2"):
+            v.depth = 3
+            v.embed_dim = v.hidden_size = 64  # Qwen2-VL's width, or Qwen2.5-VL's
         if name == "qwen2_5_vl":
-            model.config.vision_config.fullatt_block_indexes = [2]  # window attention in blocks 0 and 1
+            v.intermediate_size, v.fullatt_block_indexes = 128, [2]  # window attention in blocks 0 and 1
+        if name == "gemma3_vlm":
+            v.hidden_size, v.intermediate_size = 64, 128
         torch.manual_seed(0)
         model = type(model)(model.config)
     if name == "gemma3_vlm":  # as Gemma 3 4B/12B: attention scaled by head_dim (llama.cpp's gemma3 fixes it)
