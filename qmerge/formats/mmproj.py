@@ -13,7 +13,8 @@ import numpy as np
 
 from .. import __version__
 from ..io.atomic import OutputFile, atomic_file, describe_files
-from ..io.gguf.mmproj import DIRECT, Projector, VisionParams, projector_of
+from ..io.gguf.mmproj import Projector, VisionParams
+from ..io.gguf.projectors import DIRECT, projector_of
 from ..io.gguf.writer import (
     DIRECT_TYPES,
     QMERGE_KEY,
@@ -66,7 +67,7 @@ def map_vision(projector: Projector, vp: VisionParams, shapes: dict, gguf_type: 
         name = projector.name(hf)
         if name is None:
             continue
-        pieces = projector.split(name, tuple(shapes[hf]))
+        pieces = projector.split(name, tuple(shapes[hf]), vp)
         for i, (piece, shape) in enumerate(pieces or [(name, tuple(shapes[hf]))]):
             new = piece if piece in DIRECT else names.get_name(piece, try_suffixes=(".weight", ".bias"))
             if new is None:

@@ -183,9 +183,11 @@ PROJECTORS = {
     ),
 }
 PROJECTORS["qwen2_5_vl"] = PROJECTORS["qwen2_vl"]
+PROJECTORS["qwen3_vl"] = PROJECTORS["llama4_vlm"] = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
 # the linear layers of vision towers and projectors, as `all-linear` adapts them
 VISION_LINEAR = (
-    r"(visual|vision_tower).*\.(attn\.qkv|attn\.proj|self_attn\.\w+_proj|mlp\.(fc1|fc2|\w+_proj|0|2))"
+    r"(visual|vision_tower|vision_model).*\."
+    r"(attn\.qkv|attn\.proj|self_attn\.\w+_proj|mlp\.(fc1|fc2|linear_fc\d|\w+_proj|0|2))"
 )
 
 
@@ -213,8 +215,12 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
             v.embed_dim = v.hidden_size = 64  # Qwen2-VL's width, or Qwen2.5-VL's
         if name == "qwen2_5_vl":
             v.intermediate_size, v.fullatt_block_indexes = 128, [2]  # window attention in blocks 0 and 1
-        if name == "gemma3_vlm":
+        if name == "qwen3_vl":
             v.hidden_size, v.intermediate_size = 64, 128
+        if name in ("gemma3_vlm", "llama4_vlm"):
+            v.hidden_size, v.intermediate_size = 64, 128
+        if name == "llama4_vlm":
+            v.num_hidden_layers = 3  # the converter numbers the adapter's layers within the block range
         torch.manual_seed(0)
         model = type(model)(model.config)
     if name == "gemma3_vlm":  # as Gemma 3 4B/12B: attention scaled by head_dim (llama.cpp's gemma3 fixes it)

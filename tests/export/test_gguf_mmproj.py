@@ -142,10 +142,12 @@ def test_gemma3_image_embeddings_match_transformers(tmp_path, projector_models):
     assert np.abs(unchanged - want).max() > 10 * np.abs(got - want).max()
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_projectors_encode_images_in_llama_cpp(tmp_path, projector_models, name):
-    """Qwen2-VL and Qwen2.5-VL: llama.cpp's mtmd loads the projector and encodes an image (the values are
-    the converter test's: byte-identical to llama.cpp's own conversion)."""
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL: llama.cpp's mtmd loads the projector and encodes an image (the
+    values are the converter test's: byte-identical to llama.cpp's own conversion). Llama 4's vision graph
+    in llama.cpp 0.3.36 aborts at warm-up on the tiny model's shape: its projector is checked by the
+    converter test alone."""
     from tests.export.mtmd import image_embeddings
 
     base, adapter = projector_models[name]
