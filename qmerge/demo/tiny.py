@@ -49,8 +49,9 @@ class TinySpec:
     init_std: float = 0.02
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 320, corpus: str = CORPUS):
-    """Train a byte-level BPE tokenizer on `corpus` and save it as a transformers fast tokenizer."""
+def build_tokenizer(out_dir: Path, vocab_size: int = 320, corpus: str = CORPUS, extra_special: tuple = ()):
+    """Train a byte-level BPE tokenizer on `corpus` and save it as a transformers fast tokenizer (with
+    `extra_special` tokens beside the demo's own)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,7 +60,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 320, corpus: str = CORPUS):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=[*SPECIAL_TOKENS, *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

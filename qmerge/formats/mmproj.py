@@ -87,7 +87,7 @@ class Mmproj:
 
     def __init__(self, source: Source, gguf_type: str):
         self.gguf_type = mmproj_type(gguf_type)
-        self.projector, self.vp = projector_of(source.config, source.base.path)
+        self.projector, self.vp = projector_of(source.config, source.base.path, source.tokenizer_dir)
         shapes = {n: s.shape for n, s in source.tensors.items()}
         self.tensors = map_vision(self.projector, self.vp, shapes, self.gguf_type)
         self._by_name: dict[str, list[GGUFTensor]] = {}
@@ -105,7 +105,7 @@ class Mmproj:
     def encode(self, t: MergedTensor) -> list[tuple[str, np.ndarray]]:
         gs = self._by_name[t.name]
         name = self.projector.name(t.name)
-        value = self.projector.transform(name, t.value)
+        value = self.projector.transform(name, t.value, self.vp)
         values = self.projector.cut(name, value) if gs[0].piece is not None else [value]
         return [(g.name, encode(v.contiguous(), g.qtype, g.hf_name)) for g, v in zip(gs, values, strict=True)]
 

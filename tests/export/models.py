@@ -184,10 +184,12 @@ PROJECTORS = {
 }
 PROJECTORS["qwen2_5_vl"] = PROJECTORS["qwen2_vl"]
 PROJECTORS["qwen3_vl"] = PROJECTORS["llama4_vlm"] = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+PROJECTORS["mistral3_vlm"] = PROJECTORS["qwen2_vl"]
 # the linear layers of vision towers and projectors, as `all-linear` adapts them
 VISION_LINEAR = (
     r"(visual|vision_tower|vision_model).*\."
-    r"(attn\.qkv|attn\.proj|self_attn\.\w+_proj|mlp\.(fc1|fc2|linear_fc\d|\w+_proj|0|2))"
+    r"(attn\.qkv|attn\.proj|self_attn\.\w+_proj|attention\.\w+_proj|feed_forward\.\w+_proj|"
+    r"mlp\.(fc1|fc2|linear_fc\d|\w+_proj|0|2))"
 )
 
 
@@ -203,24 +205,12 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
     from tests.test_vlm import _model
 
     base = root / "base"
-    build_tokenizer(base, 320)
+    # Pixtral's tokenizers have the token its images break rows with (llama.cpp's converter asks for it)
+    build_tokenizer(base, 320, extra_special=("[IMG_BREAK]",) if vision and name == "mistral3_vlm" else ())
     torch.manual_seed(0)
     model = _llama4_vlm() if name == "llama4_vlm" else _model(VLM[name])
-    if (
-        vision
-    ):  # a vision width of whole 4-bit blocks (bitsandbytes' CPU dequantization, the reference, needs it)
-        v = model.config.vision_config
-        if name.startswith("qwen2"):
-            v.depth = 3
-            v.embed_dim = v.hidden_size = 64  # Qwen2-VL's width, or Qwen2.5-VL's
-        if name == "qwen2_5_vl":
-            v.intermediate_size, v.fullatt_block_indexes = 128, [2]  # window attention in blocks 0 and 1
-        if name == "qwen3_vl":
-            v.hidden_size, v.intermediate_size = 64, 128
-        if name in ("gemma3_vlm", "llama4_vlm"):
-            v.hidden_size, v.intermediate_size = 64, 128
-        if name == "llama4_vlm":
-            v.num_hidden_layers = 3  # the converter numbers the adapter's layers within the block range
+    if vision:
+        _vision_shape(model.config.vision_config, name)
         torch.manual_seed(0)
         model = type(model)(model.config)
     if name == "gemma3_vlm":  # as Gemma 3 4B/12B: attention scaled by head_dim (llama.cpp's gemma3 fixes it)
@@ -248,6 +238,25 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
                 p.mul_(0.05)
     peft.save_pretrained(str(root / "adapter"))
     return base, root / "adapter"
+
+
+def _vision_shape(v, name: str) -> None:
+    """A vision tower 64 wide (whole 4-bit blocks: bitsandbytes' CPU dequantization, the reference, needs
+    them) of three blocks (llama.cpp's converter numbers projector layers, mm.1 or the adapter's fc2, within
+    the block range)."""
+    v.hidden_size = 64
+    if name != "qwen2_vl":  # (Qwen2-VL's feed-forward size is mlp_ratio x embed_dim)
+        v.intermediate_size = 128
+    if name.startswith("qwen"):
+        v.depth = 3
+    else:
+        v.num_hidden_layers = 3
+    if name == "qwen2_vl":
+        v.embed_dim = 64  # its width; hidden_size is the merger's output
+    if name == "qwen2_5_vl":
+        v.fullatt_block_indexes = [2]  # window attention in blocks 0 and 1
+    if name == "mistral3_vlm":
+        v.head_dim = 32
 
 
 def _released_layout(base: Path, name: str) -> None:

@@ -5,6 +5,7 @@ into the file, and the option's refusals (before any work, nothing written)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -67,11 +68,26 @@ def test_same_projector_as_llama_cpps_converter(converted_projectors, name, gtyp
     ours = gguf.GGUFReader(str(root / name / f"qmerge-mmproj-{gtype}.gguf"))
     theirs = gguf.GGUFReader(str(theirs_path))
     ta, tb = {t.name: t for t in ours.tensors}, {t.name: t for t in theirs.tensors}
+    if name == "mistral3_vlm":  # the row llama.cpp needs and its converter does not find in these checkpoints
+        assert np.array_equal(ta.pop("v.token_embd.img_break").data, _img_break_row(root / name / "merged"))
     assert sorted(ta) == sorted(tb)
     for n in ta:
         assert (ta[n].tensor_type, list(ta[n].shape)) == (tb[n].tensor_type, list(tb[n].shape)), n
         assert np.array_equal(ta[n].data, tb[n].data), n
     assert _keys(ours) == _keys(theirs)
+
+
+def _img_break_row(merged: Path) -> np.ndarray:
+    """The [IMG_BREAK] token's row of the merged embedding, as float32."""
+    from safetensors.torch import load_file
+
+    from qmerge.io.gguf.mmproj import special_token_id
+
+    tensors = load_file(merged / "model.safetensors")
+    (embedding,) = [
+        t for n, t in tensors.items() if "language_model" in n and n.endswith("embed_tokens.weight")
+    ]
+    return embedding[special_token_id(merged, "[IMG_BREAK]")].float().numpy()
 
 
 def _transformers_image_features(folder: Path, preprocessor: dict) -> np.ndarray:
@@ -142,12 +158,12 @@ def test_gemma3_image_embeddings_match_transformers(tmp_path, projector_models):
     assert np.abs(unchanged - want).max() > 10 * np.abs(got - want).max()
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_qwen_projectors_encode_images_in_llama_cpp(tmp_path, projector_models, name):
-    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL: llama.cpp's mtmd loads the projector and encodes an image (the
-    values are the converter test's: byte-identical to llama.cpp's own conversion). Llama 4's vision graph
-    in llama.cpp 0.3.36 aborts at warm-up on the tiny model's shape: its projector is checked by the
-    converter test alone."""
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3_vlm"])
+def test_projectors_encode_images_in_llama_cpp(tmp_path, projector_models, name):
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Pixtral (Mistral 3): llama.cpp's mtmd loads the projector and
+    encodes an image (the values are the converter test's: byte-identical to llama.cpp's own conversion;
+    Pixtral's with the [IMG_BREAK] row mtmd requires). Llama 4's vision graph in llama.cpp 0.3.36 aborts at
+    warm-up on the tiny model's shape: its projector is checked by the converter test alone."""
     from tests.export.mtmd import image_embeddings
 
     base, adapter = projector_models[name]
@@ -160,15 +176,27 @@ def test_qwen_projectors_encode_images_in_llama_cpp(tmp_path, projector_models, 
 
 
 def test_projector_refusals_before_any_work(tmp_path, projector_models, vlm_models, arch_adapters):
-    """Each refusal comes before anything is written: a text model, a VLM whose projector qmerge does not
-    write (with the route), gguf-lora, a path that is a user's file or the GGUF's own path."""
+    """Each refusal comes before anything is written: a text model, a LLaVA over a CLIP tower (llama.cpp's
+    converter writes LLaVA projectors over Pixtral only), a model whose projector qmerge does not write
+    (with the route), a Pixtral tokenizer without [IMG_BREAK], gguf-lora, a path that is a user's file or
+    the GGUF's own path."""
+    from qmerge.io.gguf.projectors import projector_of
+
     base, adapter = arch_adapters["llama"]
     out, mmproj = tmp_path / "m.gguf", tmp_path / "p.gguf"
     with pytest.raises(UnsupportedError, match="no vision tower"):
         export(adapter, "gguf", out, base=base, mmproj=mmproj)
     base, adapter = vlm_models["llava"]
-    with pytest.raises(UnsupportedError, match="convert_hf_to_gguf.py MERGED --mmproj"):
+    with pytest.raises(UnsupportedError, match="over a Pixtral tower only"):
         export(adapter, "gguf", out, base=base, mmproj=mmproj)
+    idefics = {"architectures": ["Idefics3ForConditionalGeneration"], "vision_config": {"hidden_size": 64}}
+    with pytest.raises(UnsupportedError, match="convert_hf_to_gguf.py MERGED --mmproj"):
+        projector_of(idefics, base)
+    pixtral = projector_models["mistral3_vlm"][0]
+    config = json.loads((pixtral / "config.json").read_text())
+    with pytest.raises(QmergeError, match=r"no \[IMG_BREAK\] token"):  # the demo's tokenizer has none
+        projector_of(config, pixtral, vlm_models["mistral3_vlm"][0])
+
     with pytest.raises(UnsupportedError, match="mmproj"):
         export(adapter, "gguf-lora", tmp_path / "lora", base=base, mmproj=mmproj)
     base, adapter = projector_models["qwen2_vl"]
@@ -182,8 +210,6 @@ def test_projector_refusals_before_any_work(tmp_path, projector_models, vlm_mode
 
 
 def test_projector_from_the_command_line(tmp_path, projector_models):
-    import json
-
     from click.testing import CliRunner
 
     from qmerge.cli import cli

@@ -25,6 +25,8 @@ class VisionParams:
     preprocessor: dict
     n_blocks: int
     n_embd_text: int
+    tokenizer_dir: Path | None = None  # where a projector that reads token ids finds them
+    token_ids: dict | None = None  # such ids (Pixtral's [IMG_BREAK])
 
 
 def find(obj: dict, keys: tuple[str, ...], what: str) -> object:
@@ -33,6 +35,22 @@ def find(obj: dict, keys: tuple[str, ...], what: str) -> object:
         if obj.get(k) is not None:
             return obj[k]
     raise InputError(f"config.json: the vision config has no {what} (looked for {', '.join(keys)}).")
+
+
+def special_token_id(tokenizer_dir: Path, token: str) -> int | None:
+    """A special token's id as llama.cpp's converter finds it: tokenizer_config.json's added_tokens_decoder,
+    then tokenizer.json's added_tokens."""
+    found = None
+    for name, key in (("tokenizer_config.json", "added_tokens_decoder"), ("tokenizer.json", "added_tokens")):
+        path = tokenizer_dir / name
+        if found is None and path.is_file():
+            try:
+                entries = json.loads(path.read_text(encoding="utf-8")).get(key) or {}
+            except (OSError, ValueError) as e:
+                raise InputError(f"{path}: not readable JSON ({e}); fix or remove it.") from e
+            pairs = entries.items() if isinstance(entries, dict) else ((e.get("id"), e) for e in entries)
+            found = next((int(i) for i, e in pairs if (e or {}).get("content") == token), None)
+    return found
 
 
 def read_preprocessor(base_dir: Path) -> dict:
@@ -71,14 +89,18 @@ class Projector:
         a tensor of the language model."""
         return hf_name if hf_name.startswith(self.prefixes) else None
 
-    def read(self, config: dict, preprocessor: dict) -> VisionParams:
+    def check(self, config: dict) -> None:
+        """Refuse, before anything is read, a checkpoint whose projector llama.cpp would not run as this
+        record writes it."""
+
+    def read(self, config: dict, preprocessor: dict, tokenizer_dir: Path | None = None) -> VisionParams:
         vision = dict(config.get("vision_config") or {})
         if not vision:
             raise InputError("config.json has no vision_config: this checkpoint has no vision tower.")
         text = {**config, **(config.get("text_config") or {})}
         vision = self.rename(vision)
         n_blocks = int(find(vision, ("num_hidden_layers", "depth", "layers"), "number of layers"))
-        return VisionParams(config, vision, preprocessor, n_blocks, int(text["hidden_size"]))
+        return VisionParams(config, vision, preprocessor, n_blocks, int(text["hidden_size"]), tokenizer_dir)
 
     def rename(self, vision: dict) -> dict:
         """The vision config with the keys llama.cpp's converter reads under its own names."""
@@ -95,7 +117,7 @@ class Projector:
         """The values of split()'s tensors, in its order."""
         return [t]
 
-    def transform(self, name: str, t: torch.Tensor) -> torch.Tensor:
+    def transform(self, name: str, t: torch.Tensor, vp: VisionParams) -> torch.Tensor:
         return t
 
     def forced_type(self, name: str, gguf_name: str, gguf_type: str):

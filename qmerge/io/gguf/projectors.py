@@ -1,15 +1,17 @@
 """The vision projectors the mmproj GGUF is written for (mmproj.py's Projector), as llama.cpp's converter
-keeps one class per vision model, and their table."""
+keeps one class per vision model (Qwen's in qwen_vision.py), and their table."""
 
 from __future__ import annotations
 
-import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ...errors import InputError, UnsupportedError
-from .mmproj import Projector, VisionParams, find, read_preprocessor
+from .arch import permute_qk
+from .mmproj import Projector, VisionParams, find, read_preprocessor, special_token_id
+from .qwen_vision import Qwen2VLProjector, Qwen3VLProjector, Qwen25VLProjector
 
 
 class Gemma3Projector(Projector):
@@ -28,7 +30,7 @@ class Gemma3Projector(Projector):
             return None
         return hf_name.replace("_weight", ".weight")  # mm_input_projection_weight, a bare parameter
 
-    def transform(self, name: str, t: torch.Tensor) -> torch.Tensor:
+    def transform(self, name: str, t: torch.Tensor, vp: VisionParams) -> torch.Tensor:
         # the projector's RMSNorm scales by (1 + weight), llama.cpp's by weight (SigLIP's norms are LayerNorms)
         return t + 1 if "soft_emb_norm.weight" in name else t
 
@@ -50,144 +52,6 @@ class Gemma3Projector(Projector):
         scale = per_side // int(tokens**0.5)
         if scale > 0 and scale != 4:  # llama.cpp's default is 4 (Gemma 3's 896-pixel images, 256 tokens)
             w.add_vision_projector_scale_factor(scale)
-
-
-class Qwen2VLProjector(Projector):
-    """Qwen2-VL's vision transformer and patch merger: fused qkv split, the 3-D patch convolution split
-    into its two frames."""
-
-    hf_classes = ("Qwen2VLForConditionalGeneration",)
-    projector_type = "qwen2vl_merger"
-    prefixes = ("visual.",)
-
-    def name(self, hf_name: str) -> str | None:
-        return super().name(hf_name.replace("model.visual.", "visual.", 1))
-
-    def rename(self, vision: dict) -> dict:
-        vision = {**vision, "image_size": vision.get("image_size", 560)}
-        vision |= {"num_attention_heads": vision.get("num_heads"), "num_hidden_layers": vision.get("depth")}
-        if "embed_dim" in vision:  # Qwen2-VL names the width embed_dim (the converter's reading)
-            vision |= {"intermediate_size": vision.get("hidden_size"), "hidden_size": vision.get("embed_dim")}
-        return vision
-
-    def split(
-        self, name: str, shape: tuple[int, ...], vp: VisionParams
-    ) -> list[tuple[str, tuple[int, ...]]] | None:
-        if ".qkv." in name:
-            if shape[0] % 3:
-                raise InputError(f"{name}: {shape[0]} rows are not three equal parts (q, k, v).")
-            third = (shape[0] // 3, *shape[1:])
-            return [(name.replace("qkv", part), third) for part in ("q", "k", "v")]
-        return two_frames(name, shape)
-
-    def cut(self, name: str, t: torch.Tensor) -> list[torch.Tensor]:
-        if ".qkv." in name:
-            return list(t.chunk(3, dim=0))
-        return [t[:, :, 0], t[:, :, 1]] if t.dim() == 5 else [t]
-
-    def forced_type(self, name: str, gguf_name: str, gguf_type: str):
-        import gguf
-
-        if ".position_embd." in gguf_name:
-            return gguf.GGMLQuantizationType.F32
-        return super().forced_type(name, gguf_name, gguf_type)
-
-    def add_metadata(self, w, vp: VisionParams) -> None:
-        super().add_metadata(w, vp)
-        self.add_merger(w, vp)
-        w.add_vision_attention_layernorm_eps(float(vp.config.get("rms_norm_eps", 1e-6)))
-
-    def add_merger(self, w, vp: VisionParams) -> None:
-        """Keys of the Qwen generation (Qwen2.5-VL's window attention)."""
-
-
-class Qwen25VLProjector(Qwen2VLProjector):
-    """Qwen2.5-VL: SwiGLU blocks, window attention with full attention every n_wa_pattern-th block."""
-
-    hf_classes = ("Qwen2_5_VLForConditionalGeneration",)
-    projector_type = "qwen2.5vl_merger"
-
-    def add_merger(self, w, vp: VisionParams) -> None:
-        w.add_vision_use_silu(True)
-        full = list(vp.vision.get("fullatt_block_indexes") or [])
-        if not full or any(b - a != full[0] + 1 for a, b in itertools.pairwise(full)):
-            raise UnsupportedError(
-                f"vision_config.fullatt_block_indexes is {full}; llama.cpp runs Qwen2.5-VL's vision tower with "
-                "full attention in every n-th block (evenly spaced), so the projector would not match."
-            )
-        w.add_vision_n_wa_pattern(full[0] + 1)
-
-
-def two_frames(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
-    """Qwen's 3-D patch convolution over two frames as llama.cpp holds it: two 2-D ones (None: another
-    tensor)."""
-    import gguf
-
-    if "patch_embed.proj.weight" not in name:
-        return None
-    if len(shape) != 5 or shape[2] != 2:
-        raise UnsupportedError(
-            f"{name}: a patch convolution over {shape[2] if len(shape) == 5 else '?'} frames; llama.cpp runs "
-            "Qwen's vision towers over 2 (temporal_patch_size 2)."
-        )
-    patch = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH] + ".weight"
-    frame = (shape[0], shape[1], *shape[3:])
-    return [(patch, frame), (patch + ".1", frame)]
-
-
-class Qwen3VLProjector(Projector):
-    """Qwen3-VL's vision transformer: fused qkv kept, learned position embeddings, the patch merger, and
-    the DeepStack mergers that hand features of some blocks to the language model's first layers."""
-
-    hf_classes = ("Qwen3VLForConditionalGeneration",)
-    projector_type = "qwen3vl_merger"
-    prefixes = ("visual.",)
-
-    def name(self, hf_name: str) -> str | None:
-        return super().name(hf_name.replace("model.visual.", "visual.", 1))
-
-    def rename(self, vision: dict) -> dict:
-        if "image_size" not in vision:  # from the position embeddings, as the converter computes it
-            side = int(vision.get("num_position_embeddings", 2304) ** 0.5)
-            vision = {**vision, "image_size": side * int(vision.get("patch_size", 16))}
-        return vision | {
-            "num_attention_heads": vision.get("num_heads"),
-            "num_hidden_layers": vision.get("depth"),
-        }
-
-    def split(
-        self, name: str, shape: tuple[int, ...], vp: VisionParams
-    ) -> list[tuple[str, tuple[int, ...]]] | None:
-        import gguf
-
-        T, tail = gguf.MODEL_TENSOR, name.split(".", 3)[-1]
-        if name.startswith("visual.deepstack_merger_list."):
-            index = int(name.split(".")[2])
-            block = list(vp.vision.get("deepstack_visual_indexes") or [])[index]
-            part, suffix = tail.split(".", 1)
-            kind = {"norm": T.V_DS_NORM, "linear_fc1": T.V_DS_FC1, "linear_fc2": T.V_DS_FC2}[part]
-            return [(gguf.TENSOR_NAMES[kind].format(bid=block) + "." + suffix, shape)]
-        if name.startswith("visual.merger."):
-            part, suffix = name.split(".", 3)[2:]
-            if part == "norm":
-                return [(gguf.TENSOR_NAMES[T.V_POST_NORM] + "." + suffix, shape)]
-            layer = {"linear_fc1": 0, "linear_fc2": 2}[part]  # mm.0 and mm.2, as Qwen2-VL's merger
-            return [(gguf.TENSOR_NAMES[T.V_MMPROJ].format(bid=layer) + "." + suffix, shape)]
-        return two_frames(name, shape)
-
-    def cut(self, name: str, t: torch.Tensor) -> list[torch.Tensor]:
-        return [t[:, :, 0], t[:, :, 1]] if t.dim() == 5 else [t]
-
-    def add_metadata(self, w, vp: VisionParams) -> None:
-        super().add_metadata(w, vp)
-        w.add_vision_use_gelu(True)
-        if vp.vision.get("spatial_merge_size") is not None:
-            w.add_vision_spatial_merge_size(int(vp.vision["spatial_merge_size"]))
-        text = vp.config.get("text_config") or {}
-        w.add_vision_attention_layernorm_eps(float(text.get("rms_norm_eps", 1e-6)))
-        deepstack = set(vp.vision.get("deepstack_visual_indexes") or [])
-        if vp.n_blocks:
-            w.add_vision_is_deepstack_layers([i in deepstack for i in range(vp.n_blocks)])
 
 
 class Llama4Projector(Projector):
@@ -227,6 +91,80 @@ class Llama4Projector(Projector):
         w.add_vision_use_gelu(True)
 
 
+class PixtralProjector(Projector):
+    """Pixtral's vision encoder and the LLaVA-style projector (with Mistral 3's patch merger): Mistral Small
+    3.1/3.2 and Ministral 3 (Mistral3ForConditionalGeneration), Pixtral 12B (LlavaForConditionalGeneration).
+    Q/K rows permuted as llama.cpp's 2-D RoPE reads them, and the [IMG_BREAK] token's embedding (the row of
+    the merged embedding) that llama.cpp puts between rows of image patches: llama.cpp 0.3.36 refuses a
+    projector without it. (llama.cpp's converter finds it only in Mistral's own checkpoint format: from
+    these checkpoints it writes a file mtmd cannot load; qmerge's has the row.)"""
+
+    hf_classes = ("Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration")
+    projector_type = "pixtral"
+    embedding = "embed_tokens.weight"
+    prefixes = ("multi_modal_projector.", "vision_tower.", "vision_encoder.", "vision_language_adapter.")
+    prefixes += ("patch_merger.", "pre_mm_projector_norm")
+
+    def name(self, hf_name: str) -> str | None:
+        if "language_model." in hf_name and hf_name.endswith(self.embedding):
+            return self.embedding  # the text embedding, for the [IMG_BREAK] row
+        if hf_name.startswith(("model.vision_tower.", "model.multi_modal_projector.")):  # transformers 5's
+            hf_name = hf_name.removeprefix("model.")
+        return super().name(hf_name)
+
+    def split(
+        self, name: str, shape: tuple[int, ...], vp: VisionParams
+    ) -> list[tuple[str, tuple[int, ...]]] | None:
+        import gguf
+
+        if name == self.embedding:
+            return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_TOK_EMBD_IMG_BREAK], (shape[-1],))]
+        return None
+
+    def cut(self, name: str, t: torch.Tensor) -> list[torch.Tensor]:
+        return [t]
+
+    def check(self, config: dict) -> None:
+        vision = config.get("vision_config") or {}
+        if vision.get("model_type") != "pixtral":
+            raise UnsupportedError(
+                f"this model's vision tower is {vision.get('model_type')}; llama.cpp's converter writes the "
+                "projector of LLaVA-style models over a Pixtral tower only (for CLIP towers llama.cpp keeps "
+                "separate legacy tools), and so does qmerge. Export the merge in 16 bits (qmerge export "
+                "ADAPTER --to bf16 -o MERGED) for llama.cpp's own LLaVA tools."
+            )
+
+    def read(self, config: dict, preprocessor: dict, tokenizer_dir: Path | None = None) -> VisionParams:
+        vp = super().read(config, preprocessor, tokenizer_dir)
+        token = special_token_id(tokenizer_dir, "[IMG_BREAK]") if tokenizer_dir else None
+        if token is None:
+            raise InputError(
+                f"{tokenizer_dir}: the tokenizer has no [IMG_BREAK] token; Pixtral's projector needs its "
+                "embedding. Use the tokenizer the model was released with."
+            )
+        eps = vp.vision.get("layer_norm_eps", 1e-5)
+        return replace(vp, vision={**vp.vision, "layer_norm_eps": eps}, token_ids={"[IMG_BREAK]": token})
+
+    def transform(self, name: str, t: torch.Tensor, vp: VisionParams) -> torch.Tensor:
+        if name == self.embedding:
+            return t[vp.token_ids["[IMG_BREAK]"]]
+        if name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+            return permute_qk(t, int(find(vp.vision, ("num_attention_heads",), "head count")))
+        return t
+
+    def add_metadata(self, w, vp: VisionParams) -> None:
+        super().add_metadata(w, vp)
+        w.add_vision_attention_layernorm_eps(float(vp.vision["layer_norm_eps"]))
+        act = vp.vision.get("hidden_act")
+        if act not in ("silu", "gelu"):
+            raise UnsupportedError(
+                f"vision_config.hidden_act is {act!r}; llama.cpp runs Pixtral with SiLU or GELU only."
+            )
+        (w.add_vision_use_silu if act == "silu" else w.add_vision_use_gelu)(True)
+        if vp.config.get("spatial_merge_size") is not None:
+            w.add_vision_spatial_merge_size(int(vp.config["spatial_merge_size"]))
+
+
 PROJECTORS: dict[str, Projector] = {
     cls: p
     for p in (
@@ -235,14 +173,18 @@ PROJECTORS: dict[str, Projector] = {
         Qwen25VLProjector(),
         Qwen3VLProjector(),
         Llama4Projector(),
+        PixtralProjector(),
     )
     for cls in p.hf_classes
 }
 DIRECT = ("v.patch_embd.weight.1",)  # a name split() gives that gguf-py's map does not hold
 
 
-def projector_of(config: dict, base_dir: Path) -> tuple[Projector, VisionParams]:
-    """The projector record and its parameters for a checkpoint, or UnsupportedError with the route."""
+def projector_of(
+    config: dict, base_dir: Path, tokenizer_dir: Path | None = None
+) -> tuple[Projector, VisionParams]:
+    """The projector record and its parameters for a checkpoint (its processor files in `base_dir`, its
+    tokenizer in `tokenizer_dir`), or UnsupportedError with the route."""
     from .families import text_config
 
     if not config.get("vision_config"):
@@ -260,4 +202,5 @@ def projector_of(config: dict, base_dir: Path) -> tuple[Projector, VisionParams]
         )
     projector = PROJECTORS[hf_arch]
     full = text_config(config, str(config.get("model_type")), lift=False)
-    return projector, projector.read(full, read_preprocessor(base_dir))
+    projector.check(full)
+    return projector, projector.read(full, read_preprocessor(base_dir), tokenizer_dir)
