@@ -193,6 +193,9 @@ def _metrics_table(report) -> Table:
         ("ppl candidate", "ppl_candidate", "{:.4g}"),
         ("tokens", "n_tokens", "{}"),
     ]
+    if report.metrics.ppl_reference is None:  # a classifier: no next token, no perplexity
+        rename = {"max |logit diff|": "max |class logit diff|", "tokens": "positions"}
+        rows = [(rename.get(label, label), key, fmt) for label, key, fmt in rows if not key.startswith("ppl")]
     for label, key, fmt in rows:
         cells = [fmt.format(getattr(report.metrics, key))]
         if report.naive is not None:

@@ -125,19 +125,25 @@ def model_class_of(path: Path):
 
 
 def empty_model(source: Source):
-    """The model transformers builds from the source's config (hf_meta.model_class: a causal LM or a
-    vision-language model), parameters on the meta device (buffers such as rotary frequencies real), in fp32,
+    """The model transformers builds from the source's config (hf_meta.model_class: a causal LM, a
+    vision-language model, or the sequence classifier a SEQ_CLS adapter was trained as), parameters on the
+    meta device (buffers such as rotary frequencies real), in fp32,
     for inference."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     from ..io.hf_classes import build_model
 
-    config = AutoConfig.from_pretrained(str(source.base.path))
+    if source.task_config is not None:  # a SEQ_CLS fine-tune: the classifier it was trained as
+        from ..io.hf_classes import hf_config_of
+
+        config_json, config = source.task_config, hf_config_of(source.task_config)
+    else:
+        config_json, config = source.base.config, AutoConfig.from_pretrained(str(source.base.path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights come dequantized through the hooks
     with quiet_libraries(), init_empty_weights(include_buffers=False):
-        model = build_model(source.base.config, config, dtype=torch.float32)
+        model = build_model(config_json, config, dtype=torch.float32)
     return model.eval()
 
 

@@ -45,22 +45,38 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def drift(reference: Spill, candidate: Iterator[torch.Tensor], parts: list[Batch]) -> Drift:
-    """Drift of the candidate's logits against the reference's, over the scored positions of each chunk."""
+def drift(
+    reference: Spill, candidate: Iterator[torch.Tensor], parts: list[Batch], next_tokens: bool = True
+) -> Drift:
+    """Drift of the candidate's logits against the reference's, over the scored positions of each chunk
+    (without `next_tokens`, class logits: no token is predicted, no perplexity)."""
     d = Drift()
     for i, (part, cand) in enumerate(zip(parts, candidate, strict=True)):
         ref, mask = reference.get(i), part.scored
-        d.add(ref[mask], cand[mask], part.targets[mask])
+        d.add(ref[mask], cand[mask], part.targets[mask] if next_tokens else None)
     return d
 
 
-def _refuse_classifier(source: Source) -> None:
-    """check compares next-token logits: a sequence classifier (a SEQ_CLS adapter) is said, not measured."""
-    if source.task_config is not None:
+# what a sequence classifier's check does not do, by option: it compares class logits on text
+_CLASSIFIER_OPTIONS = {
+    "data": "--data (its records' responses are tokens to predict; a classifier predicts a class)",
+    "generate": "--generate (a classifier writes no completions)",
+    "against_base": "--against-base (the base has no classification head)",
+    "naive": "--naive",
+    "probe_quant": "--probe-quant (it fits the adapter to the data's responses)",
+}
+
+
+def _classifier_check(source: Source, opts: Options, kind: str) -> None:
+    """A sequence classifier (a SEQ_CLS adapter) is checked on its class logits at every position of the
+    text: refuse what does not apply."""
+    asked = [words for key, words in _CLASSIFIER_OPTIONS.items() if getattr(opts, key, None)]
+    if kind == "gguf":
+        asked.insert(0, "a GGUF candidate (qmerge does not write classifiers as GGUF; llama.cpp runs them)")
+    if asked:
         raise UnsupportedError(
-            f"{source.adapter.path}: a sequence-classification adapter (task_type SEQ_CLS); check compares "
-            "language models' next-token logits and does not measure classifiers yet. Its merge is exact (the "
-            "classifier's logits equal PEFT's unmerged ones in qmerge's tests)."
+            f"{source.adapter.path} is a sequence-classification adapter (task_type SEQ_CLS): check compares "
+            f"the classifier's class logits on text, so it does not take {'; '.join(asked)}."
         )
 
 
@@ -81,8 +97,9 @@ def check(
     source = open_checkpoint(
         Path(adapter), Path(base) if base else None, quant, merge_base, allow_other_base=opts.allow_other_base
     )
-    _refuse_classifier(source)
     kind, device = candidate_kind(Path(candidate)), resolve_device(opts.device)
+    if source.task_config is not None:
+        _classifier_check(source, opts, kind)
     session = Session(source, opts, device, progress)
     cand = session.candidate(Path(candidate), kind)
     metrics, stats = session.measure(cand)
@@ -201,7 +218,7 @@ class Session:
             )
 
     def measure(self, cand: Runner) -> tuple:
-        d = drift(self.ref, cand.logits(self.main), self.main)
+        d = drift(self.ref, cand.logits(self.main), self.main, self.source.task_config is None)
         return d.metrics(), d.llama_cpp()
 
     def against_base(self, cand: Runner) -> dict:

@@ -53,8 +53,13 @@ def cuda_reference(source: Source, fp32: bool = False):
         kwargs.update(
             quantization_config=bnb_config(source.quant, compute), dtype=source.quant.dtype or "auto"
         )
+    cls = model_class_of(source.base.path)
+    if source.task_config is not None:  # a SEQ_CLS adapter: the classifier it was trained as
+        from transformers import AutoModelForSequenceClassification as cls
+
+        kwargs["num_labels"] = len(source.task_config["id2label"])
     with quiet_libraries():
-        model = model_class_of(source.base.path).from_pretrained(str(source.base.path), **kwargs)
+        model = cls.from_pretrained(str(source.base.path), **kwargs)
         if fp32 and source.merge_base != "original":
             model = model.dequantize().float()
         model = PeftModel.from_pretrained(model, str(source.adapter.path)).eval()
@@ -88,5 +93,6 @@ def cuda_candidate(path: Path, kind: str, fp32: bool = False):
 
 
 def cuda_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=tokens.to("cuda")).logits.float().cpu()
+    from .streamed import forward_logits
+
+    return forward_logits(model, tokens.to("cuda")).float().cpu()

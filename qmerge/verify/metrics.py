@@ -64,8 +64,8 @@ class Metrics:
     mean_kl: float
     max_kl: float
     top1_agreement: float
-    ppl_reference: float
-    ppl_candidate: float
+    ppl_reference: float | None  # None where no next token is known (a sequence classifier's check)
+    ppl_candidate: float | None
     n_tokens: int
 
 
@@ -150,8 +150,8 @@ class Drift:
             mean_kl=float(kl.mean().clamp(min=0)),
             max_kl=float(kl.max().clamp(min=0)),
             top1_agreement=float(torch.cat(self.same_top).double().mean()),
-            ppl_reference=math.exp(float(nll_ref.mean())) if len(nll_ref) else float("nan"),
-            ppl_candidate=math.exp(float(nll_cand.mean())) if len(nll_cand) else float("nan"),
+            ppl_reference=math.exp(float(nll_ref.mean())) if len(nll_ref) else None,
+            ppl_candidate=math.exp(float(nll_cand.mean())) if len(nll_cand) else None,
             n_tokens=int(kl.numel()),
         )
 

@@ -52,19 +52,30 @@ def streamed_reference(source: Source):
     _real_token_originals(model)
     held = _held_as(model, adapter)
 
+    stored = set(source.base.weight_names()) | set(source.base.stored_as())
+
     def weight(name: str) -> torch.Tensor:
         name = held.get(name, name)
+        copy = re.sub(r"\.original_module\.", ".modules_to_save.default.", name)
+        if name not in adapter and copy in adapter and _plain(name) not in stored:
+            name = copy  # a head the fine-tune added (a classifier's score): the base has none; only its
+            # trained copy ever runs, the original is loaded with it by the offload hook
         if name in adapter:
             return adapter[name].float() if adapter[name].is_floating_point() else adapter[name]
-        plain = (
-            re.sub(r"(\.base_layer)+\.", ".", name.removeprefix("base_model.model."))  # nested wrappers
-            .replace(".original_module.", ".")
-            .replace(".token_adapter.", ".")
-        )
-        return base(plain)
+        return base(_plain(name))
 
+    model.float()  # PEFT gives a saved head's copy the file's dtype; the hooks serve every weight in fp32
     attach(model, LazyWeights(weight, parameter_names(model)))
     return model
+
+
+def _plain(name: str) -> str:
+    """A PEFT model's parameter name as the base model has it."""
+    return (
+        re.sub(r"(\.base_layer)+\.", ".", name.removeprefix("base_model.model."))  # nested wrappers
+        .replace(".original_module.", ".")
+        .replace(".token_adapter.", ".")
+    )
 
 
 def _real_token_originals(model) -> None:
@@ -100,6 +111,42 @@ def report_layers(model, phase: str, progress: Progress | None) -> list:
 
 def logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """fp32 logits [n, seq, vocab] of token ids [n, seq], all sequences in one forward (each module's
-    weights are made once per call)."""
+    weights are made once per call); a sequence classifier's [n, seq, labels] (forward_logits)."""
+    return forward_logits(model, tokens).float()
+
+
+def classifier_of_model(model):
+    """The sequence classifier inside `model` (itself, or under PEFT's wrappers), or None."""
+    from transformers import PreTrainedModel  # (PEFT's PeftModelForSequenceClassification is not one)
+
+    return next(
+        (
+            m
+            for m in model.modules()
+            if isinstance(m, PreTrainedModel) and type(m).__name__.endswith("ForSequenceClassification")
+        ),
+        None,
+    )
+
+
+def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's logits on token ids: a language model's next-token logits [n, seq, vocab]; a sequence
+    classifier's class logits at every position [n, seq, labels], its head's output before transformers
+    pools the last token: the classification of each prefix (a causal model's last-token pooling is that
+    of the prefix it ends), the last position's being the sequence's."""
+    classifier = classifier_of_model(model)
     with torch.no_grad():
-        return model(input_ids=tokens).logits.float()
+        if classifier is None:
+            return model(input_ids=tokens).logits
+        head = next(m for n, m in classifier.named_children() if n in ("score", "classifier"))
+        seen: list[torch.Tensor] = []
+        hook = head.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        pad = classifier.config.pad_token_id
+        if pad is None:  # transformers refuses batches without one; the pooled output is not used
+            classifier.config.pad_token_id = -1
+        try:
+            model(input_ids=tokens)
+        finally:
+            hook.remove()
+            classifier.config.pad_token_id = pad
+        return seen[-1]
