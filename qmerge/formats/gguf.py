@@ -77,7 +77,7 @@ class GGUF:
         first = {hf: g[0] for hf, g in self._by_name.items()}
         return Layout(
             order=order,
-            dtypes={hf: torch_dtype_for(first[hf].qtype) for hf in order},
+            dtypes={hf: None if self.arch.merge_fp32 else torch_dtype_for(first[hf].qtype) for hf in order},
             # a stack's room is asked for by its first expert, whole: the one before it is written out first
             nbytes={
                 hf: sum(g.nbytes for g in self._by_name[hf]) if hf == first[hf].sources[0] else 0

@@ -77,10 +77,11 @@ class CalibratedGGUF:
         note_text_only(self.arch, source)
         four = source.weights.quantized_names()
         mapped = map_tensors(self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, "q8_0")
-        if stacked := [t.name for t in mapped if t.parts or t.piece is not None]:
+        if stacked := [t for t in mapped if t.parts or t.piece is not None]:
+            what = f"holds {self.hp.n_expert} experts" if stacked[0].parts else "is reshaped for llama.cpp"
             raise UnsupportedError(
-                f"--calibrate does not write mixture-of-experts models ({stacked[0]} holds "
-                f"{self.hp.n_expert} experts); export it without --calibrate (llama.cpp quantizes it)."
+                f"--calibrate does not write {self.arch.gguf_arch} models ({stacked[0].name} {what}); export it "
+                "without --calibrate (llama.cpp quantizes it)."
             )
         if types is not None:
             mapped = [dataclasses.replace(t, qtype=types[t.name]) for t in mapped]

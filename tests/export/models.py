@@ -95,6 +95,29 @@ FAMILIES = {
             llama_4_scaling_beta=0.1,
         ),
     ),
+    # a Mamba-2 SSM beside attention in each layer; every multiplier away from 1, so that each one folded
+    # into the weights (or not) shows
+    "falcon_h1": dict(
+        mamba_d_ssm=64,
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=8,
+        mamba_n_groups=1,
+        tie_word_embeddings=False,
+        attention_in_multiplier=0.9,
+        attention_out_multiplier=1.1,
+        key_multiplier=0.8,
+        embedding_multiplier=1.3,
+        lm_head_multiplier=0.7,
+        mlp_multipliers=[1.2, 0.9],
+        ssm_in_multiplier=1.05,
+        ssm_out_multiplier=0.95,
+        ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.15],
+    ),
+}
+# PEFT's all-linear takes Mamba's out_proj, which PEFT then refuses: the other linears named
+TARGETS = {
+    "falcon_h1": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"]
 }
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 GGUF_ARCH = {
@@ -108,6 +131,7 @@ GGUF_ARCH = {
     "gpt_oss": "gpt-oss",
     "llama4_text": "llama4",
     "deepseek_v3": "deepseek2",
+    "falcon_h1": "falcon-h1",
 }
 
 
@@ -135,8 +159,9 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
     experts = {"target_parameters": EXPERTS} if model_type in ("qwen2_moe", "gpt_oss") else {}
     if model_type == "llama4_text":
         experts = {"target_parameters": [e.replace("mlp.", "feed_forward.") for e in EXPERTS]}
+    targets = TARGETS.get(model_type, "all-linear")
     adapter = random_adapter(
-        base, root / "adapter", seed=7, r=8, lora_alpha=16, target_modules="all-linear", **experts
+        base, root / "adapter", seed=7, r=8, lora_alpha=16, target_modules=targets, **experts
     )
     return base, adapter
 

@@ -71,9 +71,27 @@ def test_llama_cpp_quantizer_and_calibration_on_moe(tmp_path, family_models):
     assert kl <= 1e-3  # measured 8.9e-5
     data = tmp_path / "cal.txt"
     data.write_text("the quick brown fox jumps over the lazy dog\n" * 40, encoding="utf-8")
-    with pytest.raises(UnsupportedError, match="does not write mixture-of-experts"):
+    with pytest.raises(UnsupportedError, match="does not write qwen3moe models .* holds 4 experts"):
         export(adapter, "gguf", tmp_path / "c.gguf", base=base, gguf_type="iq4_nl", calibrate=data)
     assert not (tmp_path / "c.gguf").exists()
+
+
+def test_falcon_h1_quantized_by_llama_cpp(tmp_path, family_models):
+    """Falcon-H1 in a type llama.cpp's quantizer writes (the SSM's convolution, A and D stay F32); calibration
+    refuses its reshaped SSM tensors."""
+    import gguf
+
+    base, adapter = family_models["falcon_h1"]
+    export(adapter, "fp32", tmp_path / "merged", base=base)
+    export(adapter, "gguf", tmp_path / "m.gguf", base=base, gguf_type="q4_k_m")
+    kl, _ = kl_top1(logits_of(tmp_path / "merged", SEQ), llama_cpp_logits(tmp_path / "m.gguf"))
+    assert kl <= 1e-2
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.0.ssm_conv1d.weight"] == types["blk.0.ssm_a"] == types["blk.0.ssm_d"] == "F32"
+    data = tmp_path / "cal.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog\n" * 40, encoding="utf-8")
+    with pytest.raises(UnsupportedError, match="does not write falcon-h1 models .* reshaped"):
+        export(adapter, "gguf", tmp_path / "c.gguf", base=base, gguf_type="iq4_nl", calibrate=data)
 
 
 def test_lora_gguf_on_an_moe_base(tmp_path):

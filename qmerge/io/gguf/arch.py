@@ -119,6 +119,7 @@ class Architecture:
     tied_output = False  # llama.cpp always uses the embedding as the output layer
     layer_norm = False  # LayerNorm (without bias) in place of RMSNorm
     vision = False  # a vision-language checkpoint whose language model is written (vlm.py)
+    merge_fp32 = False  # transform() scales values: merged in fp32 and cast to the file's type after it
     ff_key = "intermediate_size"  # the dense feed-forward size's config key
     ff_exp_key = "moe_intermediate_size"  # one routed expert's
 

@@ -37,8 +37,10 @@ def ggml_type(gguf_type: str, shape: tuple[int, ...], name: str = ""):
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if len(shape) < 2 or gguf_type == "f32" or _kept_f32(name) or name.endswith(".bias"):
-        return T.F32
+    if len(shape) < 2 or gguf_type == "f32" or _kept_f32(name) or not name.endswith(".weight"):
+        return T.F32  # (not a weight: biases, and the SSM's A and D, named without a suffix)
+    if name.endswith("_norm.weight"):
+        return T.F32  # a norm held 2-D (an SSM's per-group norm)
     if gguf_type == "f16":
         return T.F16
     if gguf_type == "bf16":
@@ -49,10 +51,14 @@ def ggml_type(gguf_type: str, shape: tuple[int, ...], name: str = ""):
 
 def _kept_f32(name: str) -> bool:
     """The 2-D weights llama.cpp keeps in F32 whatever the file's type (its converter and its quantizer):
-    the MoE routers. (Biases, 2-D for stacked experts, stay F32 too.)"""
+    the MoE routers and the SSM convolution. (Biases, 2-D for stacked experts, stay F32 too.)"""
     import gguf
 
-    routers = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP)
+    routers = (
+        gguf.MODEL_TENSOR.FFN_GATE_INP,
+        gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+        gguf.MODEL_TENSOR.SSM_CONV1D,
+    )
     kinds = {gguf.TENSOR_NAMES[k].rsplit(".", 1)[-1] for k in routers}  # "ffn_gate_inp", ...
     pieces = name.split(".")  # blk.N.KIND.weight
     return len(pieces) > 2 and pieces[-2] in kinds

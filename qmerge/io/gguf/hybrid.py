@@ -1,0 +1,112 @@
+"""Hybrids of attention and state-space (Mamba) layers as llama.cpp runs them: the SSM tensors reshaped
+as its converter reshapes them (A from A_log, 1-D parameters as columns, the convolution squeezed, the
+gated norm per group), and what the model's config scales folded into the weights."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ...errors import UnsupportedError
+from .arch import Architecture, HParams
+
+
+class FalconH1(Architecture):
+    """Falcon-H1: attention and Mamba-2 in parallel in every layer (convert_hf_to_gguf's FalconH1Model). Its
+    config's multipliers (attention, SSM, MLP, embedding, output) are folded into the weights, the SSM input
+    projection's per segment, as llama.cpp's falcon-h1 holds them; Q/K rows are not permuted."""
+
+    hf_class, model_type, gguf_arch, permute_qk = "FalconH1ForCausalLM", "falcon_h1", "falcon-h1", False
+    own_output = True  # the output and the embedding are scaled apart
+    merge_fp32 = True  # scaled after the merge: in fp32, then cast to the file's type
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        if config.get("hidden_act") not in (None, "silu"):
+            raise UnsupportedError(
+                f"hidden_act is {config.get('hidden_act')!r}; llama.cpp's falcon-h1 runs SiLU only, so the GGUF "
+                "would not match."
+            )
+        d_ssm, d_head = _ssm(config, "d_ssm"), _ssm(config, "d_head")
+        if d_ssm % d_head:
+            raise UnsupportedError(f"mamba_d_ssm ({d_ssm}) is not a multiple of mamba_d_head ({d_head}).")
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        config = hp.config or {}
+        w.add_ssm_conv_kernel(int(config.get("mamba_d_conv") or 4))
+        w.add_ssm_inner_size(_ssm(config, "d_ssm"))
+        w.add_ssm_state_size(_ssm(config, "d_state"))
+        w.add_ssm_time_step_rank(_ssm(config, "d_ssm") // _ssm(config, "d_head"))
+        w.add_ssm_group_count(_ssm(config, "n_groups"))
+
+    def split(
+        self, name: str, shape: tuple[int, ...], hp: HParams
+    ) -> list[tuple[str, tuple[int, ...]]] | None:
+        if name.endswith(".mamba.dt_bias"):
+            return [(name.replace(".dt_bias", ".dt_proj.bias"), shape)]
+        if name.endswith((".mamba.A_log", ".mamba.D")):  # columns, as Mamba-1 holds them
+            return [(name, (*shape, 1))]
+        if name.endswith(".mamba.conv1d.weight"):
+            return [(name, tuple(d for d in shape if d != 1))]
+        if name.endswith(".mamba.norm.weight"):  # one gated RMSNorm per group
+            groups = _ssm(hp.config or {}, "n_groups")
+            return [(name, (groups, shape[0] // groups))]
+        return None
+
+    def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
+        if name.endswith(".mamba.A_log"):
+            t = -torch.exp(t.float())
+        (_, shape), *_ = self.split(name, tuple(t.shape), hp) or [(name, tuple(t.shape))]
+        return [t.reshape(shape)]
+
+    def transform(self, hf_name: str, t: torch.Tensor, hp: HParams) -> torch.Tensor:
+        """The config's multipliers, by the projection they scale (the converter's order of tests)."""
+        c = hp.config or {}
+        for part, factors in (
+            ("down_proj", lambda: [_list(c, "mlp_multipliers")[1]]),
+            ("gate_proj", lambda: [_list(c, "mlp_multipliers")[0]]),
+            ("k_proj", lambda: [_num(c, "key_multiplier"), _num(c, "attention_in_multiplier")]),
+            ("q_proj", lambda: [_num(c, "attention_in_multiplier")]),
+            ("v_proj", lambda: [_num(c, "attention_in_multiplier")]),
+            ("o_proj", lambda: [_num(c, "attention_out_multiplier")]),
+            ("out_proj", lambda: [_num(c, "ssm_out_multiplier")]),
+            ("lm_head", lambda: [_num(c, "lm_head_multiplier")]),
+            ("embed_tokens", lambda: [_num(c, "embedding_multiplier")]),
+        ):
+            if part in hf_name:
+                for f in factors():  # one after another in fp32, as the converter multiplies
+                    t = t.float() * f
+                return t
+        if "in_proj" in hf_name:
+            return _scaled_segments(t.float() * _num(c, "ssm_in_multiplier"), c)
+        return t
+
+
+def _scaled_segments(t: torch.Tensor, c: dict) -> torch.Tensor:
+    """The SSM input projection's rows scaled per segment (z, x, B, C, dt) by ssm_multipliers."""
+    d_ssm, gs = _ssm(c, "d_ssm"), _ssm(c, "n_groups") * _ssm(c, "d_state")
+    bounds = [0, d_ssm, 2 * d_ssm, 2 * d_ssm + gs, 2 * d_ssm + 2 * gs, t.shape[0]]
+    scales = _list(c, "ssm_multipliers")
+    t = t.clone()
+    for (lo, hi), s in zip(itertools.pairwise(bounds), scales, strict=True):
+        t[lo:hi] *= s
+    return t
+
+
+def _ssm(config: dict, key: str) -> int:
+    value = config.get(f"mamba_{key}")
+    if type(value) is not int or value <= 0:
+        raise UnsupportedError(
+            f"config.json: mamba_{key} is {value!r}; GGUF export needs a positive integer."
+        )
+    return value
+
+
+def _num(config: dict, key: str) -> float:
+    value = config.get(key)
+    return 1.0 if value is None else float(value)
+
+
+def _list(config: dict, key: str) -> list[float]:
+    return [float(v) for v in config.get(key) or [1.0] * (5 if key == "ssm_multipliers" else 2)]
