@@ -115,9 +115,27 @@ FAMILIES = {
         ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.15],
     ),
 }
+MOE["jamba"] = dict(  # Mamba layers and attention layers (1, 3), experts in every other layer (1, 3)
+    num_hidden_layers=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    expert_layer_period=2,
+    expert_layer_offset=1,
+    attn_layer_period=2,
+    attn_layer_offset=1,
+    mamba_d_state=8,
+    mamba_d_conv=4,
+    mamba_expand=2,
+    mamba_dt_rank=8,
+    use_mamba_kernels=False,
+    tie_word_embeddings=False,
+)
+FAMILIES["jamba"] = MOE["jamba"]
 # PEFT's all-linear takes Mamba's out_proj, which PEFT then refuses: the other linears named
+ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {
-    "falcon_h1": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"]
+    "falcon_h1": [*ATTENTION_MLP, "in_proj"],
+    "jamba": [*ATTENTION_MLP, "in_proj", "x_proj", "dt_proj"],
 }
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 GGUF_ARCH = {
@@ -132,6 +150,7 @@ GGUF_ARCH = {
     "llama4_text": "llama4",
     "deepseek_v3": "deepseek2",
     "falcon_h1": "falcon-h1",
+    "jamba": "jamba",
 }
 
 
@@ -157,7 +176,7 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
     model.to(torch.bfloat16).save_pretrained(str(base))
     # PEFT's all-linear adapts the fused experts as parameters except on Qwen2-MoE and gpt-oss: named there
     experts = {"target_parameters": EXPERTS} if model_type in ("qwen2_moe", "gpt_oss") else {}
-    if model_type == "llama4_text":
+    if model_type in ("llama4_text", "jamba"):
         experts = {"target_parameters": [e.replace("mlp.", "feed_forward.") for e in EXPERTS]}
     targets = TARGETS.get(model_type, "all-linear")
     adapter = random_adapter(

@@ -127,6 +127,11 @@ class Architecture:
         """The tensor's name as a text-only checkpoint has it (None: a tensor the GGUF leaves out)."""
         return hf_name
 
+    def kv_heads(self, hp: HParams) -> int | list[int]:
+        """head_count_kv as llama.cpp reads it: one count, or one per layer (0 where a layer has no
+        attention)."""
+        return hp.n_head_kv
+
     def adjust(self, hp: HParams) -> HParams:
         """The hyperparameters as llama.cpp's architecture reads them, where it holds the model otherwise."""
         return hp

@@ -10,6 +10,7 @@ import torch
 
 from ...errors import UnsupportedError
 from .arch import Architecture, HParams
+from .moe import MoE
 
 
 class FalconH1(Architecture):
@@ -81,6 +82,45 @@ class FalconH1(Architecture):
         if "in_proj" in hf_name:
             return _scaled_segments(t.float() * _num(c, "ssm_in_multiplier"), c)
         return t
+
+
+class Jamba(MoE):
+    """Jamba: Mamba (selective SSM) layers and attention layers, experts in every other layer's feed-forward
+    (convert_hf_to_gguf's JambaModel): A = -exp(A_log), the convolution squeezed, KV heads counted per layer
+    (0 in the Mamba layers); no RoPE, Q/K rows not permuted; the router's weights not renormalized."""
+
+    hf_class, model_type, gguf_arch, permute_qk = "JambaForCausalLM", "jamba", "jamba", False
+    norm_topk, norm_key = False, None
+
+    def text_name(self, hf_name: str) -> str | None:
+        return hf_name.replace(".moe.", ".feed_forward.")  # (Mini-Jamba's name for its experts)
+
+    def kv_heads(self, hp: HParams) -> list[int]:
+        config = hp.config or {}
+        offset, period = int(config.get("attn_layer_offset", 4)), int(config.get("attn_layer_period", 8))
+        return [hp.n_head_kv if i >= offset and (i - offset) % period == 0 else 0 for i in range(hp.n_layers)]
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        super().add_metadata(w, hp)
+        config = hp.config or {}
+        w.add_ssm_conv_kernel(int(config.get("mamba_d_conv") or 4))
+        w.add_ssm_inner_size(int(config.get("mamba_expand") or 2) * hp.hidden)
+        w.add_ssm_state_size(int(config.get("mamba_d_state") or 16))
+        w.add_ssm_time_step_rank(int(config.get("mamba_dt_rank") or -(hp.hidden // -16)))
+
+    def split(
+        self, name: str, shape: tuple[int, ...], hp: HParams
+    ) -> list[tuple[str, tuple[int, ...]]] | None:
+        if name.endswith(".mamba.conv1d.weight"):
+            return [(name, tuple(d for d in shape if d != 1))]
+        if name.endswith(".mamba.A_log"):
+            return [(name, shape)]
+        return None
+
+    def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
+        if name.endswith(".mamba.A_log"):
+            return [-torch.exp(t.float())]
+        return [t.squeeze()]
 
 
 def _scaled_segments(t: torch.Tensor, c: dict) -> torch.Tensor:

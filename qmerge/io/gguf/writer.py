@@ -238,7 +238,7 @@ def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, meta) -> No
     w.add_block_count(hp.n_layers)
     w.add_feed_forward_length(hp.n_ff)
     w.add_head_count(hp.n_head)
-    w.add_head_count_kv(hp.n_head_kv)
+    w.add_head_count_kv(arch.kv_heads(hp))
     w.add_rope_dimension_count(hp.rope_dims)
     arch.add_metadata(w, hp)
     if hp.head_dim != hp.hidden // hp.n_head:
