@@ -141,7 +141,7 @@ class ModelDir:
     def stored_as(self) -> dict[str, str]:
         """{model parameter name: the name this checkpoint stores it by} (hf_meta.stored_as), once."""
         if getattr(self, "_stored_as", None) is None:
-            from .hf_meta import stored_as
+            from .hf_names import stored_as
 
             self._stored_as = stored_as(self.config, self.weight_names())
         return self._stored_as

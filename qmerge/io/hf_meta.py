@@ -196,31 +196,6 @@ def fuse(config: dict, name: str, read: Callable[[str], torch.Tensor]) -> torch.
     return converter.convert(name, model=model, config=model.config)[name]
 
 
-def stored_as(config: dict, stored: list[str]) -> dict[str, str]:
-    """{model parameter name: the name this checkpoint stores it by}: the names save_pretrained writes
-    (checkpoint_names), and those of a checkpoint in a layout transformers renames when it loads it (a
-    release saved before the model class changed, e.g. Gemma 3's `vision_tower.vision_model.*`),
-    by transformers' own load-time renamings."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
-
-    model = meta_model(config)
-    renamings = [  # with the sub-models' prefix changes (SigLIP's vision_model.* inside Gemma 3)
-        t
-        for t in get_model_conversion_mapping(model, add_legacy=False)
-        if isinstance(t, (WeightRenaming, PrefixChange))
-    ]
-    names = checkpoint_names(config)
-    params, saved = set(model.state_dict()), set(names.values())
-    for name in stored:
-        if name in params or name in saved:
-            continue
-        loaded = apply_renamings(name, renamings)
-        if loaded in params:
-            names[loaded] = name
-    return names
-
-
 def checkpoint_names(config: dict) -> dict[str, str]:
     """{model parameter name: the name save_pretrained writes for it} (identical for most models;
     transformers 5 renames some, e.g. GPT-NeoX's embed_out -> lm_head)."""

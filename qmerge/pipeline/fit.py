@@ -54,7 +54,7 @@ def base_problems(source: Source) -> list[Problem]:
     found = []
     for name, shape in stored.items():
         want = expected.get(name)
-        if want is not None and tuple(want) != tuple(shape):
+        if want is not None and not _same_shape(base.config, name, shape, want):
             found.append(
                 f"{name} is {list(shape)} in the weights but {list(want)} in the model config.json describes"
             )
@@ -79,6 +79,15 @@ def base_problems(source: Source) -> list[Problem]:
     return [
         Problem("error", f"{head}: {m}. Fix config.json or re-save the model.", "base") for m in found[:20]
     ]
+
+
+def _same_shape(config: dict, name: str, shape: tuple, want: tuple) -> bool:
+    """The stored shape is the model's, or one transformers transposes into it at load (a release's layout)."""
+    from ..io.hf_names import transposed_at_load
+
+    return (
+        tuple(want) == tuple(shape) or transposed_at_load(config, name, tuple(shape), tuple(want)) is not None
+    )
 
 
 _REPACKED = (

@@ -104,4 +104,12 @@ class ParamDeltas:
         delta = parameter_delta(A, B, module_scaling(src.settings, param), experts, swapped)
         if param in fused_at_load(config):
             return {k: v.contiguous() for k, v in unfuse(config, param, delta).items()}
-        return {src.base.stored_as().get(param, param): delta}
+        stored = src.base.stored_as().get(param, param)
+        if tuple(delta.shape) != tuple(
+            src.base_shape(stored)
+        ):  # stored transposed (transformers swaps it back)
+            from ..io.hf_names import transposed_at_load
+
+            if dims := transposed_at_load(config, stored, tuple(src.base_shape(stored)), tuple(delta.shape)):
+                delta = delta.transpose(*dims).contiguous()
+        return {stored: delta}

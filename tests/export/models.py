@@ -194,6 +194,7 @@ VLM = {
     "mistral3_vlm": "mistral3",
     "llama4_vlm": "llama4",
     "qwen3_vl": "qwen3_vl",
+    "qwen3_vl_moe": "qwen3_vl_moe",
 }
 VLM_GGUF_ARCH = {
     "gemma3_vlm": "gemma3",
@@ -203,6 +204,7 @@ VLM_GGUF_ARCH = {
     "mistral3_vlm": "mistral3",
     "llama4_vlm": "llama4",
     "qwen3_vl": "qwen3vl",
+    "qwen3_vl_moe": "qwen3vlmoe",
 }
 
 
@@ -228,6 +230,7 @@ PROJECTORS = {
 }
 PROJECTORS["qwen2_5_vl"] = PROJECTORS["qwen2_vl"]
 PROJECTORS["qwen3_vl"] = PROJECTORS["llama4_vlm"] = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+PROJECTORS["qwen3_vl_moe"] = PROJECTORS["qwen3_vl"]
 PROJECTORS["mistral3_vlm"] = PROJECTORS["qwen2_vl"]
 # the linear layers of vision towers and projectors, as `all-linear` adapts them
 VISION_LINEAR = (
@@ -235,6 +238,19 @@ VISION_LINEAR = (
     r"(attn\.qkv|attn\.proj|self_attn\.\w+_proj|attention\.\w+_proj|feed_forward\.\w+_proj|"
     r"mlp\.(fc1|fc2|linear_fc\d|\w+_proj|0|2))"
 )
+
+
+def _qwen3_vl_moe():
+    """Qwen3-VL's tiny configuration (tests/test_vlm.py) with four experts in every layer."""
+    import transformers as tf
+
+    from tests.test_vlm import T
+
+    rope = {"rope_type": "default", "mrope_section": [2, 2, 4], "mrope_interleaved": True}
+    text = dict(T, rope_scaling=rope, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+    vision |= dict(deepstack_visual_indexes=[1], num_position_embeddings=64)
+    return tf.Qwen3VLMoeForConditionalGeneration(tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision))
 
 
 def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
@@ -252,7 +268,8 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
     # Pixtral's tokenizers have the token its images break rows with (llama.cpp's converter asks for it)
     build_tokenizer(base, 320, extra_special=("[IMG_BREAK]",) if vision and name == "mistral3_vlm" else ())
     torch.manual_seed(0)
-    model = _llama4_vlm() if name == "llama4_vlm" else _model(VLM[name])
+    builders = {"llama4_vlm": _llama4_vlm, "qwen3_vl_moe": _qwen3_vl_moe}
+    model = builders[name]() if name in builders else _model(VLM[name])
     if vision:
         _vision_shape(model.config.vision_config, name)
         torch.manual_seed(0)
@@ -269,8 +286,8 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
                     p.normal_(std=0.2)
     model.to(torch.bfloat16).save_pretrained(str(base))
     targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    _released_layout(base, name, vision)
     if vision:
-        _released_layout(base, name)
         (base / "preprocessor_config.json").write_text(json.dumps(PROJECTORS[name]))
         targets = rf".*({targets[2:]}|{VISION_LINEAR})"
     peft = get_peft_model(
@@ -303,16 +320,23 @@ def _vision_shape(v, name: str) -> None:
         v.head_dim = 32
 
 
-def _released_layout(base: Path, name: str) -> None:
-    """Gemma 3's tensors renamed as its releases store them (transformers loads both)."""
+def _released_layout(base: Path, name: str, vision: bool) -> None:
+    """The tensors stored as the model's releases store them, where transformers 5 saves them otherwise
+    (transformers loads both): Gemma 3's vision tower under `vision_tower.vision_model.*` (for the projector
+    tests), Qwen3-VL-MoE's fused experts as [experts, in, out]."""
     from safetensors.torch import load_file, save_file
 
-    if name != "gemma3_vlm":
-        return
     path = base / "model.safetensors"
     tensors = load_file(path)
-    renamed = {
-        k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k: v
-        for k, v in tensors.items()
-    }
-    save_file(renamed, path, metadata={"format": "pt"})
+    if name == "gemma3_vlm" and vision:
+        tensors = {
+            k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+            if k.startswith("vision_tower.")
+            else k: v
+            for k, v in tensors.items()
+        }
+    elif name == "qwen3_vl_moe":
+        tensors = {k: v.transpose(-1, -2).contiguous() if ".experts." in k else v for k, v in tensors.items()}
+    else:
+        return
+    save_file(tensors, path, metadata={"format": "pt"})

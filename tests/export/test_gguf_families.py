@@ -192,3 +192,39 @@ def test_hybrid_merges_equal_pefts_unmerged_model(tmp_path, family_models, model
     export(adapter, "fp32", tmp_path / "merged", base=base)
     ref = reference_unmerged(adapter, base, SEQ)
     assert (logits_of(tmp_path / "merged", SEQ) - ref).abs().max() <= 2e-5 * ref.abs().max()
+
+
+def test_qwen3_vl_moe_experts_in_their_released_layout(tmp_path, vlm_models):
+    """A Qwen3-VL-MoE base as released, its fused experts [experts, in, out] (transformers transposes them
+    when it loads them): accepted, LoRA on the experts (target_parameters) merged into that layout equal to
+    PEFT's unmerged model (measured 1.8e-7), and the GGUF, split and transposed as llama.cpp holds them,
+    against transformers on the merge."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from tests.helpers import reference_unmerged
+
+    base, _ = vlm_models["qwen3_vl_moe"]
+    torch.manual_seed(1)
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=experts, init_lora_weights=False
+    )
+    peft = get_peft_model(model, lora)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.05)
+    peft.save_pretrained(tmp_path / "adapter")
+    export(tmp_path / "adapter", "fp32", tmp_path / "merged", base=base)
+    got = logits_of(tmp_path / "merged", SEQ, model_class=AutoModelForImageTextToText)
+    ref = reference_unmerged(tmp_path / "adapter", base, SEQ, model_class=AutoModelForImageTextToText)
+    assert (got - ref).abs().max() < 1e-5 and (
+        ref - logits_of(base, SEQ, AutoModelForImageTextToText)
+    ).abs().max() > 0.05
+    export(tmp_path / "adapter", "gguf", tmp_path / "m.gguf", base=base, gguf_type="f32")
+    assert (
+        llama_cpp_logits(tmp_path / "m.gguf") - got
+    ).abs().max() <= F32_TOL  # measured 6e-5, as Qwen3-VL's

@@ -7,7 +7,16 @@ from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Q
 from .dense import Cohere2, Glm4, Granite, Ministral3, Olmo2, SmolLM3
 from .hybrid import FalconH1, Jamba
 from .moe import DeepseekV3, GptOss, Llama4, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
-from .vlm import Gemma3Vision, Llama4Vision, Llava, Mistral3Vision, Qwen2Vision, Qwen3Vision, Qwen25Vision
+from .vlm import (
+    Gemma3Vision,
+    Llama4Vision,
+    Llava,
+    Mistral3Vision,
+    Qwen2Vision,
+    Qwen3Vision,
+    Qwen3VLMoeVision,
+    Qwen25Vision,
+)
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_class: a
@@ -42,6 +51,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Mistral3Vision(),
         Llama4Vision(),
         Qwen3Vision(),
+        Qwen3VLMoeVision(),
     )
 }
 
@@ -75,4 +85,8 @@ def text_config(config: dict, model_type: str, lift: bool = True) -> dict:
     from ..hf_classes import hf_config_of
 
     full = hf_config_of({"model_type": model_type, **config}).to_dict()
-    return {**full, **(full.get("text_config") or {})} if lift else full
+    if not lift or not full.get("text_config"):
+        return full
+    # whether the output layer is the embedding is the top-level config's say (transformers ties by it)
+    tied = {"tie_word_embeddings": full["tie_word_embeddings"]} if "tie_word_embeddings" in full else {}
+    return {**full, **full["text_config"], **tied}

@@ -98,7 +98,7 @@ class Qwen3VLProjector(Projector):
     """Qwen3-VL's vision transformer: fused qkv kept, learned position embeddings, the patch merger, and
     the DeepStack mergers that hand features of some blocks to the language model's first layers."""
 
-    hf_classes = ("Qwen3VLForConditionalGeneration",)
+    hf_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     projector_type = "qwen3vl_merger"
     prefixes = ("visual.",)
 

@@ -6,10 +6,12 @@ side, llama.cpp's mmproj file, is another file (mmproj.py, written with export m
 
 from __future__ import annotations
 
+import torch
+
 from ...errors import UnsupportedError
 from .arch import Architecture, Gemma3, HParams, Qwen2, Qwen3
 from .dense import Ministral3
-from .moe import Llama4
+from .moe import Llama4, Qwen3Moe
 
 # parts of a tensor name that mark the image side (vision tower, projector) of a vision-language model
 _VISION = ("vision_tower.", "vision_model.", "visual.", "multi_modal_projector.", "mm_projector.")
@@ -108,3 +110,52 @@ class Qwen3Vision(VisionLanguage, Qwen3):
         add_mrope_sections(w, hp)
         vision = (hp.config or {}).get("vision_config") or {}
         w.add_num_deepstack_layers(len(vision.get("deepstack_visual_indexes") or []))
+
+
+class Qwen3VLMoeVision(VisionLanguage, Qwen3Moe):
+    """Qwen3-VL-MoE (Qwen3-VL-30B-A3B, -235B-A22B): llama.cpp's qwen3vlmoe, its experts stored fused and
+    split as Llama 4's (gate/up halves, transposed), the chosen experts' weights always renormalized (the
+    model's router does it whatever norm_topk_prob says)."""
+
+    hf_class, model_type, gguf_arch, norm_key = (
+        "Qwen3VLMoeForConditionalGeneration",
+        "qwen3_vl_moe",
+        "qwen3vlmoe",
+        None,
+    )
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        super().add_metadata(w, hp)
+        Qwen3Vision.add_metadata(self, w, hp)
+
+    def split(
+        self, name: str, shape: tuple[int, ...], hp: HParams
+    ) -> list[tuple[str, tuple[int, ...]]] | None:
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return None
+        head, experts, ff = name.rsplit(".", 1)[0], shape[0], int(hp.n_ff_exp or 0)
+        self._released(name, shape, hp)  # (refuses a layout the sizes cannot tell)
+        if name.endswith("gate_up_proj"):
+            return [(f"{head}.{p}.weight", (experts, ff, hp.hidden)) for p in ("gate_proj", "up_proj")]
+        return [(f"{head}.down_proj.weight", (experts, hp.hidden, ff))]
+
+    def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
+        if self._released(
+            name, tuple(t.shape), hp
+        ):  # [experts, in, out] as released: llama.cpp's is [out, in]
+            t = t.transpose(-1, -2)
+        return list(t.chunk(2, dim=-2)) if name.endswith("experts.gate_up_proj") else [t]
+
+    @staticmethod
+    def _released(name: str, shape: tuple[int, ...], hp: HParams) -> bool:
+        """Whether fused experts are stored as Qwen releases them, [experts, in, out] (True), or as
+        transformers 5 saves them, [experts, out, in] (False); UnsupportedError where the sizes cannot tell."""
+        inputs = hp.hidden if name.endswith("gate_up_proj") else int(hp.n_ff_exp or 0)
+        outputs = 2 * int(hp.n_ff_exp or 0) if name.endswith("gate_up_proj") else hp.hidden
+        if inputs == outputs or {shape[1], shape[2]} != {inputs, outputs}:
+            raise UnsupportedError(
+                f"{name} is {list(shape)}: qmerge cannot tell which way its experts are stored (hidden_size "
+                f"{hp.hidden}, moe_intermediate_size {hp.n_ff_exp}); convert the bf16 merge with llama.cpp's "
+                "convert_hf_to_gguf.py."
+            )
+        return shape[1] == inputs
