@@ -131,6 +131,21 @@ MOE["jamba"] = dict(  # Mamba layers and attention layers (1, 3), experts in eve
     tie_word_embeddings=False,
 )
 FAMILIES["jamba"] = MOE["jamba"]
+MOE["qwen3_next"] = FAMILIES["qwen3_next"] = dict(  # gated delta-net layers 0 and 2, full attention 1 and 3
+    num_hidden_layers=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=64,
+    shared_expert_intermediate_size=64,
+    norm_topk_prob=True,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    full_attention_interval=2,
+    tie_word_embeddings=False,
+)
 # PEFT's all-linear takes Mamba's out_proj, which PEFT then refuses: the other linears named
 ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {
@@ -151,6 +166,7 @@ GGUF_ARCH = {
     "deepseek_v3": "deepseek2",
     "falcon_h1": "falcon-h1",
     "jamba": "jamba",
+    "qwen3_next": "qwen3next",
 }
 
 

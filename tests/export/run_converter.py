@@ -3,7 +3,7 @@ directories in one process (torch is imported once), with the vocabulary left ou
 models' tokenizers only (a BPE pre-tokenizer is recognised by a hash of how it splits a fixed text), and
 other tests check the vocabulary qmerge writes by llama.cpp tokenizing and running the files.
 
-Usage: python run_converter.py CONVERTER [MODEL_DIR OUTTYPE[:mmproj] OUT.gguf] ...
+Usage: python run_converter.py CONVERTER [MODEL_DIR OUTTYPE[:FLAG] OUT.gguf] ...  (FLAG: mmproj, no-mtp)
 Prints one line per conversion that failed and exits 1 if any did.
 """
 
@@ -26,9 +26,9 @@ def main() -> int:
             cls.set_vocab = lambda self: None
     failed = 0
     for model, outtype, out in zip(jobs[0::3], jobs[1::3], jobs[2::3], strict=True):
-        outtype, _, mmproj = outtype.partition(":")  # TYPE:mmproj converts the vision projector
+        outtype, _, flag = outtype.partition(":")  # TYPE:mmproj (the vision projector), TYPE:no-mtp
         sys.argv = [str(script), model, "--outtype", outtype, "--outfile", out] + (
-            ["--mmproj"] if mmproj else []
+            [f"--{flag}"] if flag else []
         )
         try:
             runpy.run_path(str(script), run_name="__main__")

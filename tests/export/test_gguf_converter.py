@@ -32,7 +32,8 @@ def converted(llama_cpp_source, arch_adapters, family_models, vlm_models, tmp_pa
         export(adapter, "bf16", root / name / "merged", base=base)
         for t in TYPES:
             export(root / name / "merged", "gguf", root / name / f"qmerge-{t}.gguf", gguf_type=t)
-            jobs += [str(root / name / "merged"), t, str(root / name / f"llama.cpp-{t}.gguf")]
+            flag = ":no-mtp" if name == "qwen3_next" else ""  # qmerge leaves out Qwen3-Next's MTP layers
+            jobs += [str(root / name / "merged"), t + flag, str(root / name / f"llama.cpp-{t}.gguf")]
     converter = str(llama_cpp_source / "convert_hf_to_gguf.py")
     done = subprocess.run(
         [sys.executable, str(HERE / "run_converter.py"), converter, *jobs],

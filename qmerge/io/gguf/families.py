@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...errors import UnsupportedError
 from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Qwen2, Qwen3, read_hparams
 from .dense import Cohere2, Glm4, Granite, Ministral3, Olmo2, SmolLM3
-from .hybrid import FalconH1, Jamba
+from .hybrid import FalconH1, Jamba, Qwen3Next
 from .moe import DeepseekV3, GptOss, Llama4, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
 from .vlm import (
     Gemma3Vision,
@@ -37,6 +37,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Ministral3(),
         FalconH1(),
         Jamba(),
+        Qwen3Next(),
         Mixtral(),
         Qwen2Moe(),
         Qwen3Moe(),

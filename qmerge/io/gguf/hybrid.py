@@ -10,7 +10,7 @@ import torch
 
 from ...errors import UnsupportedError
 from .arch import Architecture, HParams
-from .moe import MoE
+from .moe import MoE, Qwen2Moe
 
 
 class FalconH1(Architecture):
@@ -121,6 +121,83 @@ class Jamba(MoE):
         if name.endswith(".mamba.A_log"):
             return [-torch.exp(t.float())]
         return [t.squeeze()]
+
+
+class Qwen3Next(Qwen2Moe):
+    """Qwen3-Next: gated delta-net (linear attention) layers and gated full attention every
+    full_attention_interval-th layer, routed experts (renormalized) beside a gated shared expert, RMSNorms
+    by (1 + weight) (convert_hf_to_gguf's Qwen3NextModel): the linear attention's fused q/k/v/z projection
+    regrouped into qkv and the output gate, A = -exp(A_log), the convolution squeezed, partial RoPE."""
+
+    hf_class, model_type, gguf_arch = "Qwen3NextForCausalLM", "qwen3_next", "qwen3next"
+    norm_topk, norm_key, partial_rotary = True, "norm_topk_prob", 0.25
+
+    def text_name(self, hf_name: str) -> str | None:
+        return None if hf_name.startswith("mtp.") else hf_name  # multi-token prediction: not run
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        if len(config.get("layer_types") or [None] * hp.n_layers) != hp.n_layers:
+            raise UnsupportedError(f"layer_types does not name each of the {hp.n_layers} layers.")
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        super().add_metadata(w, hp)
+        c = hp.config or {}
+        w.add_ssm_conv_kernel(int(c["linear_conv_kernel_dim"]))
+        w.add_ssm_state_size(int(c["linear_key_head_dim"]))
+        w.add_ssm_group_count(int(c["linear_num_key_heads"]))
+        w.add_ssm_time_step_rank(int(c["linear_num_value_heads"]))
+        w.add_ssm_inner_size(int(c["linear_value_head_dim"]) * int(c["linear_num_value_heads"]))
+        if layer_types := c.get("layer_types"):
+            w.add_array(
+                f"{self.gguf_arch}.attention.recurrent_layers", [t == "linear_attention" for t in layer_types]
+            )
+        w.add_full_attention_interval(int(c.get("full_attention_interval", 4)))
+
+    def transform(self, hf_name: str, t: torch.Tensor, hp: HParams) -> torch.Tensor:
+        if hf_name.endswith("norm.weight") and not hf_name.endswith("linear_attn.norm.weight"):
+            return t + 1  # (1 + weight), llama.cpp's by weight; the gated delta-net's own norm is plain
+        return t
+
+    def split(
+        self, name: str, shape: tuple[int, ...], hp: HParams
+    ) -> list[tuple[str, tuple[int, ...]]] | None:
+        if name.endswith(".linear_attn.dt_bias"):
+            return [(name.replace(".dt_bias", ".dt_proj.bias"), shape)]
+        if name.endswith((".linear_attn.A_log", ".linear_attn.conv1d.weight")):
+            return [(name, tuple(d for d in shape if d != 1))]
+        if name.endswith(".linear_attn.in_proj_qkvz.weight"):
+            block = name.split(".")[2]
+            qkv, z = self._qkvz(hp)
+            return [
+                (f"blk.{block}.attn_qkv.weight", (qkv, shape[1])),
+                (f"blk.{block}.attn_gate.weight", (z, shape[1])),
+            ]
+        return None
+
+    def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
+        if name.endswith(".linear_attn.A_log"):
+            return [-torch.exp(t.float())]
+        if not name.endswith(".linear_attn.in_proj_qkvz.weight"):
+            return [t.squeeze()]
+        c = hp.config or {}
+        nk, hk, hv = (
+            int(c["linear_num_key_heads"]),
+            int(c["linear_key_head_dim"]),
+            int(c["linear_value_head_dim"]),
+        )
+        vz = int(c["linear_num_value_heads"]) // nk * hv
+        # stored per key head as [q, k, v, z]; llama.cpp holds all heads' q, then k, then v, and z apart
+        q, k, v, z = t.reshape(nk, 2 * hk + 2 * vz, -1).split([hk, hk, vz, vz], dim=1)
+        qkv = torch.cat([q.reshape(-1, t.shape[1]), k.reshape(-1, t.shape[1]), v.reshape(-1, t.shape[1])])
+        return [qkv, z.reshape(-1, t.shape[1])]
+
+    @staticmethod
+    def _qkvz(hp: HParams) -> tuple[int, int]:
+        c = hp.config or {}
+        nk, nv = int(c["linear_num_key_heads"]), int(c["linear_num_value_heads"])
+        hk, hv = int(c["linear_key_head_dim"]), int(c["linear_value_head_dim"])
+        return 2 * nk * hk + nv * hv, nv * hv
 
 
 def _scaled_segments(t: torch.Tensor, c: dict) -> torch.Tensor:
