@@ -20,6 +20,7 @@ from ..io.gguf.writer import (
     QMERGE_KEY,
     GGUFFile,
     GGUFTensor,
+    add_file_type,
     encode,
     ggml_type,
     header_bytes,
@@ -49,9 +50,9 @@ def vision_type(projector: Projector, name: str, new: str, shape: tuple[int, ...
     if forced is not None:
         return forced
     positions = {gguf.TENSOR_NAMES[k] for k in (gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.V_ENC_EMBD_POS)}
-    if not new.endswith(".weight") or new.removesuffix(".weight") in positions:
+    if new.removesuffix(".weight") in positions:
         return T.F32
-    return ggml_type(gguf_type, shape, new)
+    return ggml_type(gguf_type, shape, new)  # (F32 for what is not a weight, as the converter keeps it)
 
 
 def map_vision(projector: Projector, vp: VisionParams, shapes: dict, gguf_type: str) -> list[GGUFTensor]:
@@ -116,11 +117,8 @@ class Mmproj:
         w.add_type(gguf.GGUFType.MMPROJ)
         gguf_metadata(source, self.gguf_type, name).set_gguf_meta_model(w)
         w.add_string(QMERGE_KEY, __version__)  # recognised by --force: a file qmerge wrote
-        file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
-        w.add_file_type(gguf.LlamaFileType[file_type[self.gguf_type]])
+        add_file_type(w, self.gguf_type)
         self.projector.add_metadata(w, self.vp)
-        if self.gguf_type == "q8_0":
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         return header_bytes(w, self.tensors, [], scratch)
 
     def write(self, source: Source, path: Path, progress: Progress | None) -> tuple[int, dict]:
@@ -129,11 +127,11 @@ class Mmproj:
 
 
 def write_mmproj(
-    source: Source, out: Path, gguf_type: str, force: bool = False, progress: Progress | None = None
+    source: Source, fmt: Mmproj, out: Path, force: bool = False, progress: Progress | None = None
 ) -> tuple[OutputFile, dict]:
-    """Write the vision projector of `source` at `out`, atomically: (the file, what the report says of it)."""
+    """Write the vision projector `fmt` of `source` at `out`, atomically: (the file, what the report says of
+    it)."""
     start = time.perf_counter()
-    fmt = Mmproj(source, gguf_type)
     with atomic_file(Path(out), force, source.inputs(), not_written_by_qmerge) as tmp:
         merged, digests = fmt.write(source, tmp, progress)
         (described,) = describe_files(tmp, digests)

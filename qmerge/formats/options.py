@@ -237,16 +237,15 @@ def _gguf(src: Source, j: Job) -> WriteReport:
     for extra in (j.modelfile, j.mmproj):  # refused now, not after the export
         if extra is not None:
             check_modelfile_target(extra, j.force, src.inputs())
+    vision = None
     if j.mmproj is not None:
         from .mmproj import Mmproj, write_mmproj
 
-        Mmproj(src, j.gguf_type.lower())  # a model without a projector qmerge writes: refused before any work
+        vision = Mmproj(src, j.gguf_type.lower())  # one qmerge does not write: refused before any work
     report = _gguf_file(src, j)
-    if j.mmproj is not None:
-        record, projector = write_mmproj(src, j.mmproj, j.gguf_type.lower(), j.force, j.progress)
-        report = replace(
-            report, files=[*report.files, record], details={**report.details, "mmproj": projector}
-        )
+    if vision is not None:
+        record, said = write_mmproj(src, vision, j.mmproj, j.force, j.progress)
+        report = replace(report, files=[*report.files, record], details={**report.details, "mmproj": said})
     if j.modelfile is None:
         return report
     record, chat = modelfile_beside(

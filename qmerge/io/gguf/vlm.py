@@ -17,9 +17,10 @@ from .moe import Llama4, Qwen3Moe
 _VISION = ("vision_tower.", "vision_model.", "visual.", "multi_modal_projector.", "mm_projector.")
 MMPROJ_ROUTE = (
     "this is a vision-language model: the GGUF holds its language model (text in, text out); for images "
-    "llama.cpp also needs the vision projector (mmproj): add --mmproj FILE to write it too (Gemma 3, Qwen2-VL, "
-    "Qwen2.5-VL, Qwen3-VL, Llama 4, Mistral 3 and Pixtral), or, for other models, export the merge in 16 bits (qmerge export ADAPTER --to bf16 -o "
-    "MERGED) and run llama.cpp's convert_hf_to_gguf.py MERGED --mmproj."
+    "llama.cpp also needs the vision projector (mmproj): add --mmproj FILE to write it too (Gemma 3, "
+    "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Llama 4, Mistral 3 and Pixtral), or, for other models, export the "
+    "merge in 16 bits (qmerge export ADAPTER --to bf16 -o MERGED) and run llama.cpp's convert_hf_to_gguf.py "
+    "MERGED --mmproj."
 )
 
 

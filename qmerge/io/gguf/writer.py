@@ -229,7 +229,6 @@ def header_bytes(
 
 def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, meta) -> None:
     """The model's metadata keys, in the order convert_hf_to_gguf.py writes them."""
-    import gguf
 
     meta.set_gguf_meta_model(w)
     w.add_string(QMERGE_KEY, __version__)  # recognised by --force: a file qmerge wrote
@@ -251,6 +250,13 @@ def _add_hparams(w, arch: Architecture, hp: HParams, gguf_type: str, meta) -> No
         w.add_layer_norm_rms_eps(hp.norm_eps)
     w.add_vocab_size(hp.vocab_size)
     add_rope_metadata(w, arch, hp)
+    add_file_type(w, gguf_type)
+
+
+def add_file_type(w, gguf_type: str) -> None:
+    """general.file_type of a file qmerge writes itself, and the quantization version where it quantizes."""
+    import gguf
+
     ftype = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
