@@ -675,7 +675,7 @@ def _show_check(report, as_json: bool) -> None:
 @click.option(
     "--mmproj",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="With --to gguf and a vision-language model (Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Llama 4, Mistral 3 and Pixtral): also write its vision "
+    help="With --to gguf and a vision-language model (Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Llama 4, Mistral 3, Pixtral, SmolVLM and Idefics3): also write its vision "
     "projector here, the mmproj GGUF llama.cpp loads with --mmproj (the GGUF's type; f16 beside K-quants).",
 )
 @click.option(

@@ -3,6 +3,8 @@ and PEFT, checked against PEFT's unmerged forward (fp32) like the fixtures are."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -133,3 +135,26 @@ def test_llama4_streamed_check(tmp_path):
     Llama4ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
     result = _merged_exactly_and_checked(tmp_path, ["q_proj", "v_proj"])
     assert result.passed and result.metrics.max_abs_logit_diff < 1e-4
+
+
+def test_4bit_layers_of_a_tied_model_are_those_transformers_quantizes(tmp_path):
+    """transformers keeps the last registered module in 16 bits when it loads in 4-bit; the weights are not
+    tied yet then, so on a tied model that is the output layer, not the module before it (Gemma 3n's last
+    AltUp projection, a linear layer it does quantize)."""
+    import bitsandbytes as bnb
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qmerge.io.hf_meta import quantized_linears
+    from tests.helpers import bnb_config
+
+    kw = {**COMMON, "num_hidden_layers": 4, "num_key_value_heads": 2, "head_dim": 16, "laurel_rank": 64}
+    kw |= dict(hidden_size_per_layer_input=64, num_kv_shared_layers=0, activation_sparsity_pattern=[0.0] * 4)
+    kw["layer_types"] = ["sliding_attention", "full_attention"] * 2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3n_text", **kw)).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=bnb_config(), device_map="cpu"
+    )
+    theirs = {n + ".weight" for n, m in loaded.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    ours = quantized_linears(json.loads((tmp_path / "config.json").read_text()))
+    assert ours == theirs and "model.altup_unembed_projections.2.weight" in ours

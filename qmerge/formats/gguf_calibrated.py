@@ -78,7 +78,8 @@ class CalibratedGGUF:
         four = source.weights.quantized_names()
         mapped = map_tensors(self.arch, self.hp, {n: s.shape for n, s in source.tensors.items()}, "q8_0")
         if stacked := [t for t in mapped if t.parts or t.piece is not None]:
-            what = f"holds {self.hp.n_expert} experts" if stacked[0].parts else "is reshaped for llama.cpp"
+            parts = len(stacked[0].parts)
+            what = f"holds {parts} stored tensors as one" if parts else "is reshaped for llama.cpp"
             raise UnsupportedError(
                 f"--calibrate does not write {self.arch.gguf_arch} models ({stacked[0].name} {what}); export it "
                 "without --calibrate (llama.cpp quantizes it)."

@@ -20,7 +20,6 @@ from .. import __version__
 from ..errors import UnsupportedError
 from ..io.atomic import atomic_dir, describe_files
 from ..io.gguf.families import architecture_of
-from ..io.gguf.moe import expert_of
 from ..io.gguf.vlm import note_text_only
 from ..io.gguf.writer import map_tensors
 from ..io.records import PROVENANCE, write_json
@@ -54,8 +53,12 @@ def refuse_unsupported(source: Source) -> None:
         why.append("fan_in_fan_out layers")
     if layout.params:
         why.append(f"LoRA on parameters (target_parameters: {sorted(layout.params)[0]}, ...)")
-    if experts := sorted(m.weight for m in layout.lora.values() if expert_of(m.weight)):
-        why.append(f"LoRA on single experts ({experts[0]}, ...: llama.cpp holds each layer's experts as one)")
+    arch, hp = architecture_of(source.config)
+    if pieces := sorted(m.weight for m in layout.lora.values() if arch.stack_of(m.weight, hp)):
+        why.append(
+            f"LoRA on single experts or projections ({pieces[0]}, ...: llama.cpp holds each layer's experts, "
+            "and Gemma 3n's AltUp projections, as one tensor)"
+        )
     if why:
         raise UnsupportedError(
             f"{source.adapter.path}: a llama.cpp LoRA adapter cannot carry {'; '.join(why)}. Merge instead: "

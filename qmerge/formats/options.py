@@ -234,13 +234,15 @@ def _gguf(src: Source, j: Job) -> WriteReport:
 
     from .modelfile import check_modelfile_target, modelfile_beside
 
-    for extra in (j.modelfile, j.mmproj):  # refused now, not after the export
-        if extra is not None:
-            check_modelfile_target(extra, j.force, src.inputs())
+    if j.modelfile is not None:  # refused now, not after the export
+        check_modelfile_target(j.modelfile, j.force, src.inputs())
     vision = None
     if j.mmproj is not None:
+        from ..io.atomic import check_output
+        from ..io.gguf.writer import not_written_by_qmerge
         from .mmproj import Mmproj, write_mmproj
 
+        check_output(Path(j.mmproj), j.force, src.inputs(), not_written_by_qmerge)  # a GGUF qmerge wrote
         vision = Mmproj(src, j.gguf_type.lower())  # one qmerge does not write: refused before any work
     report = _gguf_file(src, j)
     if vision is not None:

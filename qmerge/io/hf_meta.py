@@ -52,6 +52,21 @@ def meta_model(config: dict):
     return _meta_model(_key(config))
 
 
+class _Untied:
+    """The model as from_pretrained hands it to the quantizer: its weights not tied yet, so that the
+    "last module" transformers keeps in 16 bits is the last registered (the output layer of a tied model,
+    not whatever precedes it: Gemma 3n's last altup projection is quantized)."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def named_parameters(self, *args, **kwargs):
+        return self._model.named_parameters(remove_duplicate=False)
+
+
 @lru_cache(maxsize=8)
 def _quantized_linears(config_json: str, skip_modules: tuple[str, ...] | None) -> frozenset[str]:
     from torch import nn
@@ -60,7 +75,7 @@ def _quantized_linears(config_json: str, skip_modules: tuple[str, ...] | None) -
 
     model = _meta_model(config_json)
     not_convert = HfQuantizer.get_modules_to_not_convert(
-        model, list(skip_modules) if skip_modules is not None else None, model._keep_in_fp32_modules
+        _Untied(model), list(skip_modules) if skip_modules is not None else None, model._keep_in_fp32_modules
     )
     names = set()
     for name, module in model.named_modules():

@@ -115,6 +115,24 @@ FAMILIES = {
         ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.15],
     ),
 }
+# Gemma 3n as llama.cpp's gemma3n fixes it (E2B/E4B's AltUp, LAuReL rank, per-layer input width, sparsity
+# in the first 10 layers, KV shared from layer 20 on, reused from layers 18 and 19), at width 64; the
+# per-layer embedding shorter than the vocabulary, as the releases' (the GGUF pads it)
+FAMILIES["gemma3n_text"] = dict(
+    num_hidden_layers=22,
+    num_kv_shared_layers=2,
+    layer_types=["sliding_attention"] * 4 + ["full_attention"],
+    laurel_rank=64,
+    hidden_size_per_layer_input=256,
+    vocab_size_per_layer_input=256,
+    activation_sparsity_pattern=[0.95] * 10 + [0.0] * 12,
+    sliding_window=8,
+    intermediate_size=2048,  # (see test_gguf_families: llama.cpp's sparsity cutoff differs from it by 1/2n)
+)
+FAMILIES["gemma3n_text"]["layer_types"] = FAMILIES["gemma3n_text"]["layer_types"] * 4 + [
+    "sliding_attention",
+    "full_attention",
+]
 MOE["jamba"] = dict(  # Mamba layers and attention layers (1, 3), experts in every other layer (1, 3)
     num_hidden_layers=4,
     num_experts=4,
@@ -167,6 +185,7 @@ GGUF_ARCH = {
     "falcon_h1": "falcon-h1",
     "jamba": "jamba",
     "qwen3_next": "qwen3next",
+    "gemma3n_text": "gemma3n",
 }
 
 
@@ -190,6 +209,8 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
             if name.endswith((".gate.weight", ".router.weight")):  # routers far from uniform: experts matter
                 p.normal_(std=0.5)
     model.to(torch.bfloat16).save_pretrained(str(base))
+    if model_type == "gemma3n_text":
+        _shared_kv_as_released(base, cfg)
     # PEFT's all-linear adapts the fused experts as parameters except on Qwen2-MoE and gpt-oss: named there
     experts = {"target_parameters": EXPERTS} if model_type in ("qwen2_moe", "gpt_oss") else {}
     if model_type in ("llama4_text", "jamba"):
@@ -199,6 +220,22 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
         base, root / "adapter", seed=7, r=8, lora_alpha=16, target_modules=targets, **experts
     )
     return base, adapter
+
+
+def _shared_kv_as_released(base: Path, cfg) -> None:
+    """Gemma 3n's checkpoints as released: keys, values and their norm stored for the layers that reuse
+    another's (transformers 5 builds them without, and skips them at load; llama.cpp's gemma3n needs them)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(base / "model.safetensors")
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    torch.manual_seed(1)
+    for i in range(cfg.num_hidden_layers - cfg.num_kv_shared_layers, cfg.num_hidden_layers):
+        attn = f"model.layers.{i}.self_attn"
+        tensors[f"{attn}.k_proj.weight"] = (0.05 * torch.randn(kv, cfg.hidden_size)).to(torch.bfloat16)
+        tensors[f"{attn}.v_proj.weight"] = (0.05 * torch.randn(kv, cfg.hidden_size)).to(torch.bfloat16)
+        tensors[f"{attn}.k_norm.weight"] = (1 + 0.1 * torch.randn(cfg.head_dim)).to(torch.bfloat16)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
 
 
 # vision-language models whose language model GGUF export writes (tests/test_vlm.py's tiny configs)
@@ -211,6 +248,7 @@ VLM = {
     "llama4_vlm": "llama4",
     "qwen3_vl": "qwen3_vl",
     "qwen3_vl_moe": "qwen3_vl_moe",
+    "idefics3": "idefics3",
 }
 VLM_GGUF_ARCH = {
     "gemma3_vlm": "gemma3",
@@ -221,6 +259,7 @@ VLM_GGUF_ARCH = {
     "llama4_vlm": "llama4",
     "qwen3_vl": "qwen3vl",
     "qwen3_vl_moe": "qwen3vlmoe",
+    "idefics3": "llama",
 }
 
 
@@ -248,6 +287,9 @@ PROJECTORS["qwen2_5_vl"] = PROJECTORS["qwen2_vl"]
 PROJECTORS["qwen3_vl"] = PROJECTORS["llama4_vlm"] = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
 PROJECTORS["qwen3_vl_moe"] = PROJECTORS["qwen3_vl"]
 PROJECTORS["mistral3_vlm"] = PROJECTORS["qwen2_vl"]
+PROJECTORS["idefics3"] = dict(  # SmolVLM's (images resized to the longest edge: the tiny image's size)
+    image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"longest_edge": 28}, max_image_size={"longest_edge": 28}
+)
 # the linear layers of vision towers and projectors, as `all-linear` adapts them
 VISION_LINEAR = (
     r"(visual|vision_tower|vision_model).*\."
@@ -288,6 +330,8 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
     model = builders[name]() if name in builders else _model(VLM[name])
     if vision:
         _vision_shape(model.config.vision_config, name)
+        if name == "idefics3":  # SmolVLM's connector shuffles 2 x 2 patches into one token
+            model.config.scale_factor = 2
         torch.manual_seed(0)
         model = type(model)(model.config)
     if name == "gemma3_vlm":  # as Gemma 3 4B/12B: attention scaled by head_dim (llama.cpp's gemma3 fixes it)
@@ -301,7 +345,7 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
                 if "multi_modal_projector" in n and not p.any():
                     p.normal_(std=0.2)
     model.to(torch.bfloat16).save_pretrained(str(base))
-    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    targets = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     _released_layout(base, name, vision)
     if vision:
         (base / "preprocessor_config.json").write_text(json.dumps(PROJECTORS[name]))

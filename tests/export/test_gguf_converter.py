@@ -17,7 +17,8 @@ from tests.export.models import DENSE, FAMILIES, VLM
 
 pytest.importorskip("llama_cpp")
 HERE = Path(__file__).resolve().parent
-NAMES = [arch for arch, _ in DENSE] + sorted(FAMILIES) + sorted(VLM)
+# (the converter writes SmolVLM's language model only from the text model saved alone: no reference here)
+NAMES = [arch for arch, _ in DENSE] + sorted(FAMILIES) + sorted(set(VLM) - {"idefics3"})
 TYPES = ("f32", "q8_0")
 
 
@@ -28,6 +29,8 @@ def converted(llama_cpp_source, arch_adapters, family_models, vlm_models, tmp_pa
     root = tmp_path_factory.mktemp("converter")
     jobs = []
     for name, (base, adapter) in {**arch_adapters, **family_models, **vlm_models}.items():
+        if name not in NAMES:
+            continue
         (root / name).mkdir()
         export(adapter, "bf16", root / name / "merged", base=base)
         for t in TYPES:
@@ -73,7 +76,12 @@ def test_same_file_as_llama_cpps_converter(converted, name, gtype):
     assert sorted(ta) == sorted(tb)
     for n in ta:
         assert (ta[n].tensor_type, list(ta[n].shape)) == (tb[n].tensor_type, list(tb[n].shape)), n
-        assert np.array_equal(ta[n].data, tb[n].data), n
+        a, b = ta[n].data, tb[n].data
+        if n == "per_layer_token_embd.weight":  # Gemma 3n's rows after the stored table: token 0's, as
+            stored = FAMILIES[name]["vocab_size_per_layer_input"]  # transformers looks them up (theirs: 0)
+            assert (a[stored:] == a[0]).all() and not b[stored:].any()
+            a, b = a[:stored], b[:stored]
+        assert np.array_equal(a, b), n
     arch = ours.fields["general.architecture"].contents()
     assert arch == theirs.fields["general.architecture"].contents()
     assert _metadata(ours, arch) == _metadata(theirs, arch)

@@ -6,6 +6,7 @@ families.py."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ class HParams:
     n_head_kv: int
     hidden: int
     head_dim: int
-    n_ff: int
+    n_ff: int | list[int]  # one size, or one per layer (Gemma 3n)
     n_ctx: int
     rope_theta: float
     rope_scaling: dict | None
@@ -80,7 +81,7 @@ def read_hparams(config: dict, arch: Architecture) -> HParams:
         n_head_kv=int(config.get("num_key_value_heads") or n_head),
         hidden=hidden,
         head_dim=head_dim,
-        n_ff=_int(config, arch.ff_key),
+        n_ff=_ff(config, arch.ff_key),
         n_ctx=int(config.get("max_position_embeddings", 2048)),
         rope_theta=theta,
         rope_scaling=scaling,
@@ -99,6 +100,24 @@ def read_hparams(config: dict, arch: Architecture) -> HParams:
         n_ff_exp=config.get(arch.ff_exp_key),
         n_ff_shexp=config.get("shared_expert_intermediate_size"),
     )
+
+
+def _ff(config: dict, key: str) -> int | list[int]:
+    """The feed-forward size: one, or one per layer."""
+    sizes = config.get(key)
+    if isinstance(sizes, list) and sizes and all(type(v) is int and v > 0 for v in sizes):
+        return sizes
+    return _int(config, key)
+
+
+_EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<index>\d+)\.(?P<tail>.+)$")
+
+
+def expert_of(hf_name: str) -> tuple[str, int] | None:
+    """(the name of the stack `hf_name` belongs to, its expert index), or None for a tensor of its own:
+    `model.layers.0.mlp.experts.3.up_proj.weight` -> (`model.layers.0.mlp.experts.up_proj.weight`, 3)."""
+    m = _EXPERT.match(hf_name)
+    return (f"{m['head']}.{m['tail']}", int(m["index"])) if m else None
 
 
 def _first(config: dict, *keys: str) -> object:
@@ -135,6 +154,12 @@ class Architecture:
     def adjust(self, hp: HParams) -> HParams:
         """The hyperparameters as llama.cpp's architecture reads them, where it holds the model otherwise."""
         return hp
+
+    def stack_of(self, hf_name: str, hp: HParams) -> tuple[str, int, int] | None:
+        """(the 3-D tensor llama.cpp holds `hf_name` in, its index there, how many it holds) where the
+        checkpoint stores the pieces apart (an MoE's per-expert tensors), or None: a tensor of its own."""
+        found = expert_of(hf_name) if hp.n_expert else None
+        return (*found, hp.n_expert) if found else None
 
     def split(
         self, name: str, shape: tuple[int, ...], hp: HParams

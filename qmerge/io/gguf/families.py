@@ -5,10 +5,12 @@ from __future__ import annotations
 from ...errors import UnsupportedError
 from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Qwen2, Qwen3, read_hparams
 from .dense import Cohere2, Glm4, Granite, Ministral3, Olmo2, SmolLM3
+from .gemma3n import Gemma3n, Gemma3nVision
 from .hybrid import FalconH1, Jamba, Qwen3Next
 from .moe import DeepseekV3, GptOss, Llama4, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
 from .vlm import (
     Gemma3Vision,
+    Idefics3Vision,
     Llama4Vision,
     Llava,
     Mistral3Vision,
@@ -16,6 +18,7 @@ from .vlm import (
     Qwen3Vision,
     Qwen3VLMoeVision,
     Qwen25Vision,
+    SmolVLMVision,
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -28,6 +31,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Gemma(),
         Gemma2(),
         Gemma3(),
+        Gemma3n(),
         Phi3(),
         Granite(),
         SmolLM3(),
@@ -46,6 +50,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         Llama4(),
         DeepseekV3(),
         Gemma3Vision(),
+        Gemma3nVision(),
+        Idefics3Vision(),
+        SmolVLMVision(),
         Llava(),
         Qwen2Vision(),
         Qwen25Vision(),

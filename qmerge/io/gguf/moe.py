@@ -9,21 +9,11 @@ answer differently from the model that was checked."""
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import torch
 
 from ...errors import UnsupportedError
 from .arch import Architecture, HParams, Qwen2, Qwen3, every_nth
-
-_EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<index>\d+)\.(?P<tail>.+)$")
-
-
-def expert_of(hf_name: str) -> tuple[str, int] | None:
-    """(the name of the stack `hf_name` belongs to, its expert index), or None for a tensor of its own:
-    `model.layers.0.mlp.experts.3.up_proj.weight` -> (`model.layers.0.mlp.experts.up_proj.weight`, 3)."""
-    m = _EXPERT.match(hf_name)
-    return (f"{m['head']}.{m['tail']}", int(m["index"])) if m else None
 
 
 def fused_experts(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:

@@ -165,6 +165,30 @@ class PixtralProjector(Projector):
             w.add_vision_spatial_merge_size(int(vp.config["spatial_merge_size"]))
 
 
+class Idefics3Projector(Projector):
+    """SmolVLM's and Idefics3's SigLIP tower and pixel-shuffle connector (Idefics3ForConditionalGeneration,
+    SmolVLM2's SmolVLMForConditionalGeneration)."""
+
+    hf_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+    projector_type = "idefics3"
+    prefixes = ("model.vision_model.", "model.connector.")
+
+    def forced_type(self, name: str, gguf_name: str, gguf_type: str):
+        import gguf
+
+        if ".embeddings." in name:
+            return gguf.GGMLQuantizationType.F32
+        return super().forced_type(name, gguf_name, gguf_type)
+
+    def add_metadata(self, w, vp: VisionParams) -> None:
+        super().add_metadata(w, vp)
+        w.add_vision_attention_layernorm_eps(float(vp.vision.get("layer_norm_eps", 1e-5)))
+        w.add_vision_projector_scale_factor(int(vp.config.get("scale_factor", 2)))
+        w.add_vision_use_gelu(True)
+        edge = (vp.preprocessor.get("size") or {}).get("longest_edge")  # the size images are resized to
+        w.add_vision_preproc_image_size(int(edge or find(vp.vision, ("image_size",), "image size")))
+
+
 PROJECTORS: dict[str, Projector] = {
     cls: p
     for p in (
@@ -174,6 +198,7 @@ PROJECTORS: dict[str, Projector] = {
         Qwen3VLProjector(),
         Llama4Projector(),
         PixtralProjector(),
+        Idefics3Projector(),
     )
     for cls in p.hf_classes
 }

@@ -18,7 +18,7 @@ _VISION = ("vision_tower.", "vision_model.", "visual.", "multi_modal_projector."
 MMPROJ_ROUTE = (
     "this is a vision-language model: the GGUF holds its language model (text in, text out); for images "
     "llama.cpp also needs the vision projector (mmproj): add --mmproj FILE to write it too (Gemma 3, "
-    "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Llama 4, Mistral 3 and Pixtral), or, for other models, export the "
+    "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Llama 4, Mistral 3, Pixtral, SmolVLM and Idefics3), or, for other models, export the "
     "merge in 16 bits (qmerge export ADAPTER --to bf16 -o MERGED) and run llama.cpp's convert_hf_to_gguf.py "
     "MERGED --mmproj."
 )
@@ -64,6 +64,25 @@ class Llava(VisionLanguage):
                 f"{' or '.join(self.text_types)}. The route: export the merge in 16 bits (qmerge export ADAPTER "
                 "--to bf16 -o MERGED) and convert it with llama.cpp's convert_hf_to_gguf.py MERGED."
             )
+
+
+class Idefics3Vision(Llava):
+    """SmolVLM and Idefics3 (Idefics3ForConditionalGeneration): their Llama language model (`text_model.`)
+    as llama.cpp's llama, without the vision tower and the connector. (llama.cpp's converter reads it only
+    from the text model saved alone; the names are the same.)"""
+
+    hf_class, model_type = "Idefics3ForConditionalGeneration", "idefics3"
+    text_types = ("llama",)
+
+    def text_name(self, hf_name: str) -> str | None:
+        name = None if "connector." in hf_name else super().text_name(hf_name)
+        return name.replace("text_model.", "") if name else None
+
+
+class SmolVLMVision(Idefics3Vision):
+    """SmolVLM2 (SmolVLMForConditionalGeneration): Idefics3's layout."""
+
+    hf_class, model_type = "SmolVLMForConditionalGeneration", "smolvlm"
 
 
 class Qwen2Vision(VisionLanguage, Qwen2):

@@ -51,13 +51,16 @@ def ggml_type(gguf_type: str, shape: tuple[int, ...], name: str = ""):
 
 def _kept_f32(name: str) -> bool:
     """The 2-D weights llama.cpp keeps in F32 whatever the file's type (its converter and its quantizer):
-    the MoE routers and the SSM convolution. (Biases, 2-D for stacked experts, stay F32 too.)"""
+    the MoE routers, the SSM convolution, Gemma 3n's AltUp coefficients. (Biases, 2-D for stacked experts,
+    stay F32 too.)"""
     import gguf
 
     routers = (
         gguf.MODEL_TENSOR.FFN_GATE_INP,
         gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
         gguf.MODEL_TENSOR.SSM_CONV1D,
+        gguf.MODEL_TENSOR.ALTUP_CORRECT_COEF,
+        gguf.MODEL_TENSOR.ALTUP_PREDICT_COEF,
     )
     kinds = {gguf.TENSOR_NAMES[k].rsplit(".", 1)[-1] for k in routers}  # "ffn_gate_inp", ...
     pieces = name.split(".")  # blk.N.KIND.weight
@@ -128,7 +131,7 @@ def map_tensors(
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper().replace("-", "_")], hp.n_layers)
     out = []
-    for hf, parts, shape in _stacked(hp, shapes):
+    for hf, parts, shape in _stacked(arch, hp, shapes):
         text = arch.text_name(hf)
         if text is None or text.endswith("rotary_emb.inv_freq") or (text == "lm_head.weight" and hp.tied):
             continue
@@ -142,36 +145,39 @@ def map_tensors(
     return out
 
 
-def _stacked(hp: HParams, shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple[str, ...], tuple]]:
-    """(name, parts, shape) in name order: a tensor of its own (no parts), or the stack of an MoE
-    projection's per-expert tensors, where the first of them sorts."""
-    from .moe import expert_of
-
+def _stacked(
+    arch: Architecture, hp: HParams, shapes: dict[str, tuple[int, ...]]
+) -> list[tuple[str, tuple[str, ...], tuple]]:
+    """(name, parts, shape) in name order: a tensor of its own (no parts), or a stack of stored tensors llama.cpp
+    holds as one (Architecture.stack_of: an MoE projection's per-expert tensors), where the first of them
+    sorts."""
     stacks: dict[str, dict[int, str]] = {}
+    sizes: dict[str, int] = {}
     rows: list[tuple[str, tuple[str, ...], tuple]] = []
     for hf in sorted(shapes):
-        found = expert_of(hf) if hp.n_expert else None
+        found = arch.stack_of(hf, hp)
         if found is None:
             rows.append((hf, (), tuple(shapes[hf])))
             continue
         if found[0] not in stacks:
-            rows.append((found[0], (), ()))  # its parts and shape once every expert is seen
+            rows.append((found[0], (), ()))  # its parts and shape once every piece is seen
         stacks.setdefault(found[0], {})[found[1]] = hf
-    return [_stack(row[0], stacks[row[0]], shapes, hp.n_expert) if row[0] in stacks else row for row in rows]
+        sizes[found[0]] = found[2]
+    return [
+        _stack(row[0], stacks[row[0]], shapes, sizes[row[0]]) if row[0] in stacks else row for row in rows
+    ]
 
 
-def _stack(
-    name: str, experts: dict[int, str], shapes: dict, n_expert: int
-) -> tuple[str, tuple[str, ...], tuple]:
-    """One projection's experts in expert order and the stacked shape, or UnsupportedError when some are
-    missing or differ in shape."""
-    part_shapes = {tuple(shapes[hf]) for hf in experts.values()}
-    if sorted(experts) != list(range(n_expert)) or len(part_shapes) != 1:
+def _stack(name: str, parts: dict[int, str], shapes: dict, size: int) -> tuple[str, tuple[str, ...], tuple]:
+    """One stack's pieces in order and the stacked shape, or UnsupportedError when some are missing or differ
+    in shape."""
+    part_shapes = {tuple(shapes[hf]) for hf in parts.values()}
+    if sorted(parts) != list(range(size)) or len(part_shapes) != 1:
         raise UnsupportedError(
-            f"{name}: the checkpoint stores experts {sorted(experts)} of shapes {sorted(part_shapes)}; "
-            f"config.json names {n_expert} experts of one shape, so they cannot be stacked for GGUF."
+            f"{name}: the checkpoint stores pieces {sorted(parts)} of shapes {sorted(part_shapes)}; "
+            f"config.json names {size} of one shape (experts), so they cannot be stacked for GGUF."
         )
-    return name, tuple(experts[e] for e in range(n_expert)), (n_expert, *part_shapes.pop())
+    return name, tuple(parts[e] for e in range(size)), (size, *part_shapes.pop())
 
 
 def gguf_head(
