@@ -7,7 +7,8 @@ of 256 with 2 KV heads, AltUp, LAuReL, per-layer inputs of 256, KV shared by the
 and values are stored as the releases store them), in bf16 with a small SentencePiece tokenizer; the adapter
 is a rank-16 LoRA on the attention projections.
 
-Usage: python benchmarks/gguf_gemma3n_bench.py [--size e2b|tiny] [--workdir DIR] [--json FILE]
+Usage: python benchmarks/gguf_gemma3n_bench.py [--size e2b|tiny] [--gguf-type f16|q8_0|...] [--workdir DIR]
+                                               [--json FILE]
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def build(work: Path, size: str, rank: int = 16) -> tuple[Path, Path, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="e2b", choices=sorted(SHAPES))
+    ap.add_argument("--gguf-type", default="f16", help="f16 (default), bf16, q8_0, f32")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -141,7 +143,8 @@ def main() -> None:
     try:
         base, adapter, table = build(work, args.size)
         c = config(args.size)
-        largest = c["vocab_size"] * c["num_hidden_layers"] * 256 * 2  # the padded per-layer table, f16 bytes
+        bytes_per = {"f32": 4, "q8_0": 4}.get(args.gguf_type, 2)  # merged in: q8_0 from fp32
+        largest = c["vocab_size"] * c["num_hidden_layers"] * 256 * bytes_per  # the padded per-layer table
         out = work / "qmerge.gguf"
         cmd = [
             "export",
@@ -151,7 +154,7 @@ def main() -> None:
             "--to",
             "gguf",
             "--gguf-type",
-            "f16",
+            args.gguf_type,
             "-o",
             str(out),
         ]
@@ -160,7 +163,8 @@ def main() -> None:
             "parameters": sum(torch.Size(v).numel() for v in table.values()),
             "largest_tensor_gib": largest / 2**30,
             "base_gib": sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**30,
-            "qmerge_export_f16": timed([adapter, base], "cold", "qmerge.cli", *cmd),
+            "gguf_type": args.gguf_type,
+            "qmerge_export": timed([adapter, base], "cold", "qmerge.cli", *cmd),
         }
         if out.exists():
             result["gguf_gib"] = out.stat().st_size / 2**30

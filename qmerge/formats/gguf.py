@@ -20,7 +20,7 @@ from ..io.gguf.writer import (
     DIRECT_TYPES,
     LLAMA_CPP_TYPES,
     GGUFFile,
-    encode,
+    encode_parts,
     gguf_head,
     map_tensors,
     not_written_by_qmerge,
@@ -54,6 +54,11 @@ def check_type(gguf_type: str) -> str:
     return gguf_type
 
 
+def _rows(value: torch.Tensor, g) -> int | None:
+    """The rows the GGUF holds where the value has fewer rows of the same shape (encode_parts pads them)."""
+    return g.shape[0] if value.dim() > 1 and tuple(value.shape[1:]) == tuple(g.shape[1:]) else None
+
+
 class GGUF:
     """One GGUF file of a direct type (f32, f16, bf16, q8_0). An MoE projection's experts arrive one at a
     time into one stacked tensor, written when the last arrives: the stack is the largest tensor held."""
@@ -85,7 +90,7 @@ class GGUF:
             },
         )
 
-    def encode(self, t: MergedTensor) -> list[tuple[str, np.ndarray]]:
+    def encode(self, t: MergedTensor) -> list[tuple[str, list[np.ndarray]]]:
         gs = self._by_name[t.name]
         value = self.arch.transform(t.name, t.value, self.hp)
         if gs[0].parts:  # the layout gives the experts in order, one after another
@@ -96,12 +101,13 @@ class GGUF:
             if expert + 1 < len(gs[0].parts):
                 return []
             value, self._stack = self._stack, None
-        if gs[0].piece is not None:
-            values = self.arch.cut(self.arch.text_name(t.name), value, self.hp)
-            return [
-                (g.name, encode(v.contiguous(), g.qtype, g.hf_name)) for g, v in zip(gs, values, strict=True)
-            ]
-        return [(gs[0].name, encode(value, gs[0].qtype, gs[0].hf_name))]
+        values = (
+            [value] if gs[0].piece is None else self.arch.cut(self.arch.text_name(t.name), value, self.hp)
+        )
+        return [
+            (g.name, encode_parts(v.contiguous(), g.qtype, g.hf_name, _rows(v, g)))
+            for g, v in zip(gs, values, strict=True)
+        ]
 
     def write(self, source: Source, path: Path, progress: Progress | None) -> tuple[int, dict, dict]:
         """Stream the file to `path`: (tensors merged, {file name: sha256}, summary)."""

@@ -21,7 +21,7 @@ from ..io.gguf.writer import (
     GGUFFile,
     GGUFTensor,
     add_file_type,
-    encode,
+    encode_parts,
     ggml_type,
     header_bytes,
     not_written_by_qmerge,
@@ -108,7 +108,10 @@ class Mmproj:
         name = self.projector.name(t.name)
         value = self.projector.transform(name, t.value, self.vp)
         values = self.projector.cut(name, value) if gs[0].piece is not None else [value]
-        return [(g.name, encode(v.contiguous(), g.qtype, g.hf_name)) for g, v in zip(gs, values, strict=True)]
+        return [
+            (g.name, encode_parts(v.contiguous(), g.qtype, g.hf_name))
+            for g, v in zip(gs, values, strict=True)
+        ]
 
     def head(self, source: Source, scratch: Path, name: str | None) -> tuple[bytes, int]:
         import gguf

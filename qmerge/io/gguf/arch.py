@@ -169,7 +169,8 @@ class Architecture:
         return None
 
     def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
-        """The values of split()'s tensors, in its order."""
+        """The values of split()'s tensors, in its order (one with fewer rows than its shape is written with
+        the rest as copies of its first row: writer.encode_parts)."""
         raise NotImplementedError(name)
 
     def check(self, config: dict, hp: HParams) -> None:

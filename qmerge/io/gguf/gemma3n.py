@@ -105,11 +105,9 @@ class Gemma3n(Gemma3):
         return None
 
     def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
-        (_, shape), *_ = self.split(name, tuple(t.shape), hp) or [(name, tuple(t.shape))]
-        if tuple(t.shape) == shape:
-            return [t]
-        # transformers looks tokens after the per-layer table up as token 0 (llama.cpp's converter pads zeros)
-        return [torch.cat([t, t[:1].expand(shape[0] - t.shape[0], -1)])]
+        # the table's missing rows are written as copies of its first (encode_parts): transformers looks
+        # the tokens after it up as token 0 (llama.cpp's converter pads zeros)
+        return [t]
 
 
 class Gemma3nVision(VisionLanguage, Gemma3n):

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ... import __version__
-from ...dtypes import cast_finite
 from ...errors import UnsupportedError
 from ...names import GGUF_DIRECT_TYPES, GGUF_LLAMA_CPP_TYPES
-from ..stream import StreamingFileWriter, tensor_bytes
+from ..stream import StreamingFileWriter
 from .arch import Architecture, HParams
+from .encoding import encode, encode_parts, ggml_type, torch_dtype_for, type_nbytes
 from .rope import add_rope_metadata, rope_tensors
 from .vocab import add_tokenizer
 
@@ -29,75 +28,6 @@ LLAMA_CPP_TYPES = GGUF_LLAMA_CPP_TYPES  # quantized by llama.cpp's own quantizer
 
 def supported_types() -> str:
     return ", ".join(DIRECT_TYPES + LLAMA_CPP_TYPES)
-
-
-def ggml_type(gguf_type: str, shape: tuple[int, ...], name: str = ""):
-    """The GGML type a tensor of `shape` named `name` (its GGUF name) gets in a file of `gguf_type` (a
-    direct type)."""
-    import gguf
-
-    T = gguf.GGMLQuantizationType
-    if len(shape) < 2 or gguf_type == "f32" or _kept_f32(name) or not name.endswith(".weight"):
-        return T.F32  # (not a weight: biases, and the SSM's A and D, named without a suffix)
-    if name.endswith("_norm.weight"):
-        return T.F32  # a norm held 2-D (an SSM's per-group norm)
-    if gguf_type == "f16":
-        return T.F16
-    if gguf_type == "bf16":
-        return T.BF16
-    # q8_0 needs rows that are whole 32-value blocks; llama.cpp's converter falls back the same way.
-    return T.Q8_0 if shape[-1] % 32 == 0 else T.F16
-
-
-def _kept_f32(name: str) -> bool:
-    """The 2-D weights llama.cpp keeps in F32 whatever the file's type (its converter and its quantizer):
-    the MoE routers, the SSM convolution, Gemma 3n's AltUp coefficients. (Biases, 2-D for stacked experts,
-    stay F32 too.)"""
-    import gguf
-
-    routers = (
-        gguf.MODEL_TENSOR.FFN_GATE_INP,
-        gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
-        gguf.MODEL_TENSOR.SSM_CONV1D,
-        gguf.MODEL_TENSOR.ALTUP_CORRECT_COEF,
-        gguf.MODEL_TENSOR.ALTUP_PREDICT_COEF,
-    )
-    kinds = {gguf.TENSOR_NAMES[k].rsplit(".", 1)[-1] for k in routers}  # "ffn_gate_inp", ...
-    pieces = name.split(".")  # blk.N.KIND.weight
-    return len(pieces) > 2 and pieces[-2] in kinds
-
-
-def torch_dtype_for(qtype) -> torch.dtype:
-    """The dtype a tensor is merged into before encoding as `qtype` (quantized types start from fp32)."""
-    import gguf
-
-    T = gguf.GGMLQuantizationType
-    return {T.F16: torch.float16, T.BF16: torch.bfloat16}.get(qtype, torch.float32)
-
-
-def encode(t: torch.Tensor, qtype, name: str = "") -> np.ndarray:
-    """A torch tensor in the bytes GGUF stores for `qtype` (F32, F16, BF16 or Q8_0), as flat uint8.
-
-    F16 and BF16 are torch's round-to-nearest-even casts, the same values numpy and gguf-py produce; a cast
-    that would turn finite values into inf is refused (dtypes.cast_finite).
-    """
-    import gguf
-
-    T = gguf.GGMLQuantizationType
-    if qtype in (T.F32, T.F16, T.BF16):
-        return tensor_bytes(cast_finite(t, torch_dtype_for(qtype), name))
-    data = gguf.quants.quantize(t.float().contiguous().numpy(), qtype)
-    return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-
-
-def type_nbytes(shape: tuple[int, ...], qtype) -> int:
-    import gguf
-
-    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    n = 1
-    for d in shape:
-        n *= d
-    return n // block * type_size
 
 
 @dataclass(frozen=True)
@@ -304,10 +234,13 @@ class GGUFFile:
     def wait_for_room(self, nbytes: int) -> None:
         self._out.wait_for_room(nbytes)
 
-    def write(self, key: str, data: np.ndarray) -> None:
-        self._out.write_bytes(data)
-        if len(data) % self.align:
-            self._out.write_bytes(np.zeros(-len(data) % self.align, dtype=np.uint8))
+    def write(self, key: str, data: np.ndarray | list[np.ndarray]) -> None:
+        """One tensor's bytes (or its parts, one after another: encode_parts), padded to the alignment."""
+        parts = data if isinstance(data, list) else [data]
+        for part in parts:
+            self._out.write_bytes(part)
+        if size := sum(len(part) for part in parts) % self.align:
+            self._out.write_bytes(np.zeros(self.align - size, dtype=np.uint8))
 
     def close(self) -> dict[str, str]:
         self._out.close()
@@ -317,4 +250,13 @@ class GGUFFile:
         self._out.abort()
 
 
-__all__ = ["GGUFFile", "GGUFTensor", "gguf_head", "map_tensors", "encode", "rope_tensors", "torch_dtype_for"]
+__all__ = [
+    "GGUFFile",
+    "GGUFTensor",
+    "gguf_head",
+    "map_tensors",
+    "encode",
+    "encode_parts",
+    "rope_tensors",
+    "torch_dtype_for",
+]
