@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gguf_bench import add_sentencepiece, timed  # noqa: E402
+from gguf_moe_bench import ATTENTION, attention_adapter  # noqa: E402
 
 SHAPES = {
     "e2b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=30, vocab_size=262400,
@@ -31,7 +32,6 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=22, vocab_size=1000,
                  vocab_size_per_layer_input=900, num_kv_shared_layers=2),
 }  # fmt: skip
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def config(size: str) -> dict:
@@ -96,8 +96,6 @@ def shapes(c: dict) -> dict[str, tuple[int, ...]]:
 
 def build(work: Path, size: str, rank: int = 16) -> tuple[Path, Path, dict]:
     """The bf16 base and the attention adapter in work/; their paths and the shapes."""
-    from safetensors.torch import save_file
-
     from qmerge.io.safetensors import PlannedTensor, StreamingSafetensorsWriter
 
     base, adapter = work / "base-bf16", work / "adapter"
@@ -114,20 +112,14 @@ def build(work: Path, size: str, rank: int = 16) -> tuple[Path, Path, dict]:
             e.name, (torch.ones(e.shape) if ones else torch.randn(e.shape, generator=g) * 0.02).bfloat16()
         )
     w.close()
-    lora, shared = {}, c["num_hidden_layers"] - c["num_kv_shared_layers"]
-    for name, shape in table.items():
-        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-        if name.split(".")[-2] in ATTENTION and (
-            layer < shared or name.split(".")[-2] in ("q_proj", "o_proj")
-        ):
-            key = "base_model.model." + name.removesuffix(".weight")
-            lora[key + ".lora_A.weight"] = torch.randn(rank, shape[1], generator=g) / shape[1] ** 0.5
-            lora[key + ".lora_B.weight"] = torch.randn(shape[0], rank, generator=g) * 1e-3
-    adapter.mkdir()
-    save_file(lora, str(adapter / "adapter_model.safetensors"))
-    peft = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(ATTENTION),
-            "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base)}  # fmt: skip
-    (adapter / "adapter_config.json").write_text(json.dumps(peft))
+    shared = c["num_hidden_layers"] - c["num_kv_shared_layers"]  # the shared layers have no keys or values
+    names = [
+        n
+        for n in table
+        if n.split(".")[-2] in ATTENTION
+        and (int(n.split(".")[2]) < shared or n.split(".")[-2] in ("q_proj", "o_proj"))
+    ]
+    attention_adapter(adapter, base, names, table, rank, g)
     add_sentencepiece(base)
     return base, adapter, table
 

@@ -56,7 +56,6 @@ def _shapes(s: dict, layers: int) -> dict[str, tuple[int, ...]]:
 
 def build(work: Path, size: str, layers: int, rank: int = 16) -> tuple[Path, Path, int]:
     """The bf16 base and the attention adapter in work/; their paths and the parameter count."""
-    from safetensors.torch import save_file
     from transformers import MixtralConfig
 
     from qmerge.io.safetensors import PlannedTensor, StreamingSafetensorsWriter
@@ -76,19 +75,25 @@ def build(work: Path, size: str, layers: int, rank: int = 16) -> tuple[Path, Pat
             e.name, (torch.ones(e.shape) if norm else torch.randn(e.shape, generator=g) * 0.02).bfloat16()
         )
     w.close()
+    attention_adapter(adapter, base, [n for n in shapes if n.split(".")[-2] in ATTENTION], shapes, rank, g)
+    add_sentencepiece(base)
+    return base, adapter, sum(torch.Size(v).numel() for v in shapes.values())
+
+
+def attention_adapter(adapter: Path, base: Path, names: list[str], shapes: dict, rank: int, g) -> None:
+    """A rank-`rank` PEFT LoRA on the weights `names` (attention projections) of `base`, written to `adapter`."""
+    from safetensors.torch import save_file
+
     lora = {}
-    for name, shape in shapes.items():
-        if name.split(".")[-2] in ATTENTION:
-            key = "base_model.model." + name.removesuffix(".weight")
-            lora[key + ".lora_A.weight"] = torch.randn(rank, shape[1], generator=g) / shape[1] ** 0.5
-            lora[key + ".lora_B.weight"] = torch.randn(shape[0], rank, generator=g) * 1e-3
+    for name in names:
+        shape, key = shapes[name], "base_model.model." + name.removesuffix(".weight")
+        lora[key + ".lora_A.weight"] = torch.randn(rank, shape[1], generator=g) / shape[1] ** 0.5
+        lora[key + ".lora_B.weight"] = torch.randn(shape[0], rank, generator=g) * 1e-3
     adapter.mkdir()
     save_file(lora, str(adapter / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(ATTENTION),
               "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base)}  # fmt: skip
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    add_sentencepiece(base)
-    return base, adapter, sum(torch.Size(v).numel() for v in shapes.values())
 
 
 def main() -> None:
