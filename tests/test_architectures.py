@@ -158,3 +158,25 @@ def test_4bit_layers_of_a_tied_model_are_those_transformers_quantizes(tmp_path):
     theirs = {n + ".weight" for n, m in loaded.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     ours = quantized_linears(json.loads((tmp_path / "config.json").read_text()))
     assert ours == theirs and "model.altup_unembed_projections.2.weight" in ours
+
+
+def test_a_package_the_model_class_needs_is_named():
+    """Gemma 3n as released (its vision tower is timm's): where timm is missing, the message names the
+    packages to install, not config.json."""
+    import importlib.util
+
+    from qmerge.errors import InputError
+    from qmerge.io.hf_meta import meta_model
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here")
+    text = {**COMMON, "model_type": "gemma3n_text", "num_key_value_heads": 2, "head_dim": 16}
+    text |= dict(num_kv_shared_layers=0, layer_types=["sliding_attention", "full_attention"])
+    text["activation_sparsity_pattern"] = [0.0, 0.0]
+    config = {
+        "architectures": ["Gemma3nForConditionalGeneration"],
+        "model_type": "gemma3n",
+        "text_config": text,
+    }
+    with pytest.raises(InputError, match=r"transformers needs .*timm.* pip install .*timm"):
+        meta_model(config)

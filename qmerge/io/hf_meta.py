@@ -40,6 +40,14 @@ def _meta_model(config_json: str):
             return build_model(config, hf_config)
     except QmergeError:
         raise
+    except ImportError as e:  # a package the model's class needs (Gemma 3n's vision tower: timm, pillow)
+        import re
+
+        needs = list(dict.fromkeys(re.findall(r"`pip install ([\w.\-]+)`", str(e)))) or [str(e).strip()]
+        raise InputError(
+            f"transformers needs {', '.join(needs)} to build a {config.get('model_type')} model, and this "
+            f"machine lacks {'them' if len(needs) > 1 else 'it'}: pip install {' '.join(needs)}, then run again."
+        ) from e
     except Exception as e:  # noqa: BLE001
         raise InputError(
             f"config.json: transformers cannot build a {config.get('model_type')} model from it "
