@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf_bench import add_sentencepiece, timed  # noqa: E402
-from gguf_moe_bench import ATTENTION, attention_adapter  # noqa: E402
+from gguf_bench import add_sentencepiece  # noqa: E402
+from gguf_moe_bench import ATTENTION, attention_adapter, timed_gguf_export  # noqa: E402
 
 SHAPES = {
     "e2b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=30, vocab_size=262400,
@@ -138,25 +138,13 @@ def main() -> None:
         bytes_per = {"f32": 4, "q8_0": 4}.get(args.gguf_type, 2)  # merged in: q8_0 from fp32
         largest = c["vocab_size"] * c["num_hidden_layers"] * 256 * bytes_per  # the padded per-layer table
         out = work / "qmerge.gguf"
-        cmd = [
-            "export",
-            str(adapter),
-            "--base",
-            str(base),
-            "--to",
-            "gguf",
-            "--gguf-type",
-            args.gguf_type,
-            "-o",
-            str(out),
-        ]
         result: dict = {
             "size": args.size,
             "parameters": sum(torch.Size(v).numel() for v in table.values()),
             "largest_tensor_gib": largest / 2**30,
             "base_gib": sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**30,
             "gguf_type": args.gguf_type,
-            "qmerge_export": timed([adapter, base], "cold", "qmerge.cli", *cmd),
+            "qmerge_export": timed_gguf_export(adapter, base, out, args.gguf_type),
         }
         if out.exists():
             result["gguf_gib"] = out.stat().st_size / 2**30

@@ -96,6 +96,23 @@ def attention_adapter(adapter: Path, base: Path, names: list[str], shapes: dict,
     (adapter / "adapter_config.json").write_text(json.dumps(config))
 
 
+def timed_gguf_export(adapter: Path, base: Path, out: Path, gguf_type: str) -> dict:
+    """`qmerge export ADAPTER --base BASE --to gguf` in a fresh process, inputs cold: timed()'s figures."""
+    cmd = [
+        "export",
+        str(adapter),
+        "--base",
+        str(base),
+        "--to",
+        "gguf",
+        "--gguf-type",
+        gguf_type,
+        "-o",
+        str(out),
+    ]
+    return timed([adapter, base], "cold", "qmerge.cli", *cmd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="8x7b", choices=sorted(SHAPES))
@@ -110,25 +127,13 @@ def main() -> None:
         s = SHAPES[args.size]
         stack = s["num_local_experts"] * s["intermediate_size"] * s["hidden_size"] * 2  # f16 bytes
         out = work / "qmerge.gguf"
-        cmd = [
-            "export",
-            str(adapter),
-            "--base",
-            str(base),
-            "--to",
-            "gguf",
-            "--gguf-type",
-            "f16",
-            "-o",
-            str(out),
-        ]
         result: dict = {
             "size": args.size,
             "layers": args.layers,
             "parameters": n,
             "largest_stack_gib": stack / 2**30,
             "base_gib": sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**30,
-            "qmerge_export_f16": timed([adapter, base], "cold", "qmerge.cli", *cmd),
+            "qmerge_export_f16": timed_gguf_export(adapter, base, out, "f16"),
         }
         result["gguf_bytes"] = {"qmerge": out.stat().st_size}
         if args.converter:

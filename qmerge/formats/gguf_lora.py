@@ -19,6 +19,7 @@ import numpy as np
 from .. import __version__
 from ..errors import UnsupportedError
 from ..io.atomic import atomic_dir, describe_files
+from ..io.gguf.arch import Architecture, HParams
 from ..io.gguf.families import architecture_of
 from ..io.gguf.vlm import note_text_only
 from ..io.gguf.writer import map_tensors
@@ -36,7 +37,7 @@ from .write import data_file, provenance_of
 ADAPTER_FILE, MODELFILE = "adapter.gguf", "Modelfile"
 
 
-def refuse_unsupported(source: Source) -> None:
+def refuse_unsupported(source: Source, arch: Architecture, hp: HParams) -> None:
     """What a llama.cpp LoRA adapter cannot carry, as one message that points to the merge route."""
     layout, why = source.layout, []
     if any(m.magnitude for m in layout.lora.values()):
@@ -53,7 +54,6 @@ def refuse_unsupported(source: Source) -> None:
         why.append("fan_in_fan_out layers")
     if layout.params:
         why.append(f"LoRA on parameters (target_parameters: {sorted(layout.params)[0]}, ...)")
-    arch, hp = architecture_of(source.config)
     if pieces := sorted(m.weight for m in layout.lora.values() if arch.stack_of(m.weight, hp)):
         why.append(
             f"LoRA on single experts or projections ({pieces[0]}, ...: llama.cpp holds each layer's experts, "
@@ -137,8 +137,9 @@ def write_gguf_lora(
     start = time.perf_counter()
     base_type = check_type(base_type)
     # an architecture llama.cpp runs (else the route), before anything else
-    note_text_only(architecture_of(source.config)[0], source)
-    refuse_unsupported(source)
+    arch, hp = architecture_of(source.config)
+    note_text_only(arch, source)
+    refuse_unsupported(source, arch, hp)
     base = Source(source.base, None, source.quant, "dequantized")
     base_name = f"base-{base_type}.gguf"
     with atomic_dir(Path(out), force, source.inputs(), not_written_by_qmerge) as tmp:

@@ -121,18 +121,15 @@ FAMILIES = {
 FAMILIES["gemma3n_text"] = dict(
     num_hidden_layers=22,
     num_kv_shared_layers=2,
-    layer_types=["sliding_attention"] * 4 + ["full_attention"],
+    layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 4
+    + ["sliding_attention", "full_attention"],
     laurel_rank=64,
     hidden_size_per_layer_input=256,
     vocab_size_per_layer_input=256,
     activation_sparsity_pattern=[0.95] * 10 + [0.0] * 12,
     sliding_window=8,
-    intermediate_size=2048,  # (see test_gguf_families: llama.cpp's sparsity cutoff differs from it by 1/2n)
+    intermediate_size=2048,  # (see test_gguf_gemma3n: llama.cpp's sparsity cut-off differs from it by 1/2n)
 )
-FAMILIES["gemma3n_text"]["layer_types"] = FAMILIES["gemma3n_text"]["layer_types"] * 4 + [
-    "sliding_attention",
-    "full_attention",
-]
 MOE["jamba"] = dict(  # Mamba layers and attention layers (1, 3), experts in every other layer (1, 3)
     num_hidden_layers=4,
     num_experts=4,

@@ -69,9 +69,8 @@ def encode(t: torch.Tensor, qtype, name: str = "") -> np.ndarray:
     return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
 
-_PART = (
-    64 << 20
-)  # the fp32 bytes quantized at a time (gguf-py's quantizer makes temporaries of its input's size)
+# the fp32 bytes quantized at a time (gguf-py's quantizer makes temporaries the size of its input)
+_PART = 64 << 20
 
 
 def encode_parts(t: torch.Tensor, qtype, name: str = "", rows: int | None = None) -> list[np.ndarray]:
@@ -81,15 +80,12 @@ def encode_parts(t: torch.Tensor, qtype, name: str = "", rows: int | None = None
     copies of the first (Gemma 3n's per-layer table, shorter than the vocabulary llama.cpp holds it for)."""
     import gguf
 
+    T = gguf.GGMLQuantizationType
     n = t.shape[0] if t.dim() else 1
-    if qtype in (
-        gguf.GGMLQuantizationType.F32,
-        gguf.GGMLQuantizationType.F16,
-        gguf.GGMLQuantizationType.BF16,
-    ):
-        parts = [encode(t, qtype, name)]
+    if t.dim() < 2 or qtype in (T.F32, T.F16, T.BF16):
+        parts = [encode(t, qtype, name)]  # (a view of the tensor's own bytes where its dtype is the type's)
     else:
-        step = max(1, _PART // max(1, 4 * t[0].numel())) if t.dim() > 1 else n
+        step = max(1, _PART // max(1, 4 * t[0].numel()))
         parts = [encode(t[i : i + step], qtype, name) for i in range(0, n, step)]
     if rows is not None and rows > n:
         parts.append(np.tile(encode(t[:1], qtype, name), rows - n))
