@@ -210,7 +210,27 @@ def test_projectors_encode_images_in_llama_cpp(tmp_path, projector_models, name)
     )
     assert report.details["mmproj"]["gguf_type"] == "f16"  # llama.cpp's quantizer does not take projectors
     got = image_embeddings(tmp_path / "m.gguf", tmp_path / "p.gguf", np.tile(IMAGE, (2, 2, 1)))
+    if name == "mistral3_vlm":
+        got = _without_break_rows(got, tmp_path / "p.gguf")
     assert got.shape[0] > 0 and got.shape[1] == 64 and np.isfinite(got).all() and np.abs(got).max() > 0
+
+
+def _without_break_rows(got: np.ndarray, mmproj: Path) -> np.ndarray:
+    """Pixtral's image rows, the [IMG_BREAK] row after each row of patches checked and taken out. llama.cpp
+    0.3.36 builds those rows as `0 * (a new, unset tensor) + img_break`: the stored row where the memory it
+    reuses holds finite numbers, NaN where it holds NaN or inf (seen in one CI run). qmerge's file is not at
+    fault, so a break row passes when every finite value is the stored row's."""
+    import gguf
+
+    (row,) = [t.data for t in gguf.GGUFReader(str(mmproj)).tensors if t.name == "v.token_embd.img_break"]
+    side = round(
+        (-1 + (5 + 4 * len(got)) ** 0.5) / 2
+    )  # a square image: side * side patches + side - 1 breaks
+    assert side * side + side - 1 == len(got), got.shape
+    breaks = [(k + 1) * (side + 1) - 1 for k in range(side - 1)]
+    for i in breaks:
+        assert np.where(np.isfinite(got[i]), got[i] == row, True).all(), i
+    return np.delete(got, breaks, axis=0)
 
 
 def test_projector_refusals_before_any_work(tmp_path, projector_models, vlm_models, arch_adapters):
