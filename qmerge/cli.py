@@ -449,7 +449,7 @@ def merge(
 @click.option(
     "--data",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSONL as qmerge train reads it (the held-out split): drift on its response tokens.",
+    help="JSONL as qmerge train reads it (the held-out split), or chats with images: drift on its response tokens.",
 )
 @click.option(
     "--generate",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, UnsupportedError
 
 IGNORE = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -43,6 +43,28 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def messages_of(row: dict) -> list:
+    """A chat record's messages: `messages`, or TRL's conversational prompt + completion."""
+    msgs = row.get("messages")
+    if msgs is None and isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
+        msgs = row["prompt"] + row["completion"]
+    return msgs if isinstance(msgs, list) else []
+
+
+def image_parts(message) -> list[dict]:
+    content = message.get("content") if isinstance(message, dict) else None
+    return (
+        [p for p in content if isinstance(p, dict) and p.get("type") == "image"]
+        if isinstance(content, list)
+        else []
+    )
+
+
+def has_images(row: dict) -> bool:
+    """Whether a record holds images (image parts in its messages, or TRL's `images` column)."""
+    return bool(row.get("images")) or any(image_parts(m) for m in messages_of(row))
+
+
 def _spans_tokenize(tokenizer, text: str, spans: list[tuple[int, int]], max_len: int) -> dict:
     """Tokenize text; labels are the token ids inside the character spans, -100 elsewhere."""
     enc = tokenizer(
@@ -60,7 +82,13 @@ class NoResponse(InputError):
 
 
 def encode_record(row: dict, tokenizer, max_len: int, where: str) -> dict:
-    """One training example: input_ids and labels (loss on responses only for chat and instruction data)."""
+    """One training example: input_ids and labels (loss on responses only for chat and instruction data).
+    Records with images are refused: a tokenizer's chat template would drop the images silently."""
+    if has_images(row):
+        raise UnsupportedError(
+            f"{where}: this record holds images; qmerge train and --calibrate read text records only "
+            "(check --data scores records with images through the model's processor)."
+        )
     eos = tokenizer.eos_token or ""
     if "messages" in row:
         msgs = row["messages"]

@@ -39,11 +39,12 @@ def reference_unmerged(
     tokens: torch.Tensor = TOKENS,
     original: bool = False,
     model_class=None,
+    inputs: dict | None = None,
     **load,
 ) -> torch.Tensor:
     """fp32 logits of base + adapter unmerged: 4-bit base quantized by bitsandbytes and dequantized by it.
-    `model_class`: the auto class training built (default AutoModelForCausalLM); `load`: more
-    from_pretrained arguments (num_labels for a classifier)."""
+    `model_class`: the auto class training built (default AutoModelForCausalLM); `inputs`: more forward
+    inputs (a processor's pixel values); `load`: more from_pretrained arguments (num_labels for a classifier)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -61,7 +62,7 @@ def reference_unmerged(
         model = model.dequantize().float()
     model = PeftModel.from_pretrained(model, str(adapter)).eval()
     with torch.no_grad():
-        return model(input_ids=tokens).logits.float()
+        return model(input_ids=tokens, **(inputs or {})).logits.float()
 
 
 def logits_of(model_dir: Path, tokens: torch.Tensor = TOKENS, model_class=None) -> torch.Tensor:

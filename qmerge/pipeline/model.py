@@ -213,15 +213,17 @@ _ON_CPU: dict[type, type] = {}
 def _report_execution_device(model) -> None:
     """Models whose forward moves tensors to `self.device` (Idefics3's embeddings, Llama 4) would move them
     to the meta device, where an offloaded model's parameters live: each transformers model in the tree
-    reports the CPU, where the hooks run it."""
+    reports the CPU, where the hooks run it. The subclass keeps the class's module and name: transformers
+    looks a model's recordable outputs up by them (the hidden states LLaVA takes its image features from)."""
     from transformers import PreTrainedModel
 
     for m in model.modules():
         if isinstance(m, PreTrainedModel):
             cls = type(m)
             if cls not in _ON_CPU:
+                names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
                 _ON_CPU[cls] = type(
-                    cls.__name__, (cls,), {"device": property(lambda self: torch.device("cpu"))}
+                    cls.__name__, (cls,), {**names, "device": property(lambda self: torch.device("cpu"))}
                 )
             m.__class__ = _ON_CPU[cls]
 

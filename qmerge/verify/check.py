@@ -154,8 +154,8 @@ class Session:
         self.data_scored = opts.data is not None  # False: --data held prompts only (see _data_batch)
         main = self._data_batch(text) if opts.data else text
         self.main, self.text = chunks(main, logits), chunks(text, logits)
-        self.ref = reference.spill(self.main)
         self.asked = prompts(self.tokenizer, opts.data, opts.generate) if opts.generate and opts.data else []
+        self.ref = reference.spill(self.main)
         self.ref_answers = (
             reference.complete(self.tokenizer, self.asked, opts.max_new_tokens) if self.asked else []
         )
@@ -166,7 +166,9 @@ class Session:
         --generate only, and the drift is then measured on text, as said in the warnings."""
         opts = self.opts
         try:
-            return data_batch(self.tokenizer, opts.data, max(opts.seq_len, 512), opts.max_seqs)
+            return data_batch(
+                self.tokenizer, opts.data, max(opts.seq_len, 512), opts.max_seqs, processor=self._processor
+            )
         except NoResponse:
             if not opts.generate or opts.probe_quant:
                 raise
@@ -176,6 +178,12 @@ class Session:
         )
         self.data_scored = False
         return text
+
+    def _processor(self):
+        """The processor that prepares --data's images (the adapter's, else the base's)."""
+        from .images import load_processor
+
+        return load_processor(self.source.adapter.path, self.source.base.path)
 
     def _base(self) -> Runner:
         """The base model without the adapter: the weights training saw."""
@@ -190,6 +198,12 @@ class Session:
         """The candidate in its engine (a GGUF with `lora`, else the check's --lora, applied)."""
         lora = lora or self.opts.lora
         if kind == "gguf":
+            if self.main[0].inputs:
+                raise UnsupportedError(
+                    f"{path}: a GGUF candidate runs in llama.cpp on token ids, and qmerge does not feed it "
+                    f"images: check the merged folder on {self.opts.data} (the records with images), and the "
+                    "GGUF on text (--data with text records, or --text)."
+                )
             self._same_vocabulary(path, llama_cpp.gguf_vocab_size(path))
             return Runner("candidate", gguf=path, progress=self.progress, lora=lora)
         if lora is not None:
@@ -248,7 +262,7 @@ class Session:
         for i, part in enumerate(self.main):
             d.add(
                 self.ref.get(i)[part.scored],
-                model_logits(model, part.tokens)[part.scored],
+                model_logits(model, part.tokens, part.extra)[part.scored],
                 part.targets[part.scored],
             )
         return d.metrics()

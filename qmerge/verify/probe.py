@@ -103,7 +103,7 @@ def record_losses(model, parts: list[Batch]) -> tuple[torch.Tensor, torch.Tensor
     """(summed negative log-likelihood of each record's scored next tokens, their count), fp64."""
     sums, counts = [], []
     for part in parts:
-        out = logits(model, part.tokens)
+        out = logits(model, part.tokens, part.extra)
         known = part.scored & (part.targets >= 0)
         nll = torch.nn.functional.cross_entropy(
             out.transpose(1, 2).double(), part.targets.clamp(min=0), reduction="none"

@@ -20,10 +20,13 @@ from ..pipeline.model import model_class_of, quiet_libraries
 from ..pipeline.source import quant_settings_for, resolve_base_path
 
 
-def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    """fp32 logits [n, seq, vocab] of a transformers model for token ids [n, seq], one sequence at a time."""
+def model_logits(model, tokens: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+    """fp32 logits [n, seq, vocab] of a transformers model for token ids [n, seq], one sequence at a time
+    (`inputs`: a one-sequence part's images)."""
     with torch.no_grad():
-        return torch.cat([model(input_ids=tokens[i : i + 1]).logits.float() for i in range(len(tokens))])
+        return torch.cat(
+            [model(input_ids=tokens[i : i + 1], **(inputs or {})).logits.float() for i in range(len(tokens))]
+        )
 
 
 def bnb_config(q: QuantSettings, compute=torch.float32):

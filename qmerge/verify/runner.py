@@ -23,8 +23,9 @@ Progress = Callable[[str, int, int], None]
 
 
 def chunks(batch: Batch, vocab: int) -> list[Batch]:
-    """The sequences in chunks whose logits [k, seq, vocab] fit LOGITS_BUDGET (at least one sequence)."""
-    per = max(1, LOGITS_BUDGET // (batch.tokens.shape[1] * vocab * 4))
+    """The sequences in chunks whose logits [k, seq, vocab] fit LOGITS_BUDGET (at least one sequence);
+    sequences with images one at a time (their image inputs are per sequence)."""
+    per = 1 if batch.inputs else max(1, LOGITS_BUDGET // (batch.tokens.shape[1] * vocab * 4))
     return [batch.part(i, i + per) for i in range(0, len(batch), per)]
 
 
@@ -65,6 +66,7 @@ class Runner:
         """Logits of each chunk, with (phase, layer) progress and tokens per second on the way."""
         if self.gguf is not None:
             for part in parts:
+                assert not part.inputs, "a GGUF candidate is refused image data (Session.candidate)"
                 yield llama_cpp.gguf_logits(self.gguf, part.tokens, part.lengths, self.lora)
             return
         hooks = report_layers(self.model, self.phase, self.progress)
@@ -72,7 +74,7 @@ class Runner:
         done, start, total = 0, time.perf_counter(), sum(sum(p.lengths) for p in parts)
         try:
             for part in parts:
-                yield run(self.model, part.tokens)
+                yield run(self.model, part.tokens, part.extra)
                 done += sum(part.lengths)
                 if self.progress:
                     rate = done / (time.perf_counter() - start)

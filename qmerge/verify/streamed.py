@@ -109,10 +109,11 @@ def report_layers(model, phase: str, progress: Progress | None) -> list:
     ]
 
 
-def logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    """fp32 logits [n, seq, vocab] of token ids [n, seq], all sequences in one forward (each module's
-    weights are made once per call); a sequence classifier's [n, seq, labels] (forward_logits)."""
-    return forward_logits(model, tokens).float()
+def logits(model, tokens: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+    """fp32 logits [n, seq, vocab] of token ids [n, seq] (and `inputs`: a record's images), all sequences in
+    one forward (each module's weights are made once per call); a sequence classifier's [n, seq, labels]
+    (forward_logits)."""
+    return forward_logits(model, tokens, inputs).float()
 
 
 def classifier_of_model(model):
@@ -129,7 +130,7 @@ def classifier_of_model(model):
     )
 
 
-def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+def forward_logits(model, tokens: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
     """The model's logits on token ids: a language model's next-token logits [n, seq, vocab]; a sequence
     classifier's class logits at every position [n, seq, labels], its head's output before transformers
     pools the last token: the classification of each prefix (a causal model's last-token pooling is that
@@ -137,7 +138,7 @@ def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     classifier = classifier_of_model(model)
     with torch.no_grad():
         if classifier is None:
-            return model(input_ids=tokens).logits
+            return model(input_ids=tokens, **(inputs or {})).logits
         head = next(m for n, m in classifier.named_children() if n in ("score", "classifier"))
         seen: list[torch.Tensor] = []
         hook = head.register_forward_hook(lambda _m, _i, out: seen.append(out))

@@ -4,13 +4,15 @@ token scored, since that is where a fine-tune lives."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..data import IGNORE, NoResponse, encode_record, prompt_and_answer, read_jsonl
-from ..errors import InputError
+from ..data import IGNORE, NoResponse, encode_record, has_images, prompt_and_answer, read_jsonl
+from ..errors import InputError, UnsupportedError
+from .images import encode_image_records
 
 DEFAULT_TEXT = (
     "QLoRA fine-tunes a large language model cheaply: the base weights are frozen in 4-bit NormalFloat, and "
@@ -33,12 +35,29 @@ class Batch:
     lengths: list[int]
     targets: torch.Tensor  # [n, L]
     scored: torch.Tensor  # [n, L] bool
+    inputs: tuple[dict, ...] | None = None  # each sequence's other model inputs (images), if any
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def part(self, i: int, j: int) -> Batch:
-        return Batch(self.tokens[i:j], self.lengths[i:j], self.targets[i:j], self.scored[i:j])
+        if self.inputs is None:
+            return Batch(self.tokens[i:j], self.lengths[i:j], self.targets[i:j], self.scored[i:j])
+        # sequences with images run one at a time, unpadded: their inputs are per sequence
+        assert j == i + 1, "sequences with images are run one at a time"
+        k = self.lengths[i]
+        return Batch(
+            self.tokens[i:j, :k],
+            self.lengths[i:j],
+            self.targets[i:j, :k],
+            self.scored[i:j, :k],
+            self.inputs[i:j],
+        )
+
+    @property
+    def extra(self) -> dict:
+        """The model inputs besides the token ids: a one-sequence part's images (pixel values, sizes)."""
+        return self.inputs[0] if self.inputs else {}
 
 
 def make_tokens(
@@ -65,18 +84,26 @@ def text_batch(tokenizer, vocab_size: int, text: str | None, seq_len: int = 128,
     return Batch(tokens, [tokens.shape[1]] * len(tokens), targets, torch.ones_like(tokens, dtype=torch.bool))
 
 
-def data_batch(tokenizer, path: Path, seq_len: int = 512, max_records: int = 8) -> Batch:
+def data_batch(
+    tokenizer, path: Path, seq_len: int = 512, max_records: int = 8, processor: Callable | None = None
+) -> Batch:
     """The first max_records records of a JSONL file, tokenized as `qmerge train` does; the positions that
-    predict a response token (a trained label) are scored."""
+    predict a response token (a trained label) are scored. Records with images are prepared by the model's
+    processor (`processor()` loads it; images.py), each with its image inputs."""
     if tokenizer is None:
         raise InputError("--data needs the model's tokenizer (tokenizer.json in the adapter or the base).")
     rows = read_jsonl(path)[:max_records]
-    encoded = []
-    for i, row in enumerate(rows, 1):
-        try:
-            encoded.append(encode_record(row, tokenizer, seq_len, f"{path}:{i}"))
-        except NoResponse:
-            continue  # a prompt without its answer: for --generate, nothing to score here
+    if any(has_images(row) for row in rows):
+        if processor is None:
+            raise InputError(f"{path}: records with images are scored by a transformers model, not here.")
+        encoded = encode_image_records(rows, processor(), path)
+    else:
+        encoded = []
+        for i, row in enumerate(rows, 1):
+            try:
+                encoded.append(encode_record(row, tokenizer, seq_len, f"{path}:{i}"))
+            except NoResponse:
+                continue  # a prompt without its answer: for --generate, nothing to score here
     encoded = [e for e in encoded if any(label != IGNORE for label in e["labels"][1:])]
     if not encoded:
         raise NoResponse(
@@ -92,7 +119,8 @@ def data_batch(tokenizer, path: Path, seq_len: int = 512, max_records: int = 8) 
         tokens[i, :k] = torch.tensor(e["input_ids"])
         labels = torch.tensor(e["labels"][1:] + [IGNORE])
         targets[i, :k] = torch.where(labels == IGNORE, -1, labels)
-    return Batch(tokens, [len(e["input_ids"]) for e in encoded], targets, targets >= 0)
+    inputs = tuple(e["inputs"] for e in encoded) if "inputs" in encoded[0] else None
+    return Batch(tokens, [len(e["input_ids"]) for e in encoded], targets, targets >= 0, inputs)
 
 
 def prompts(tokenizer, path: Path, n: int) -> list[tuple[dict, str, str | None]]:
@@ -100,6 +128,11 @@ def prompts(tokenizer, path: Path, n: int) -> list[tuple[dict, str, str | None]]
     rows = read_jsonl(path)
     out = []
     for i, row in enumerate(rows, 1):
+        if has_images(row):
+            raise UnsupportedError(
+                f"{path}:{i}: --generate compares text completions, and this record holds images: run "
+                "--generate with text records (without --generate, check scores the records with images)."
+            )
         try:
             prompt, answer = prompt_and_answer(row, tokenizer)
         except InputError as e:

@@ -1,0 +1,184 @@
+"""`check --data` with image+text records on a vision-language fine-tune (a tiny LLaVA whose adapter also
+changes the vision tower): the records prepared by the model's processor, the reference equal to PEFT's
+unmerged forward over the NF4 base on the same token ids and pixel values, and what images catch that text
+cannot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qmerge.api import check, export, merge
+from qmerge.cli import cli
+from qmerge.errors import InputError, UnsupportedError
+from tests.verify.image_data import image_records, tiny_llava
+
+pytest.importorskip("PIL")
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    """{base, adapter, merged (fp32), text_only (merged without the vision tower's LoRA), data, trl}."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("llava")
+    base, adapter = tiny_llava(root)
+    merge(adapter, root / "merged", base=base, dtype="fp32")
+    language_only = root / "adapter_language_only"
+    shutil.copytree(adapter, language_only)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    kept = {k: v for k, v in tensors.items() if "vision_tower" not in k}
+    assert len(kept) < len(tensors)
+    save_file(kept, language_only / "adapter_model.safetensors")
+    merge(language_only, root / "text_only", base=base, dtype="fp32")
+    return dict(
+        base=base,
+        adapter=adapter,
+        merged=root / "merged",
+        text_only=root / "text_only",
+        data=image_records(root / "data"),
+        trl=image_records(root / "trl", trl_column=True),
+    )
+
+
+def test_reference_with_images_is_pefts_unmerged_forward(llava):
+    """The streamed reference, fed the processor's token ids and pixel values, gives PEFT's logits over the
+    base bitsandbytes quantizes (vision tower included), and the scored positions are the answer's."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from qmerge.pipeline.source import open_checkpoint
+    from qmerge.verify.images import load_processor
+    from qmerge.verify.runner import chunks
+    from qmerge.verify.streamed import logits, streamed_reference
+    from qmerge.verify.tokens import data_batch
+    from tests.helpers import reference_unmerged
+
+    processor = AutoProcessor.from_pretrained(llava["base"])
+    batch = data_batch(processor.tokenizer, llava["data"], processor=lambda: load_processor(llava["base"]))
+    assert batch.inputs is not None and len(batch) == 2
+    model = streamed_reference(open_checkpoint(llava["adapter"], llava["base"], None, "dequantized"))
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for part in chunks(batch, 320):
+        assert (part.tokens == image_token).sum() == 4  # the processor put the image's 4 tokens in
+        assert set(part.extra) == {"pixel_values"}
+        got = logits(model, part.tokens, part.extra)
+        want = reference_unmerged(
+            llava["adapter"],
+            llava["base"],
+            part.tokens,
+            model_class=LlavaForConditionalGeneration,
+            inputs=part.extra,
+        )
+        assert (got - want).abs().max() < 1e-4
+        answer = processor.tokenizer.decode(part.targets[part.scored])
+        assert answer.startswith(("a quick brown fox", "red and blue"))
+
+
+@pytest.mark.parametrize("records", ["data", "trl"])
+def test_check_on_image_records(llava, records):
+    """The exact merge passes on image records (an image part's path, or TRL's images column); a merge that
+    lost the vision tower's LoRA is far off on them, while on text the two are the same."""
+    exact = check(llava["adapter"], llava["merged"], base=llava["base"], data=llava[records])
+    assert (
+        exact.passed
+        and exact.metrics.max_abs_logit_diff < 1e-5
+        and exact.extra["data"] == str(llava[records])
+    )
+    lost = check(llava["adapter"], llava["text_only"], base=llava["base"], data=llava[records])
+    on_text = check(llava["adapter"], llava["text_only"], base=llava["base"])
+    assert on_text.metrics.max_abs_logit_diff < 1e-5  # text never reaches the vision tower
+    assert lost.metrics.max_abs_logit_diff > 100 * max(exact.metrics.max_abs_logit_diff, 1e-6)
+    assert lost.metrics.mean_kl > 1000 * max(exact.metrics.mean_kl, 1e-12)
+
+
+def test_check_cli_json_on_image_records(llava):
+    r = CliRunner().invoke(
+        cli,
+        [
+            "check",
+            str(llava["adapter"]),
+            "--candidate",
+            str(llava["merged"]),
+            "--base",
+            str(llava["base"]),
+            "--data",
+            str(llava["data"]),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["passed"] and report["data"] == str(llava["data"]) and report["metrics"]["n_tokens"] > 0
+    missing = llava["data"].parent / "missing.jsonl"
+    missing.write_text(llava["data"].read_text().replace("img0.png", "gone.png"))
+    r = CliRunner().invoke(
+        cli,
+        [
+            "check",
+            str(llava["adapter"]),
+            "--candidate",
+            str(llava["merged"]),
+            "--base",
+            str(llava["base"]),
+            "--data",
+            str(missing),
+        ],
+    )
+    assert r.exit_code == 1 and "gone.png does not exist" in r.output and "Traceback" not in r.output
+
+
+def test_image_records_refused_with_the_reason(llava, tmp_path):
+    """What check cannot do with image records is refused before any model runs, with what to do."""
+    args = (llava["adapter"], llava["merged"])
+    with pytest.raises(UnsupportedError, match="compares text completions"):
+        check(*args, base=llava["base"], data=llava["data"], generate=1)
+    gguf = tmp_path / "m.gguf"
+    export(llava["adapter"], "gguf", gguf, base=llava["base"])
+    with pytest.raises(UnsupportedError, match="does not feed it\\s+images"):
+        check(llava["adapter"], gguf, base=llava["base"], data=llava["data"])
+    missing = tmp_path / "missing.jsonl"
+    row = json.loads(llava["data"].read_text().splitlines()[0])
+    row["messages"][0]["content"][0]["path"] = "nowhere.png"
+    missing.write_text(json.dumps(row) + "\n")
+    with pytest.raises(InputError, match=r"missing.jsonl:1: the image .*nowhere.png does not exist"):
+        check(*args, base=llava["base"], data=missing)
+    extra = llava["data"].parent / "extra.jsonl"  # beside the images
+    row = json.loads(llava["data"].read_text().splitlines()[0])
+    extra.write_text(json.dumps({**row, "images": ["img1.png"]}) + "\n")
+    with pytest.raises(InputError, match="1 more image"):
+        check(*args, base=llava["base"], data=extra)
+    plain = tmp_path / "base_without_processor"
+    shutil.copytree(llava["base"], plain)
+    (plain / "processor_config.json").unlink()
+    with pytest.raises(InputError, match="has the processor that prepares them"):
+        check(*args, base=plain, data=llava["data"])
+
+
+def test_text_records_still_tokenized_as_train_does(llava):
+    """A file without images keeps the text path (no processor, sequences batched)."""
+    from transformers import AutoTokenizer
+
+    from qmerge.verify.tokens import data_batch
+
+    text = llava["data"].parent / "text.jsonl"
+    text.write_text(json.dumps({"prompt": "what is in the picture?", "completion": " a fox"}) + "\n")
+    batch = data_batch(
+        AutoTokenizer.from_pretrained(llava["base"]), text, processor=lambda: pytest.fail("no")
+    )
+    assert batch.inputs is None and batch.scored.any() and torch.equal(batch.part(0, 1).tokens, batch.tokens)
+
+
+def test_train_and_calibration_refuse_records_with_images(llava):
+    """qmerge train and --calibrate tokenize with the tokenizer's chat template, which would drop the images
+    without a word: such records are refused by their line."""
+    from transformers import AutoTokenizer
+
+    from qmerge.data import encode_record, read_jsonl
+
+    row = read_jsonl(llava["trl"])[0]
+    with pytest.raises(UnsupportedError, match=r"data.jsonl:1: this record holds images"):
+        encode_record(row, AutoTokenizer.from_pretrained(llava["base"]), 512, f"{llava['trl']}:1")
