@@ -29,10 +29,12 @@ def load_processor(*dirs: Path | None):
         try:
             with quiet_libraries():
                 return AutoProcessor.from_pretrained(str(d))
-        except ImportError as e:
+        except Exception as e:  # a missing package shows as ImportError, or (Qwen-VL's video processor
+            # without torchvision) as an AttributeError inside transformers
             raise InputError(
-                f"{d}: transformers needs more packages to build this model's processor ({e}). Install them "
-                "(pip install pillow, and torchvision where the message names it), then run check again."
+                f"{d}: transformers cannot build this model's processor ({type(e).__name__}: {e}). It may need "
+                "more packages (pip install torchvision for Qwen-VL's processors); install them, then run "
+                "check again."
             ) from e
     raise InputError(
         "--data holds images, but neither the adapter nor the base folder has the processor that prepares them "

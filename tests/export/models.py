@@ -315,7 +315,6 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
     image processor's settings, the vision tower a width of 64, Qwen's three blocks (llama.cpp's converter
     numbers the merger's layers within the block range) and Gemma 3's checkpoint the released layout
     (`vision_tower.vision_model.*`, which transformers 5 saves without `vision_model.`)."""
-    from peft import LoraConfig, get_peft_model
 
     from tests.test_vlm import _model
 
@@ -347,6 +346,13 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
     if vision:
         (base / "preprocessor_config.json").write_text(json.dumps(PROJECTORS[name]))
         targets = rf".*({targets[2:]}|{VISION_LINEAR})"
+    return base, small_random_adapter(model, targets, root / "adapter")
+
+
+def small_random_adapter(model, targets: str, out: Path) -> Path:
+    """A rank-8 adapter on the modules `targets` matches, B random and small (x 0.05), saved to `out`."""
+    from peft import LoraConfig, get_peft_model
+
     peft = get_peft_model(
         model.float(), LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
     )
@@ -354,8 +360,8 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
         for n, p in peft.named_parameters():
             if "lora_B" in n:
                 p.mul_(0.05)
-    peft.save_pretrained(str(root / "adapter"))
-    return base, root / "adapter"
+    peft.save_pretrained(str(out))
+    return out
 
 
 def _vision_shape(v, name: str) -> None:

@@ -26,10 +26,9 @@ def tiny_llava(root: Path) -> tuple[Path, Path]:
     its processor saved beside the weights; an adapter with random B on every linear layer of the language
     model and the vision tower, as `all-linear` adapts them."""
     import transformers as tf
-    from peft import LoraConfig, get_peft_model
 
     from qmerge.demo.tiny import build_tokenizer
-    from tests.export.models import VISION_LINEAR, _vision_shape, away_from_identity
+    from tests.export.models import VISION_LINEAR, _vision_shape, away_from_identity, small_random_adapter
     from tests.test_vlm import _model
 
     base = root / "base"
@@ -55,15 +54,7 @@ def tiny_llava(root: Path) -> tuple[Path, Path]:
     targets = (
         rf".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|{VISION_LINEAR})"
     )
-    peft = get_peft_model(
-        model.float(), LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-    )
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_B" in n:
-                p.mul_(0.05)
-    peft.save_pretrained(str(root / "adapter"))
-    return base, root / "adapter"
+    return base, small_random_adapter(model, targets, root / "adapter")
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 30)) -> Path:

@@ -95,39 +95,28 @@ def test_check_on_image_records(llava, records):
     assert lost.metrics.mean_kl > 1000 * max(exact.metrics.mean_kl, 1e-12)
 
 
+def _cli_check(llava, data, *more):
+    args = [
+        "check",
+        llava["adapter"],
+        "--candidate",
+        llava["merged"],
+        "--base",
+        llava["base"],
+        "--data",
+        data,
+    ]
+    return CliRunner().invoke(cli, [str(a) for a in (*args, *more)])
+
+
 def test_check_cli_json_on_image_records(llava):
-    r = CliRunner().invoke(
-        cli,
-        [
-            "check",
-            str(llava["adapter"]),
-            "--candidate",
-            str(llava["merged"]),
-            "--base",
-            str(llava["base"]),
-            "--data",
-            str(llava["data"]),
-            "--json",
-        ],
-    )
+    r = _cli_check(llava, llava["data"], "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["passed"] and report["data"] == str(llava["data"]) and report["metrics"]["n_tokens"] > 0
     missing = llava["data"].parent / "missing.jsonl"
     missing.write_text(llava["data"].read_text().replace("img0.png", "gone.png"))
-    r = CliRunner().invoke(
-        cli,
-        [
-            "check",
-            str(llava["adapter"]),
-            "--candidate",
-            str(llava["merged"]),
-            "--base",
-            str(llava["base"]),
-            "--data",
-            str(missing),
-        ],
-    )
+    r = _cli_check(llava, missing)
     assert r.exit_code == 1 and "gone.png does not exist" in r.output and "Traceback" not in r.output
 
 
@@ -155,6 +144,9 @@ def test_image_records_refused_with_the_reason(llava, tmp_path):
     shutil.copytree(llava["base"], plain)
     (plain / "processor_config.json").unlink()
     with pytest.raises(InputError, match="has the processor that prepares them"):
+        check(*args, base=plain, data=llava["data"])
+    (plain / "processor_config.json").write_text("{not json")
+    with pytest.raises(InputError, match="transformers cannot build this model's processor"):
         check(*args, base=plain, data=llava["data"])
 
 
