@@ -178,7 +178,7 @@ def score(out: Path, adapter: Path, base: Path, data: Path, variants: dict) -> t
     _save_naive(adapter, source.base, naive_dir)
     base_only = Runner("base", streamed_model(Source(source.base, None, source.quant, source.merge_base)))
     reference = task_summary(
-        [Completion(p, a, r, r) for (_, p, a), r in zip(session.asked, session.ref_answers, strict=True)]
+        [Completion(p, a, r, r) for (_, p, a, _), r in zip(session.asked, session.ref_answers, strict=True)]
     )
     rows = [
         _row("base model (no adapter)", measure(base_only), None),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import llama_cpp
-from ..data import NoResponse
+from ..data import NoResponse, has_images, read_jsonl
 from ..errors import UnsupportedError
 from ..pipeline.base import QuantSettings
 from ..pipeline.model import load_tokenizer, streamed_model
@@ -28,6 +28,7 @@ from ..reports import CheckReport
 from .candidates import candidate_kind, delta_retention
 from .cuda import cuda_available, cuda_base, cuda_candidate, cuda_reference, require_cuda
 from .generate import Completion
+from .images import gguf_refusal
 from .metrics import Drift, Thresholds, gate
 from .options import Options
 from .reference import model_logits, naive_merged_model
@@ -98,8 +99,7 @@ def check(
         Path(adapter), Path(base) if base else None, quant, merge_base, allow_other_base=opts.allow_other_base
     )
     kind, device = candidate_kind(Path(candidate)), resolve_device(opts.device)
-    if source.task_config is not None:
-        _classifier_check(source, opts, kind)
+    _refuse_early(source, opts, kind, Path(candidate))
     session = Session(source, opts, device, progress)
     cand = session.candidate(Path(candidate), kind)
     metrics, stats = session.measure(cand)
@@ -124,6 +124,14 @@ def check(
         delta_retention(Path(candidate)),
         {k: v for k, v in extra.items() if v is not None},
     )
+
+
+def _refuse_early(source: Source, opts: Options, kind: str, candidate: Path) -> None:
+    """What the candidate's kind or the adapter's task rules out, before any model runs."""
+    if source.task_config is not None:
+        _classifier_check(source, opts, kind)
+    if kind == "gguf" and opts.data is not None and any(has_images(r) for r in read_jsonl(opts.data)):
+        raise gguf_refusal(candidate, opts.data)
 
 
 def _inputs_said(session: Session) -> dict:
@@ -154,7 +162,11 @@ class Session:
         self.data_scored = opts.data is not None  # False: --data held prompts only (see _data_batch)
         main = self._data_batch(text) if opts.data else text
         self.main, self.text = chunks(main, logits), chunks(text, logits)
-        self.asked = prompts(self.tokenizer, opts.data, opts.generate) if opts.generate and opts.data else []
+        self.asked = (
+            prompts(self.tokenizer, opts.data, opts.generate, self._processor)
+            if opts.generate and opts.data
+            else []
+        )
         self.ref = reference.spill(self.main)
         self.ref_answers = (
             reference.complete(self.tokenizer, self.asked, opts.max_new_tokens) if self.asked else []
@@ -198,12 +210,8 @@ class Session:
         """The candidate in its engine (a GGUF with `lora`, else the check's --lora, applied)."""
         lora = lora or self.opts.lora
         if kind == "gguf":
-            if self.main[0].inputs:
-                raise UnsupportedError(
-                    f"{path}: a GGUF candidate runs in llama.cpp on token ids, and qmerge does not feed it "
-                    f"images: check the merged folder on {self.opts.data} (the records with images), and the "
-                    "GGUF on text (--data with text records, or --text)."
-                )
+            if self.main[0].inputs or any(a.inputs for a in self.asked):
+                raise gguf_refusal(path, self.opts.data)
             self._same_vocabulary(path, llama_cpp.gguf_vocab_size(path))
             return Runner("candidate", gguf=path, progress=self.progress, lora=lora)
         if lora is not None:
@@ -247,7 +255,7 @@ class Session:
         answers = cand.complete(self.tokenizer, self.asked, self.opts.max_new_tokens)
         done = [
             Completion(p, a, r, c)
-            for (_, p, a), r, c in zip(self.asked, self.ref_answers, answers, strict=True)
+            for (_, p, a, _), r, c in zip(self.asked, self.ref_answers, answers, strict=True)
         ]
         return task_summary(done)
 

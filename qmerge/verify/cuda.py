@@ -94,11 +94,7 @@ def cuda_candidate(path: Path, kind: str, fp32: bool = False):
 
 def cuda_logits(model, tokens: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
     """The logits on the GPU; a record's image inputs moved there, pixel values in the model's dtype."""
+    from .generate import on_device
     from .streamed import forward_logits
 
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    moved = {
-        k: v.to("cuda", dtype=dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v
-        for k, v in (inputs or {}).items()
-    }
-    return forward_logits(model, tokens.to("cuda"), moved).float().cpu()
+    return forward_logits(model, tokens.to("cuda"), on_device(inputs or {}, model)).float().cpu()

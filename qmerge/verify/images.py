@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import IGNORE, NoResponse, image_parts, messages_of
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 
 SOURCE_KEYS = ("path", "url", "image")
 
@@ -103,12 +103,7 @@ def encode_image_record(row: dict, processor, folder: Path, where: str) -> dict:
         raise NoResponse(f"{where}: a chat record needs at least one assistant message to score.")
 
     def encode(msgs: list, generation: bool = False) -> dict:
-        text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
-        shown = images[: sum(len(image_parts(m)) for m in msgs)]
-        try:
-            return processor(text=[text], images=shown or None, add_special_tokens=False, return_tensors="pt")
-        except (ValueError, TypeError, KeyError) as e:
-            raise InputError(f"{where}: the model's processor cannot prepare this record ({e}).") from e
+        return _prepared(processor, msgs, images, generation, where)[1]
 
     full = encode(messages)
     ids = full["input_ids"][0].tolist()
@@ -123,6 +118,39 @@ def encode_image_record(row: dict, processor, folder: Path, where: str) -> dict:
         labels[start:end] = ids[start:end]
     inputs = {k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")}
     return {"input_ids": ids, "labels": labels, "inputs": inputs}
+
+
+def _prepared(processor, msgs: list, images: list, generation: bool, where: str) -> tuple[str, dict]:
+    """(the chat template's text, the processor's tensors) of `msgs`, with the images they show."""
+    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+    shown = images[: sum(len(image_parts(m)) for m in msgs)]
+    try:
+        return text, processor(
+            text=[text], images=shown or None, add_special_tokens=False, return_tensors="pt"
+        )
+    except (ValueError, TypeError, KeyError) as e:
+        raise InputError(f"{where}: the model's processor cannot prepare this record ({e}).") from e
+
+
+def image_prompt(row: dict, processor, folder: Path, where: str) -> tuple[str, str | None, dict]:
+    """(prompt text, the record's answer or None, the processor's tensors of the prompt) for --generate: the
+    chat up to its last message when that is the assistant's (the answer), else whole; with the generation
+    prompt, as data.prompt_and_answer renders text records."""
+    messages, images = _with_images(row, folder, where)
+    if not messages:
+        raise InputError(f"{where}: in a file with images every record must be a chat.")
+    answered = isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"
+    text, inputs = _prepared(processor, messages[:-1] if answered else messages, images, True, where)
+    return text, _text_of(messages[-1].get("content")) if answered else None, dict(inputs)
+
+
+def _text_of(content) -> str:
+    """A message's text: a string content, or its text parts joined."""
+    if isinstance(content, list):
+        return "".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return str(content)
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -145,3 +173,12 @@ def encode_image_records(rows: list[dict], processor, path: Path) -> list[dict]:
         except NoResponse:
             continue
     return out
+
+
+def gguf_refusal(gguf: Path, data: Path) -> UnsupportedError:
+    """Why a GGUF candidate is not checked on records with images, and what to check instead."""
+    return UnsupportedError(
+        f"{gguf}: a GGUF candidate runs in llama.cpp on token ids, and qmerge does not feed it images: check "
+        f"the merged folder on {data} (the records with images), and the GGUF on text (--data with text "
+        "records, or --text)."
+    )

@@ -16,7 +16,7 @@ from .. import llama_cpp
 from .cuda import cuda_logits
 from .generate import hf_complete
 from .streamed import logits, report_layers
-from .tokens import Batch
+from .tokens import Asked, Batch
 
 LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits per chunk of sequences
 Progress = Callable[[str, int, int], None]
@@ -93,12 +93,12 @@ class Runner:
             raise
         return spill
 
-    def complete(
-        self, tokenizer, asked: list[tuple[dict, str, str | None]], max_new_tokens: int
-    ) -> list[str]:
+    def complete(self, tokenizer, asked: list[Asked], max_new_tokens: int) -> list[str]:
+        prompts_ = [a.prompt for a in asked]
         if self.gguf is not None:
-            records, prompts_ = [r for r, _, _ in asked], [p for _, p, _ in asked]
+            assert not any(a.inputs for a in asked), "a GGUF candidate is refused images (Session.candidate)"
+            records = [a.record for a in asked]
             return llama_cpp.gguf_complete(self.gguf, records, prompts_, max_new_tokens, self.lora)
         if self.progress:
             self.progress(f"{self.phase}: completing {len(asked)} prompts", 0, len(asked))
-        return hf_complete(self.model, tokenizer, [p for _, p, _ in asked], max_new_tokens)
+        return hf_complete(self.model, tokenizer, prompts_, max_new_tokens, [a.inputs for a in asked])

@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..data import IGNORE, NoResponse, encode_record, has_images, prompt_and_answer, read_jsonl
 from ..errors import InputError, UnsupportedError
-from .images import encode_image_records
+from .images import encode_image_records, image_prompt
 
 DEFAULT_TEXT = (
     "QLoRA fine-tunes a large language model cheaply: the base weights are frozen in 4-bit NormalFloat, and "
@@ -123,22 +124,38 @@ def data_batch(
     return Batch(tokens, [len(e["input_ids"]) for e in encoded], targets, targets >= 0, inputs)
 
 
-def prompts(tokenizer, path: Path, n: int) -> list[tuple[dict, str, str | None]]:
-    """(record, prompt text, expected answer or None) of the first n records that have a prompt."""
+class Asked(NamedTuple):
+    """A prompt --generate completes: its record, text, the record's answer (None for a held-out prompt),
+    and for a record with images the processor's tensors (ids, mask, pixel values) the models are run on."""
+
+    record: dict
+    prompt: str
+    answer: str | None
+    inputs: dict | None = None
+
+
+def prompts(tokenizer, path: Path, n: int, processor: Callable | None = None) -> list[Asked]:
+    """The first n records that have a prompt; when one of them holds images, all are prepared by the
+    model's processor (`processor()` loads it; images.py)."""
     rows = read_jsonl(path)
+    visual = any(has_images(row) for row in rows)
+    if visual and processor is None:
+        raise UnsupportedError(
+            f"{path}: records with images are completed by a transformers model, not here."
+        )
+    proc = processor() if visual else None
     out = []
     for i, row in enumerate(rows, 1):
-        if has_images(row):
-            raise UnsupportedError(
-                f"{path}:{i}: --generate compares text completions, and this record holds images: run "
-                "--generate with text records (without --generate, check scores the records with images)."
-            )
-        try:
-            prompt, answer = prompt_and_answer(row, tokenizer)
-        except InputError as e:
-            raise InputError(f"{path}:{i}: {e}") from e
-        if prompt:
-            out.append((row, prompt, answer))
+        where = f"{path}:{i}"
+        if proc is not None:
+            out.append(Asked(row, *image_prompt(row, proc, path.parent, where)))
+        else:
+            try:
+                prompt, answer = prompt_and_answer(row, tokenizer)
+            except InputError as e:
+                raise InputError(f"{where}: {e}") from e
+            if prompt:
+                out.append(Asked(row, prompt, answer))
         if len(out) == n:
             break
     if not out:

@@ -109,6 +109,45 @@ def _cli_check(llava, data, *more):
     return CliRunner().invoke(cli, [str(a) for a in (*args, *more)])
 
 
+def test_generate_on_image_records(llava):
+    """--generate completes each record's prompt with its image: the exact merge answers as the unmerged
+    model does; the reference's completions are transformers' generate on PEFT's unmerged model over the
+    base bitsandbytes quantizes, fed the same prompt and image."""
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from qmerge.verify.generate import hf_complete
+    from tests.helpers import bnb_config
+
+    report = check(
+        llava["adapter"],
+        llava["merged"],
+        base=llava["base"],
+        data=llava["data"],
+        generate=2,
+        max_new_tokens=8,
+    )
+    task = report.extra["task"]
+    assert task["prompts"] == 2 and task["agreement"] == 1.0
+    processor = AutoProcessor.from_pretrained(llava["base"])
+    base = LlavaForConditionalGeneration.from_pretrained(
+        str(llava["base"]), quantization_config=bnb_config(), device_map="cpu"
+    )
+    peft = PeftModel.from_pretrained(base.dequantize().float(), str(llava["adapter"])).eval()
+    for row in llava["data"].read_text().splitlines():
+        image, question = json.loads(row)["messages"][0]["content"]
+        (c,) = [c for c in task["agreeing"] if question["text"] in c["prompt"]]
+        assert c["prompt"].count("<image>") == 1 and c["expected"]
+        enc = processor(
+            text=[c["prompt"]],
+            images=[Image.open(llava["data"].parent / image["path"])],
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
+        assert c["reference"] == hf_complete(peft, processor.tokenizer, [c["prompt"]], 8, [dict(enc)])[0]
+
+
 def test_check_cli_json_on_image_records(llava):
     r = _cli_check(llava, llava["data"], "--json")
     assert r.exit_code == 0, r.output
@@ -121,10 +160,9 @@ def test_check_cli_json_on_image_records(llava):
 
 
 def test_image_records_refused_with_the_reason(llava, tmp_path):
-    """What check cannot do with image records is refused before any model runs, with what to do."""
+    """What check cannot do with image records is refused with what to do (a GGUF candidate before any
+    model runs)."""
     args = (llava["adapter"], llava["merged"])
-    with pytest.raises(UnsupportedError, match="compares text completions"):
-        check(*args, base=llava["base"], data=llava["data"], generate=1)
     gguf = tmp_path / "m.gguf"
     export(llava["adapter"], "gguf", gguf, base=llava["base"])
     with pytest.raises(UnsupportedError, match="does not feed it\\s+images"):
