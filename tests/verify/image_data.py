@@ -1,5 +1,5 @@
-"""A tiny LLaVA base with the processor a released one ships (image processor, `<image>` token, chat
-template that renders image parts), a QLoRA-style adapter on its language model and vision tower, and
+"""Tiny LLaVA and Gemma 3 bases with the processor a released one ships (image processor, image tokens,
+chat template that renders image parts), a QLoRA-style adapter on its language model and vision tower, and
 image+text JSONL records in the formats check reads (an image part with its path; TRL's `images` column)."""
 
 from __future__ import annotations
@@ -21,40 +21,74 @@ CLIP_NORM = dict(
 )
 
 
-def tiny_llava(root: Path) -> tuple[Path, Path]:
-    """(base, adapter): LLaVA over a CLIP tower 64 wide, images of 28 pixels in 4 patches (4 image tokens),
-    its processor saved beside the weights; an adapter with random B on every linear layer of the language
-    model and the vision tower, as `all-linear` adapts them."""
+# the image marker each family's chat template writes for an image part (its processor expands it)
+MARKER = {"llava": "<image>", "gemma3": "<start_of_image>"}
+
+
+def tiny_vlm_with_processor(root: Path, family: str) -> tuple[Path, Path]:
+    """(base, adapter): LLaVA over a CLIP tower, or Gemma 3 over a SigLIP tower (with its pooling head), 64
+    wide, images of 28 pixels in 4 image tokens; the processor a release ships saved beside the weights
+    (image processor, image tokens, chat template); an adapter with random B on every linear layer of the
+    language model and the vision tower, as `all-linear` adapts them."""
     import transformers as tf
 
-    from qmerge.demo.tiny import build_tokenizer
     from tests.export.models import VISION_LINEAR, _vision_shape, away_from_identity, small_random_adapter
     from tests.test_vlm import _model
 
     base = root / "base"
-    tokenizer = build_tokenizer(base, 320, extra_special=("<image>",))
     torch.manual_seed(0)
-    config = _model("llava").config
-    _vision_shape(config.vision_config, "llava")
-    config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-    model = tf.LlavaForConditionalGeneration(config)
+    config = _model(family).config
+    _vision_shape(config.vision_config, family)
+    tokenizer = _tokenizer(base, family, config)
+    model = type(_model(family))(config)
     away_from_identity(model)
+    with torch.no_grad():  # Gemma 3 starts its projector at zero: images would change nothing
+        for n, p in model.named_parameters():
+            if "multi_modal_projector" in n and not p.any():
+                p.normal_(std=0.2)
     model.to(torch.bfloat16).save_pretrained(str(base))
-    images = tf.CLIPImageProcessor(
-        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, **CLIP_NORM
-    )
-    tf.LlavaProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    ).save_pretrained(str(base))
+    template = CHAT_TEMPLATE.replace("<image>", MARKER[family])
+    if family == "llava":
+        images = tf.CLIPImageProcessor(
+            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, **CLIP_NORM
+        )
+        extra = dict(patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        processor = tf.LlavaProcessor(images, tokenizer, chat_template=template, **extra)
+    else:
+        images = tf.Gemma3ImageProcessor(
+            size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+        processor = tf.Gemma3Processor(images, tokenizer, chat_template=template, image_seq_length=4)
+    processor.save_pretrained(str(base))
     targets = (
         rf".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|{VISION_LINEAR})"
     )
     return base, small_random_adapter(model, targets, root / "adapter")
+
+
+def _tokenizer(base: Path, family: str, config):
+    """The demo's tokenizer with the family's image tokens, their ids set in the config."""
+    from transformers import AutoTokenizer
+
+    from qmerge.demo.tiny import build_tokenizer
+
+    if family == "llava":
+        tokenizer = build_tokenizer(base, 320, extra_special=("<image>",))
+        config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+        return tokenizer
+    names = {
+        "boi_token": "<start_of_image>",
+        "image_token": "<image_soft_token>",
+        "eoi_token": "<end_of_image>",
+    }
+    build_tokenizer(base, 320, extra_special=tuple(names.values()))
+    tokenizer = AutoTokenizer.from_pretrained(
+        base, extra_special_tokens=names
+    )  # Gemma 3's processor reads them
+    config.boi_token_index, config.image_token_index, config.eoi_token_index = (
+        tokenizer.convert_tokens_to_ids(t) for t in names.values()
+    )
+    return tokenizer
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 30)) -> Path:

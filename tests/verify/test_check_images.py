@@ -15,18 +15,35 @@ from click.testing import CliRunner
 from qmerge.api import check, export, merge
 from qmerge.cli import cli
 from qmerge.errors import InputError, UnsupportedError
-from tests.verify.image_data import image_records, tiny_llava
+from tests.verify.image_data import MARKER, image_records, tiny_vlm_with_processor
 
 pytest.importorskip("PIL")
 
 
+FAMILIES = ["llava", "gemma3"]
+CLASSES = {"llava": "LlavaForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}
+# what the processor gives besides the ids (Gemma 3 marks image tokens, which attend to each other)
+EXTRA = {"llava": {"pixel_values"}, "gemma3": {"pixel_values", "token_type_ids"}}
+
+
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    """{base, adapter, merged (fp32), text_only (merged without the vision tower's LoRA), data, trl}."""
+def models(tmp_path_factory):
+    """family -> {base, adapter, merged (fp32), text_only (merged without the vision tower's LoRA), data,
+    trl}, each family built when a test first asks for it."""
+    built = {}
+
+    def get(family: str) -> dict:
+        if family not in built:
+            built[family] = _build(tmp_path_factory.mktemp(family), family)
+        return built[family]
+
+    return get
+
+
+def _build(root, family: str) -> dict:
     from safetensors.torch import load_file, save_file
 
-    root = tmp_path_factory.mktemp("llava")
-    base, adapter = tiny_llava(root)
+    base, adapter = tiny_vlm_with_processor(root, family)
     merge(adapter, root / "merged", base=base, dtype="fp32")
     language_only = root / "adapter_language_only"
     shutil.copytree(adapter, language_only)
@@ -36,6 +53,7 @@ def llava(tmp_path_factory):
     save_file(kept, language_only / "adapter_model.safetensors")
     merge(language_only, root / "text_only", base=base, dtype="fp32")
     return dict(
+        family=family,
         base=base,
         adapter=adapter,
         merged=root / "merged",
@@ -45,10 +63,17 @@ def llava(tmp_path_factory):
     )
 
 
-def test_reference_with_images_is_pefts_unmerged_forward(llava):
+@pytest.fixture
+def llava(models):
+    return models("llava")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_with_images_is_pefts_unmerged_forward(models, family):
     """The streamed reference, fed the processor's token ids and pixel values, gives PEFT's logits over the
     base bitsandbytes quantizes (vision tower included), and the scored positions are the answer's."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor
 
     from qmerge.pipeline.source import open_checkpoint
     from qmerge.verify.images import load_processor
@@ -57,39 +82,33 @@ def test_reference_with_images_is_pefts_unmerged_forward(llava):
     from qmerge.verify.tokens import data_batch
     from tests.helpers import reference_unmerged
 
-    processor = AutoProcessor.from_pretrained(llava["base"])
-    batch = data_batch(processor.tokenizer, llava["data"], processor=lambda: load_processor(llava["base"]))
+    m = models(family)
+    processor = AutoProcessor.from_pretrained(m["base"])
+    batch = data_batch(processor.tokenizer, m["data"], processor=lambda: load_processor(m["base"]))
     assert batch.inputs is not None and len(batch) == 2
-    model = streamed_reference(open_checkpoint(llava["adapter"], llava["base"], None, "dequantized"))
-    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    model = streamed_reference(open_checkpoint(m["adapter"], m["base"], None, "dequantized"))
+    image_token = json.loads((m["base"] / "config.json").read_text())["image_token_index"]
+    cls = getattr(transformers, CLASSES[family])
     for part in chunks(batch, 320):
         assert (part.tokens == image_token).sum() == 4  # the processor put the image's 4 tokens in
-        assert set(part.extra) == {"pixel_values"}
+        assert set(part.extra) == EXTRA[family]
         got = logits(model, part.tokens, part.extra)
-        want = reference_unmerged(
-            llava["adapter"],
-            llava["base"],
-            part.tokens,
-            model_class=LlavaForConditionalGeneration,
-            inputs=part.extra,
-        )
+        want = reference_unmerged(m["adapter"], m["base"], part.tokens, model_class=cls, inputs=part.extra)
         assert (got - want).abs().max() < 1e-4
         answer = processor.tokenizer.decode(part.targets[part.scored])
         assert answer.startswith(("a quick brown fox", "red and blue"))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("records", ["data", "trl"])
-def test_check_on_image_records(llava, records):
+def test_check_on_image_records(models, family, records):
     """The exact merge passes on image records (an image part's path, or TRL's images column); a merge that
     lost the vision tower's LoRA is far off on them, while on text the two are the same."""
-    exact = check(llava["adapter"], llava["merged"], base=llava["base"], data=llava[records])
-    assert (
-        exact.passed
-        and exact.metrics.max_abs_logit_diff < 1e-5
-        and exact.extra["data"] == str(llava[records])
-    )
-    lost = check(llava["adapter"], llava["text_only"], base=llava["base"], data=llava[records])
-    on_text = check(llava["adapter"], llava["text_only"], base=llava["base"])
+    m = models(family)
+    exact = check(m["adapter"], m["merged"], base=m["base"], data=m[records])
+    assert exact.passed and exact.metrics.max_abs_logit_diff < 1e-5 and exact.extra["data"] == str(m[records])
+    lost = check(m["adapter"], m["text_only"], base=m["base"], data=m[records])
+    on_text = check(m["adapter"], m["text_only"], base=m["base"])
     assert on_text.metrics.max_abs_logit_diff < 1e-5  # text never reaches the vision tower
     assert lost.metrics.max_abs_logit_diff > 100 * max(exact.metrics.max_abs_logit_diff, 1e-6)
     assert lost.metrics.mean_kl > 1000 * max(exact.metrics.mean_kl, 1e-12)
@@ -109,39 +128,42 @@ def _cli_check(llava, data, *more):
     return CliRunner().invoke(cli, [str(a) for a in (*args, *more)])
 
 
-def test_generate_on_image_records(llava):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_image_records(models, family):
     """--generate completes each record's prompt with its image: the exact merge answers as the unmerged
     model does; the reference's completions are transformers' generate on PEFT's unmerged model over the
     base bitsandbytes quantizes, fed the same prompt and image."""
+    m = models(family)
+    import transformers
     from peft import PeftModel
     from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     from qmerge.verify.generate import hf_complete
     from tests.helpers import bnb_config
 
     report = check(
-        llava["adapter"],
-        llava["merged"],
-        base=llava["base"],
-        data=llava["data"],
+        m["adapter"],
+        m["merged"],
+        base=m["base"],
+        data=m["data"],
         generate=2,
         max_new_tokens=8,
     )
     task = report.extra["task"]
     assert task["prompts"] == 2 and task["agreement"] == 1.0
-    processor = AutoProcessor.from_pretrained(llava["base"])
-    base = LlavaForConditionalGeneration.from_pretrained(
-        str(llava["base"]), quantization_config=bnb_config(), device_map="cpu"
+    processor = AutoProcessor.from_pretrained(m["base"])
+    base = getattr(transformers, CLASSES[family]).from_pretrained(
+        str(m["base"]), quantization_config=bnb_config(), device_map="cpu"
     )
-    peft = PeftModel.from_pretrained(base.dequantize().float(), str(llava["adapter"])).eval()
-    for row in llava["data"].read_text().splitlines():
+    peft = PeftModel.from_pretrained(base.dequantize().float(), str(m["adapter"])).eval()
+    for row in m["data"].read_text().splitlines():
         image, question = json.loads(row)["messages"][0]["content"]
         (c,) = [c for c in task["agreeing"] if question["text"] in c["prompt"]]
-        assert c["prompt"].count("<image>") == 1 and c["expected"]
+        assert c["prompt"].count(MARKER[family]) == 1 and c["expected"]
         enc = processor(
             text=[c["prompt"]],
-            images=[Image.open(llava["data"].parent / image["path"])],
+            images=[Image.open(m["data"].parent / image["path"])],
             add_special_tokens=False,
             return_tensors="pt",
         )
