@@ -81,7 +81,7 @@ def test_moe_experts_fused_at_load_merge_and_check(tmp_path):
     assert report.passed and report.metrics.max_abs_logit_diff < 1e-4
 
 
-def _merged_exactly_and_checked(tmp_path, targets: list[str]):
+def _merged_exactly_and_checked(tmp_path, targets: list[str] | str):
     """A PEFT adapter on tmp_path/base's `targets`, merged in fp32 (asserted equal to PEFT's unmerged
     forward) and checked by the streamed check: its report."""
     from qmerge.api import check
@@ -113,6 +113,42 @@ def test_falcon_h1_config_with_special_floats(tmp_path):
     assert "__float__" in (tmp_path / "base" / "config.json").read_text()
     # PEFT refuses LoRA on Mamba's out_proj
     assert _merged_exactly_and_checked(tmp_path, ["q_proj", "v_proj", "in_proj", "down_proj"]).passed
+
+
+MAMBA2 = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_expand=1)
+
+
+def _mamba2_hybrid(family: str):
+    """Tiny Bamba, Granite 4.0-H (granitemoehybrid, with experts) and Zamba2: one Mamba-2 layer and one
+    with attention each."""
+    import transformers as tf
+
+    if family == "bamba":
+        return tf.BambaForCausalLM(
+            tf.BambaConfig(**COMMON, num_key_value_heads=2, attn_layer_indices=[1], **MAMBA2)
+        )
+    if family == "granitemoehybrid":
+        cfg = tf.GraniteMoeHybridConfig(
+            **COMMON, num_key_value_heads=2, layer_types=["mamba", "attention"], **MAMBA2
+        )
+        cfg.num_local_experts, cfg.num_experts_per_tok, cfg.shared_intermediate_size = 4, 2, 128
+        return tf.GraniteMoeHybridForCausalLM(cfg)
+    zamba = dict(num_key_value_heads=4, mamba_d_state=8, mamba_ngroups=1, n_mamba_heads=4, mamba_headdim=32)
+    cfg = tf.Zamba2Config(**COMMON, **zamba, layers_block_type=["mamba", "hybrid"], use_mem_rope=False)
+    return tf.Zamba2ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("family", ["bamba", "granitemoehybrid", "zamba2"])
+def test_mamba2_hybrids(tmp_path, family):
+    """The other Mamba-2 hybrids (Bamba and Granite 4.0-H write time_step_limit with an infinity into
+    config.json, as Falcon-H1 does): read, merged exactly and checked; Granite 4.0-H with `all-linear`."""
+    torch.manual_seed(0)
+    _mamba2_hybrid(family).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
+    if family != "zamba2":
+        assert "__float__" in (tmp_path / "base" / "config.json").read_text()
+    targets = "all-linear" if family == "granitemoehybrid" else ["q_proj", "v_proj", "in_proj"]
+    result = _merged_exactly_and_checked(tmp_path, targets)
+    assert result.passed and result.metrics.max_abs_logit_diff < 1e-4
 
 
 def test_llama4_streamed_check(tmp_path):
