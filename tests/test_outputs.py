@@ -534,6 +534,18 @@ def test_ctrl_c_at_any_moment_of_start_up(clean, tmp_path):
         assert "terminate called" not in text and "config" not in text, (delay, text)
 
 
+def test_the_entry_point_imports_nothing_before_it_takes_signals():
+    """The window in which Ctrl-C is Python's traceback is the entry point's own import: `qmerge` imports its
+    verbs on first use, so `qmerge.__main__` loads no library (it once imported the API first: 30 ms here,
+    more on a loaded machine, and an interrupt in it was a traceback)."""
+    script = (
+        "import sys; before = set(sys.modules); import qmerge.__main__; "
+        "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] not in sys.stdlib_module_names))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert eval(out) == ["qmerge", "qmerge.__main__"], out
+
+
 def test_a_child_dies_with_its_parent(tmp_path):
     """qmerge's children (llama.cpp's quantizer, the background check) end when qmerge is killed with SIGKILL."""
     script = (

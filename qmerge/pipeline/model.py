@@ -27,8 +27,14 @@ from .source import Source
 # base_layer.weight for DoRA; a modules_to_save wrapper holds copies; trainable tokens read the
 # embedding's weight without calling it; torch's MultiheadAttention, in SigLIP's pooling head, reads its
 # out_proj's weight without calling it): all their weights come at once.
-WHOLE = ["Linear", "Embedding", "Conv1D", "ModulesToSaveWrapper", "TrainableTokensWrapper", "ParamWrapper"]
-WHOLE += ["MultiheadAttention"]
+WHOLE = [
+    "Linear",
+    "Embedding",
+    "Conv1D",
+    "ModulesToSaveWrapper",
+    "TrainableTokensWrapper",
+    "ParamWrapper",
+] + ["MultiheadAttention"]
 _READ_BLOCK = 32 * 2**20  # bytes of a stored tensor read at a time when it is widened to fp32
 
 

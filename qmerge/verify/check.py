@@ -14,6 +14,7 @@ llama.cpp.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from ..reports import CheckReport
 from .candidates import candidate_kind, delta_retention
 from .cuda import cuda_available, cuda_base, cuda_candidate, cuda_reference, require_cuda
 from .generate import Completion
-from .images import gguf_refusal
+from .images import gguf_refusal, load_processor
 from .metrics import Drift, Thresholds, gate
 from .options import Options
 from .reference import model_logits, naive_merged_model
@@ -150,6 +151,8 @@ class Session:
 
     def __init__(self, source: Source, opts: Options, device: str, progress: Progress | None):
         self.source, self.opts, self.device, self.progress = source, opts, device, progress
+        # the processor that prepares --data's images (the adapter's, else the base's): loaded once, if asked
+        self._processor = cache(lambda: load_processor(source.adapter.path, source.base.path))
         self.tokenizer = load_tokenizer(source.adapter.path, source.base.path)
         fp32 = opts.fp32_reference
         model = cuda_reference(source, fp32) if device == "cuda" else streamed_reference(source)
@@ -190,12 +193,6 @@ class Session:
         )
         self.data_scored = False
         return text
-
-    def _processor(self):
-        """The processor that prepares --data's images (the adapter's, else the base's)."""
-        from .images import load_processor
-
-        return load_processor(self.source.adapter.path, self.source.base.path)
 
     def _base(self) -> Runner:
         """The base model without the adapter: the weights training saw."""

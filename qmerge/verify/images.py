@@ -7,6 +7,7 @@ processor, its image tokens; the positions that predict an assistant token are s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..data import IGNORE, NoResponse, image_parts, messages_of
@@ -63,6 +64,11 @@ def _load_image(source, folder: Path, where: str):
 
 def _with_images(row: dict, folder: Path, where: str) -> tuple[list, list]:
     """(messages with bare `{"type": "image"}` parts, as chat templates render them; the images in order)."""
+    if not messages_of(row):
+        raise InputError(
+            f"{where}: in a file with images every record must be a chat: {{'messages': [...]}} (or TRL's "
+            "conversational prompt/completion)."
+        )
     column = list(row.get("images") or [])
     messages, images = [], []
     for m in messages_of(row):
@@ -92,11 +98,6 @@ def encode_image_record(row: dict, processor, folder: Path, where: str) -> dict:
     """input_ids, labels (the assistant messages' tokens, the template's end of turn included) and the
     model's other inputs (pixel values, image sizes, ...) of one record, by the model's processor. Records
     are not truncated: cutting an image's tokens would leave the image inputs without their place."""
-    if not messages_of(row):
-        raise InputError(
-            f"{where}: in a file with images every record must be a chat: {{'messages': [...]}} (or TRL's "
-            "conversational prompt/completion)."
-        )
     messages, images = _with_images(row, folder, where)
     answers = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
     if not answers:
@@ -109,11 +110,11 @@ def encode_image_record(row: dict, processor, folder: Path, where: str) -> dict:
     ids = full["input_ids"][0].tolist()
     labels = [IGNORE] * len(ids)
     for k, i in enumerate(answers):
-        start = _common(ids, encode(messages[:i], generation=True)["input_ids"][0].tolist())
+        start = _common_length(ids, encode(messages[:i], generation=True)["input_ids"][0].tolist())
         end = (
             len(ids)
             if k == len(answers) - 1
-            else _common(ids, encode(messages[: i + 1])["input_ids"][0].tolist())
+            else _common_length(ids, encode(messages[: i + 1])["input_ids"][0].tolist())
         )
         labels[start:end] = ids[start:end]
     inputs = {k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")}
@@ -137,8 +138,6 @@ def image_prompt(row: dict, processor, folder: Path, where: str) -> tuple[str, s
     chat up to its last message when that is the assistant's (the answer), else whole; with the generation
     prompt, as data.prompt_and_answer renders text records."""
     messages, images = _with_images(row, folder, where)
-    if not messages:
-        raise InputError(f"{where}: in a file with images every record must be a chat.")
     answered = isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"
     text, inputs = _prepared(processor, messages[:-1] if answered else messages, images, True, where)
     return text, _text_of(messages[-1].get("content")) if answered else None, dict(inputs)
@@ -153,14 +152,9 @@ def _text_of(content) -> str:
     return str(content)
 
 
-def _common(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix: where a rendered prefix's tokens stop matching the record's."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def _common_length(a: list[int], b: list[int]) -> int:
+    """Where a rendered prefix's tokens stop matching the record's."""
+    return len(os.path.commonprefix([a, b]))
 
 
 def encode_image_records(rows: list[dict], processor, path: Path) -> list[dict]:

@@ -129,19 +129,23 @@ def _cli_check(llava, data, *more):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_generate_on_image_records(models, family):
+def test_generate_on_image_records(models, family, monkeypatch):
     """--generate completes each record's prompt with its image: the exact merge answers as the unmerged
     model does; the reference's completions are transformers' generate on PEFT's unmerged model over the
-    base bitsandbytes quantizes, fed the same prompt and image."""
+    base bitsandbytes quantizes, fed the same prompt and image. The processor is loaded once per check."""
     m = models(family)
     import transformers
     from peft import PeftModel
     from PIL import Image
     from transformers import AutoProcessor
 
+    import qmerge.verify.check as check_module
     from qmerge.verify.generate import hf_complete
     from tests.helpers import bnb_config
 
+    loaded = []
+    load = check_module.load_processor
+    monkeypatch.setattr(check_module, "load_processor", lambda *a: loaded.append(a) or load(*a))
     report = check(
         m["adapter"],
         m["merged"],
@@ -152,6 +156,7 @@ def test_generate_on_image_records(models, family):
     )
     task = report.extra["task"]
     assert task["prompts"] == 2 and task["agreement"] == 1.0
+    assert len(loaded) == 1  # for the scored records and the prompts alike
     processor = AutoProcessor.from_pretrained(m["base"])
     base = getattr(transformers, CLASSES[family]).from_pretrained(
         str(m["base"]), quantization_config=bnb_config(), device_map="cpu"
@@ -200,6 +205,10 @@ def test_image_records_refused_with_the_reason(llava, tmp_path):
     extra.write_text(json.dumps({**row, "images": ["img1.png"]}) + "\n")
     with pytest.raises(InputError, match="1 more image"):
         check(*args, base=llava["base"], data=extra)
+    mixed = llava["data"].parent / "mixed.jsonl"
+    mixed.write_text(llava["data"].read_text() + json.dumps({"instruction": "hi", "output": "hello"}) + "\n")
+    with pytest.raises(InputError, match=r"mixed.jsonl:3: in a file with images every record must be a chat"):
+        check(*args, base=llava["base"], data=mixed)
     plain = tmp_path / "base_without_processor"
     shutil.copytree(llava["base"], plain)
     (plain / "processor_config.json").unlink()
