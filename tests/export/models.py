@@ -161,6 +161,27 @@ MOE["qwen3_next"] = FAMILIES["qwen3_next"] = dict(  # gated delta-net layers 0 a
     full_attention_interval=2,
     tie_word_embeddings=False,
 )
+# Granite 4.0-H: Mamba-2 layers 0 and 2 (twice the width, as llama.cpp runs them), attention (no RoPE) in
+# layer 1, experts beside a shared MLP twice their size, Granite's four scales away from 1; layer_types as
+# its releases name them. Bamba: the same mixer, RoPE on half of each head, a dense feed-forward.
+MAMBA2 = dict(
+    mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2, mamba_expand=2, mamba_d_conv=4
+)
+MOE["granitemoehybrid"] = FAMILIES["granitemoehybrid"] = dict(
+    MAMBA2,
+    num_hidden_layers=3,
+    layer_types=["mamba", "attention", "mamba"],
+    intermediate_size=64,
+    shared_intermediate_size=128,  # (rows of whole 4-bit blocks: bitsandbytes on CPU, the reference)
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    embedding_multiplier=1.3,
+    attention_multiplier=0.2,
+    residual_multiplier=0.8,
+    logits_scaling=1.5,
+    tie_word_embeddings=False,
+)
+FAMILIES["bamba"] = dict(MAMBA2, num_hidden_layers=3, attn_layer_indices=[1], tie_word_embeddings=False)
 # PEFT's all-linear takes Mamba's out_proj, which PEFT then refuses: the other linears named
 ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {
@@ -182,6 +203,8 @@ GGUF_ARCH = {
     "falcon_h1": "falcon-h1",
     "jamba": "jamba",
     "qwen3_next": "qwen3next",
+    "granitemoehybrid": "granitehybrid",
+    "bamba": "granitehybrid",
     "gemma3n_text": "gemma3n",
 }
 
@@ -208,10 +231,17 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
     model.to(torch.bfloat16).save_pretrained(str(base))
     if model_type == "gemma3n_text":
         _shared_kv_as_released(base, cfg)
+    if model_type == "granitemoehybrid":  # config.json as released (transformers 5 renames the types)
+        config = json.loads((base / "config.json").read_text())
+        released = {"full_attention": "attention", "linear_attention": "mamba"}
+        config["layer_types"] = [released[t] for t in config["layer_types"]]
+        (base / "config.json").write_text(json.dumps(config, indent=2))
     # PEFT's all-linear adapts the fused experts as parameters except on Qwen2-MoE and gpt-oss: named there
     experts = {"target_parameters": EXPERTS} if model_type in ("qwen2_moe", "gpt_oss") else {}
     if model_type in ("llama4_text", "jamba"):
         experts = {"target_parameters": [e.replace("mlp.", "feed_forward.") for e in EXPERTS]}
+    if model_type == "granitemoehybrid" and cfg.num_local_experts:  # (stored as input_linear, output_linear)
+        experts = {"target_parameters": [e.replace("mlp.", "block_sparse_moe.") for e in EXPERTS]}
     targets = TARGETS.get(model_type, "all-linear")
     adapter = random_adapter(
         base, root / "adapter", seed=7, r=8, lora_alpha=16, target_modules=targets, **experts

@@ -98,6 +98,44 @@ def test_falcon_h1_quantized_by_llama_cpp(tmp_path, family_models):
         export(adapter, "gguf", tmp_path / "c.gguf", base=base, gguf_type="iq4_nl", calibrate=data)
 
 
+@pytest.mark.parametrize(
+    "change, arch",
+    [
+        (dict(num_local_experts=0), "granitehybrid"),  # Granite 4.0-H Micro: the shared MLP alone
+        (dict(layer_types=["attention"] * 3, position_embedding_type="rope", num_local_experts=0), "granite"),
+        (dict(layer_types=["attention"] * 3, position_embedding_type="rope"), "granitemoe"),
+    ],
+)
+def test_granite_4_without_experts_or_mamba(tmp_path, change, arch):
+    """Granite 4.0's class as its other releases configure it: a Mamba hybrid whose feed-forward is the
+    shared MLP alone (its length written, where the converter writes the experts'), and attention in every
+    layer with RoPE, written as llama.cpp's granite or granitemoe (as the converter does)."""
+    base, adapter = tiny_family(tmp_path, "granitemoehybrid", **change)
+    export(adapter, "fp32", tmp_path / "merged", base=base)
+    report = export(adapter, "gguf", tmp_path / "m.gguf", base=base, gguf_type="f32")
+    assert report.details["gguf_architecture"] == arch
+    ref = logits_of(tmp_path / "merged", SEQ)
+    assert (llama_cpp_logits(tmp_path / "m.gguf") - ref).abs().max() <= F32_TOL
+
+
+def test_granite_hybrid_configs_llama_cpp_runs_otherwise_are_refused():
+    from qmerge.io.gguf.families import architecture_of
+
+    cfg = {**TINY_TEXT, "architectures": ["GraniteMoeHybridForCausalLM"], **FAMILIES["granitemoehybrid"]}
+    assert architecture_of(cfg)[0].gguf_arch == "granitehybrid"
+    attention_only = {**cfg, "layer_types": ["attention"] * 3, "position_embedding_type": "rope"}
+    cases = [
+        (cfg, {"position_embedding_type": "rope"}, "runs no RoPE"),
+        (attention_only, {"position_embedding_type": None}, "granitemoe architecture runs RoPE"),
+        (cfg, {"mamba_expand": 1, "mamba_d_head": 8}, "2x wide"),
+        (cfg, {"mamba_proj_bias": True}, "no bias"),
+        (cfg, {"hidden_act": "gelu"}, "SiLU"),
+    ]
+    for config, change, message in cases:
+        with pytest.raises(UnsupportedError, match=message):
+            architecture_of({**config, **change})
+
+
 def test_lora_gguf_on_an_moe_base(tmp_path):
     """An attention adapter on an MoE base as a llama.cpp LoRA (the base GGUF with stacked experts) against
     PEFT's unmerged forward; LoRA on the experts is refused for gguf-lora (llama.cpp's adapter has no form
@@ -186,11 +224,11 @@ def test_lora_gguf_on_a_vision_language_base(tmp_path, vlm_models):
     assert (got - ref).abs().max() <= F32_TOL  # measured 1.8e-7
 
 
-@pytest.mark.parametrize("model_type", ["falcon_h1", "jamba", "qwen3_next"])
+@pytest.mark.parametrize("model_type", ["falcon_h1", "jamba", "qwen3_next", "granitemoehybrid", "bamba"])
 def test_hybrid_merges_equal_pefts_unmerged_model(tmp_path, family_models, model_type):
-    """The hybrids' merges (Jamba's and Qwen3-Next's experts adapted through target_parameters) against
-    PEFT's unmerged forward over the NF4 base (measured 5.1e-6, 2.7e-7, 3.9e-6 on logits up to 0.42,
-    0.66, 1.19)."""
+    """The hybrids' merges (Jamba's, Qwen3-Next's and Granite 4.0-H's experts adapted through
+    target_parameters) against PEFT's unmerged forward over the NF4 base (measured 5.1e-6, 2.7e-7, 3.9e-6
+    on logits up to 0.42, 0.66, 1.19)."""
     from tests.helpers import reference_unmerged
 
     base, adapter = family_models[model_type]

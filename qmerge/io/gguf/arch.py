@@ -47,6 +47,17 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def permute_rotary(w: torch.Tensor, n_head: int, rope_dims: int) -> torch.Tensor:
+    """permute_qk on the dimensions RoPE rotates (the first `rope_dims` of each head), the rest kept: partial
+    RoPE rotates pairs (i, i + rope_dims / 2) in transformers, adjacent pairs of the first rope_dims in
+    llama.cpp."""
+    heads = w.reshape(n_head, w.shape[0] // n_head, *w.shape[1:])
+    rotated = permute_qk(heads[:, :rope_dims].reshape(n_head * rope_dims, *w.shape[1:]), n_head)
+    return torch.cat([rotated.reshape(n_head, rope_dims, *w.shape[1:]), heads[:, rope_dims:]], 1).reshape(
+        w.shape
+    )
+
+
 def every_nth(n_layers: int, every: int, nth: object, other: object) -> list:
     """A per-layer pattern llama.cpp fixes for an architecture: `nth` in every `every`-th layer, `other` in
     the rest (global attention among sliding-window layers, layers without RoPE)."""
@@ -154,6 +165,11 @@ class Architecture:
     def adjust(self, hp: HParams) -> HParams:
         """The hyperparameters as llama.cpp's architecture reads them, where it holds the model otherwise."""
         return hp
+
+    def variant(self, config: dict) -> Architecture:
+        """The record for this config where one model class is written as several llama.cpp architectures
+        (Granite 4.0's class without Mamba layers is llama.cpp's granite)."""
+        return self
 
     def stack_of(self, hf_name: str, hp: HParams) -> tuple[str, int, int] | None:
         """(the 3-D tensor llama.cpp holds `hf_name` in, its index there, how many it holds) where the

@@ -6,6 +6,7 @@ from ...errors import UnsupportedError
 from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Qwen2, Qwen3, read_hparams
 from .dense import Cohere2, Glm4, Granite, Ministral3, Olmo2, SmolLM3
 from .gemma3n import Gemma3n, Gemma3nVision
+from .granite_hybrid import Bamba, GraniteHybrid
 from .hybrid import FalconH1, Jamba, Qwen3Next
 from .moe import DeepseekV3, GptOss, Llama4, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
 from .vlm import (
@@ -41,6 +42,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Ministral3(),
         FalconH1(),
         Jamba(),
+        GraniteHybrid(),
+        Bamba(),
         Qwen3Next(),
         Mixtral(),
         Qwen2Moe(),
@@ -81,6 +84,7 @@ def architecture_of(config: dict) -> tuple[Architecture, HParams]:
         )
     arch = ARCHITECTURES[hf_arch]
     params = text_config(config, arch.model_type)
+    arch = arch.variant(params)
     hp = arch.adjust(read_hparams(params, arch))
     arch.check(params, hp)
     return arch, hp

@@ -29,37 +29,25 @@ class FalconH1(Architecture):
                 f"hidden_act is {config.get('hidden_act')!r}; llama.cpp's falcon-h1 runs SiLU only, so the GGUF "
                 "would not match."
             )
-        d_ssm, d_head = _ssm(config, "d_ssm"), _ssm(config, "d_head")
+        d_ssm, d_head = ssm_int(config, "d_ssm"), ssm_int(config, "d_head")
         if d_ssm % d_head:
             raise UnsupportedError(f"mamba_d_ssm ({d_ssm}) is not a multiple of mamba_d_head ({d_head}).")
 
     def add_metadata(self, w, hp: HParams) -> None:
         config = hp.config or {}
         w.add_ssm_conv_kernel(int(config.get("mamba_d_conv") or 4))
-        w.add_ssm_inner_size(_ssm(config, "d_ssm"))
-        w.add_ssm_state_size(_ssm(config, "d_state"))
-        w.add_ssm_time_step_rank(_ssm(config, "d_ssm") // _ssm(config, "d_head"))
-        w.add_ssm_group_count(_ssm(config, "n_groups"))
+        w.add_ssm_inner_size(ssm_int(config, "d_ssm"))
+        w.add_ssm_state_size(ssm_int(config, "d_state"))
+        w.add_ssm_time_step_rank(ssm_int(config, "d_ssm") // ssm_int(config, "d_head"))
+        w.add_ssm_group_count(ssm_int(config, "n_groups"))
 
     def split(
         self, name: str, shape: tuple[int, ...], hp: HParams
     ) -> list[tuple[str, tuple[int, ...]]] | None:
-        if name.endswith(".mamba.dt_bias"):
-            return [(name.replace(".dt_bias", ".dt_proj.bias"), shape)]
-        if name.endswith((".mamba.A_log", ".mamba.D")):  # columns, as Mamba-1 holds them
-            return [(name, (*shape, 1))]
-        if name.endswith(".mamba.conv1d.weight"):
-            return [(name, tuple(d for d in shape if d != 1))]
-        if name.endswith(".mamba.norm.weight"):  # one gated RMSNorm per group
-            groups = _ssm(hp.config or {}, "n_groups")
-            return [(name, (groups, shape[0] // groups))]
-        return None
+        return mamba2_split(name, shape, ssm_int(hp.config or {}, "n_groups"))
 
     def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
-        if name.endswith(".mamba.A_log"):
-            t = -torch.exp(t.float())
-        (_, shape), *_ = self.split(name, tuple(t.shape), hp) or [(name, tuple(t.shape))]
-        return [t.reshape(shape)]
+        return [mamba2_cut(name, t, ssm_int(hp.config or {}, "n_groups"))]
 
     def transform(self, hf_name: str, t: torch.Tensor, hp: HParams) -> torch.Tensor:
         """The config's multipliers, by the projection they scale (the converter's order of tests)."""
@@ -200,9 +188,32 @@ class Qwen3Next(Qwen2Moe):
         return 2 * nk * hk + nv * hv, nv * hv
 
 
+def mamba2_split(name: str, shape: tuple[int, ...], groups: int) -> list[tuple[str, tuple[int, ...]]] | None:
+    """A Mamba-2 mixer's tensors (`*.mamba.*`) as llama.cpp holds them (convert_hf_to_gguf's Mamba2Model):
+    dt_bias as dt_proj's bias, A and D as columns (as Mamba-1 holds them), the convolution squeezed, the
+    gated RMSNorm's weight per group; None for any other tensor."""
+    if name.endswith(".mamba.dt_bias"):
+        return [(name.replace(".dt_bias", ".dt_proj.bias"), shape)]
+    if name.endswith((".mamba.A_log", ".mamba.D")):
+        return [(name, (*shape, 1))]
+    if name.endswith(".mamba.conv1d.weight"):
+        return [(name, tuple(d for d in shape if d != 1))]
+    if name.endswith(".mamba.norm.weight"):
+        return [(name, (groups, shape[0] // groups))]
+    return None
+
+
+def mamba2_cut(name: str, t: torch.Tensor, groups: int) -> torch.Tensor:
+    """The values of mamba2_split's tensor: A = -exp(A_log), the rest reshaped."""
+    if name.endswith(".mamba.A_log"):
+        t = -torch.exp(t.float())
+    (_, shape), *_ = mamba2_split(name, tuple(t.shape), groups) or [(name, tuple(t.shape))]
+    return t.reshape(shape)
+
+
 def _scaled_segments(t: torch.Tensor, c: dict) -> torch.Tensor:
     """The SSM input projection's rows scaled per segment (z, x, B, C, dt) by ssm_multipliers."""
-    d_ssm, gs = _ssm(c, "d_ssm"), _ssm(c, "n_groups") * _ssm(c, "d_state")
+    d_ssm, gs = ssm_int(c, "d_ssm"), ssm_int(c, "n_groups") * ssm_int(c, "d_state")
     bounds = [0, d_ssm, 2 * d_ssm, 2 * d_ssm + gs, 2 * d_ssm + 2 * gs, t.shape[0]]
     scales = _list(c, "ssm_multipliers")
     t = t.clone()
@@ -211,7 +222,7 @@ def _scaled_segments(t: torch.Tensor, c: dict) -> torch.Tensor:
     return t
 
 
-def _ssm(config: dict, key: str) -> int:
+def ssm_int(config: dict, key: str) -> int:
     value = config.get(f"mamba_{key}")
     if type(value) is not int or value <= 0:
         raise UnsupportedError(

@@ -59,7 +59,8 @@ def map_tensors(
     inv_freq buffers, a tied lm_head); an MoE's per-expert tensors become one stacked tensor each."""
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper().replace("-", "_")], hp.n_layers)
+    (model_arch,) = [a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch.gguf_arch]
+    names = gguf.get_tensor_name_map(model_arch, hp.n_layers)
     out = []
     for hf, parts, shape in _stacked(arch, hp, shapes):
         text = arch.text_name(hf)
