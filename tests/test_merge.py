@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qmerge.api import merge
+from qmerge.api import check, merge
 from qmerge.errors import InputError, MismatchError, OutputError
 from tests.helpers import TOKENS, bnb_config, kl_top1, logits_of, random_adapter, reference_unmerged
 
@@ -413,7 +414,9 @@ def test_a_plain_adapter_on_a_4bit_base_leaves_transformers_to_the_background(fi
 
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     """GPT-2's Conv1D layers ([in, out] on disk, quantized transposed) with a fan_in_fan_out adapter,
-    from the 16-bit base and from the 4-bit base transformers saves."""
+    from the 16-bit base, from the 4-bit base transformers saves, and from the layout GPT-2's release stores
+    (once refused as "config.json does not match the weights", then merged 0.05 off: its Conv1D weights,
+    under other names, were quantized untransposed), which the check also passes."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -433,6 +436,25 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
         fan_in_fan_out=True,
     )
     ref = reference_unmerged(tmp_path / "adapter", tmp_path / "base")
-    for base in ("base", "base4"):
-        merge(tmp_path / "adapter", tmp_path / f"m-{base}", base=tmp_path / base, dtype="fp32")
+    _as_released(tmp_path / "base", tmp_path / "released", n_positions=128)
+    for base in ("base", "base4", "released"):
+        merge(
+            tmp_path / "adapter",
+            tmp_path / f"m-{base}",
+            base=tmp_path / base,
+            dtype="fp32",
+            allow_other_base=True,
+        )
         assert (logits_of(tmp_path / f"m-{base}") - ref).abs().max() <= FP32_TOL, base
+    released = dict(base=tmp_path / "released", allow_other_base=True)  # (the adapter names "base")
+    assert check(tmp_path / "adapter", tmp_path / "m-released", max_seqs=1, **released).passed
+
+
+def _as_released(base, out, n_positions: int) -> None:
+    """GPT-2's checkpoint as openai-community/gpt2 stores it: saved from the base model (h.0.*, wte, ... without
+    transformers' `transformer.` prefix, which transformers adds at load) with the causal-mask buffers."""
+    shutil.copytree(base, out)
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(out / "model.safetensors").items()}
+    mask = torch.tril(torch.ones(n_positions, n_positions)).view(1, 1, n_positions, n_positions)
+    tensors |= {f"h.{i}.attn.bias": mask.to(torch.bfloat16) for i in range(2)}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})

@@ -146,6 +146,17 @@ class ModelDir:
             self._stored_as = stored_as(self.config, self.weight_names())
         return self._stored_as
 
+    def conv1d_weights(self) -> frozenset[str]:
+        """The stored names of transformers Conv1D weights ([in, out] on disk; bitsandbytes quantizes them
+        transposed), also where the checkpoint stores them by other names (GPT-2's release: h.0.*)."""
+        from .hf_meta import conv1d_weights
+
+        model = conv1d_weights(self.config)
+        if not model:
+            return model
+        saved = self.stored_as()
+        return model | {saved.get(n, n) for n in model}
+
     def weight_names(self) -> list[str]:
         """The model's logical tensors: every stored tensor except quant-state companions."""
         return [k for k in self.store.keys() if not self.is_companion(k)]

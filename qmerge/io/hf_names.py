@@ -14,7 +14,8 @@ def stored_as(config: dict, stored: list[str]) -> dict[str, str]:
     """{model parameter name: the name this checkpoint stores it by}: the names save_pretrained writes
     (checkpoint_names), and those of a checkpoint in a layout transformers renames when it loads it (a
     release saved before the model class changed, e.g. Gemma 3's `vision_tower.vision_model.*`),
-    by transformers' own load-time renamings."""
+    by transformers' own load-time renamings, and those of a checkpoint saved from the base model, without
+    the head model's prefix (`base_model_prefix`), which transformers adds when it loads it."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
 
@@ -26,10 +27,13 @@ def stored_as(config: dict, stored: list[str]) -> dict[str, str]:
     ]
     names = checkpoint_names(config)
     params, saved = set(model.state_dict()), set(names.values())
+    prefix = getattr(model, "base_model_prefix", "")
     for name in stored:
         if name in params or name in saved:
             continue
         loaded = apply_renamings(name, renamings)
+        if loaded not in params and prefix and f"{prefix}.{loaded}" in params:
+            loaded = f"{prefix}.{loaded}"  # saved from the base model (GPT-2's release: h.0.*, not transformer.h.0.*)
         if loaded in params:
             names[loaded] = name
     return names

@@ -162,11 +162,7 @@ def differences(given: ModelDir, named: ModelDir) -> tuple[list[str], list[str]]
 
 def _conv1d(model: ModelDir) -> frozenset[str]:
     """GPT-2 style Conv1D weights, which a 4-bit checkpoint packs transposed (only asked of a 4-bit one)."""
-    if not model.is_4bit:
-        return frozenset()
-    from ..io.hf_meta import conv1d_weights
-
-    return conv1d_weights(model.config)
+    return model.conv1d_weights() if model.is_4bit else frozenset()
 
 
 def _stored_shape(model: ModelDir, name: str, conv1d: frozenset[str]) -> tuple[int, ...]:

@@ -82,8 +82,6 @@ class Source:
                 f"{base.path}: --merge-base original needs the 16-bit base, but this base is saved in 4-bit. "
                 "Pass the 16-bit base with --base, or use --merge-base dequantized."
             )
-        from ..io.hf_meta import conv1d_weights
-
         self.base, self.adapter, self.quant, self.merge_base = base, adapter, quant, merge_base
         self.layout: AdapterLayout = (
             _as_stored(as_parameters(adapter.layout, base, adapter), base)
@@ -92,7 +90,7 @@ class Source:
         )
         self.settings: LoraSettings | None = adapter.settings if adapter is not None else None
         # GPT-2 style Conv1D weights: [in, out] on disk, quantized by bitsandbytes as [out, in].
-        self.conv1d = conv1d_weights(base.config)
+        self.conv1d = base.conv1d_weights()
         self.weights = TrainingWeights(base, quant, merge_base, self.conv1d)
         self.aliases = self._untied_aliases()
         # a SEQ_CLS fine-tune's output config (the classifier transformers builds on the base), else None

@@ -182,6 +182,9 @@ MOE["granitemoehybrid"] = FAMILIES["granitemoehybrid"] = dict(
     tie_word_embeddings=False,
 )
 FAMILIES["bamba"] = dict(MAMBA2, num_hidden_layers=3, attn_layer_indices=[1], tie_word_embeddings=False)
+# GPT-NeoX (Pythia) with RoPE on a quarter of each head, attention and MLP in parallel; GPT-2 as released
+FAMILIES["gpt_neox"] = dict(tie_word_embeddings=False)
+FAMILIES["gpt2"] = dict(tie_word_embeddings=True)
 # PEFT's all-linear takes Mamba's out_proj, which PEFT then refuses: the other linears named
 ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {
@@ -205,6 +208,8 @@ GGUF_ARCH = {
     "qwen3_next": "qwen3next",
     "granitemoehybrid": "granitehybrid",
     "bamba": "granitehybrid",
+    "gpt_neox": "gptneox",
+    "gpt2": "gpt2",
     "gemma3n_text": "gemma3n",
 }
 
@@ -231,11 +236,7 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
     model.to(torch.bfloat16).save_pretrained(str(base))
     if model_type == "gemma3n_text":
         _shared_kv_as_released(base, cfg)
-    if model_type == "granitemoehybrid":  # config.json as released (transformers 5 renames the types)
-        config = json.loads((base / "config.json").read_text())
-        released = {"full_attention": "attention", "linear_attention": "mamba"}
-        config["layer_types"] = [released[t] for t in config["layer_types"]]
-        (base / "config.json").write_text(json.dumps(config, indent=2))
+    _config_as_released(base, model_type)
     # PEFT's all-linear adapts the fused experts as parameters except on Qwen2-MoE and gpt-oss: named there
     experts = {"target_parameters": EXPERTS} if model_type in ("qwen2_moe", "gpt_oss") else {}
     if model_type in ("llama4_text", "jamba"):
@@ -247,6 +248,23 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
         base, root / "adapter", seed=7, r=8, lora_alpha=16, target_modules=targets, **experts
     )
     return base, adapter
+
+
+def _config_as_released(base: Path, model_type: str) -> None:
+    """config.json with the keys the releases write where transformers 5 saves them otherwise (it reads both;
+    llama.cpp's converter reads the released ones): Granite 4.0-H's layer types, GPT-2's n_ctx, Pythia's
+    rotary_pct (which the converter still cannot read: transformers 5 moves it into rope_parameters)."""
+    config = json.loads((base / "config.json").read_text())
+    if model_type == "granitemoehybrid":
+        released = {"full_attention": "attention", "linear_attention": "mamba"}
+        config["layer_types"] = [released[t] for t in config["layer_types"]]
+    elif model_type == "gpt_neox":
+        config["rotary_pct"] = config["rope_parameters"]["partial_rotary_factor"]
+    elif model_type == "gpt2":
+        config["n_ctx"] = config["n_positions"]
+    else:
+        return
+    (base / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def _shared_kv_as_released(base: Path, cfg) -> None:

@@ -136,6 +136,51 @@ def test_granite_hybrid_configs_llama_cpp_runs_otherwise_are_refused():
             architecture_of({**config, **change})
 
 
+def test_gpt_neox_in_sequence_and_as_a_llama_cpp_lora(tmp_path):
+    """GPT-NeoX with attention and MLP in sequence (use_parallel_residual false) against transformers, and an
+    adapter on its fused Q/K/V as a llama.cpp LoRA (B's rows regrouped as the weight's) against PEFT's
+    unmerged forward. Its GELU is exact in transformers and tanh-approximated in llama.cpp: measured 1.2e-4."""
+    from qmerge.llama_cpp import gguf_logits
+    from tests.helpers import reference_unmerged
+
+    base, adapter = tiny_family(tmp_path, "gpt_neox", use_parallel_residual=False)
+    export(adapter, "fp32", tmp_path / "merged", base=base)
+    export(adapter, "gguf", tmp_path / "m.gguf", base=base, gguf_type="f32")
+    assert (
+        llama_cpp_logits(tmp_path / "m.gguf") - logits_of(tmp_path / "merged", SEQ)
+    ).abs().max() <= F32_TOL
+    export(adapter, "gguf-lora", tmp_path / "out", base=base, gguf_type="f32")
+    got = gguf_logits(tmp_path / "out" / "base-f32.gguf", SEQ, lora=tmp_path / "out" / "adapter.gguf")
+    ref = reference_unmerged(adapter, base, SEQ)
+    assert (got - ref).abs().max() <= 2e-3 < (logits_of(base, SEQ) - ref).abs().max()
+
+
+def test_gpt_configs_llama_cpp_runs_otherwise_are_refused(tmp_path, family_models):
+    from qmerge.io.gguf.families import architecture_of
+
+    neox = {**TINY_TEXT, "architectures": ["GPTNeoXForCausalLM"], **FAMILIES["gpt_neox"]}
+    assert architecture_of(neox)[1].n_head_kv == 4  # multi-head attention, whatever else config.json holds
+    with pytest.raises(UnsupportedError, match="output layer of its own"):
+        architecture_of({**neox, "tie_word_embeddings": True})
+    with pytest.raises(UnsupportedError, match="GELU only"):
+        architecture_of({**neox, "hidden_act": "relu"})
+    gpt2 = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_embd": 64,
+        "n_head": 4,
+        "n_layer": 2,
+    }
+    _, hp = architecture_of({**gpt2, "vocab_size": 320})
+    assert (hp.hidden, hp.n_ff, hp.n_head_kv, hp.rope_dims) == (64, 256, 4, 16)  # n_inner unset: 4 x n_embd
+    with pytest.raises(UnsupportedError, match="scales attention by head size only"):
+        architecture_of({**gpt2, "vocab_size": 320, "scale_attn_by_inverse_layer_idx": True})
+    base, adapter = family_models["gpt2"]
+    with pytest.raises(UnsupportedError, match="cannot carry fan_in_fan_out"):
+        export(adapter, "gguf-lora", tmp_path / "lora", base=base)
+    assert not (tmp_path / "lora").exists()
+
+
 def test_lora_gguf_on_an_moe_base(tmp_path):
     """An attention adapter on an MoE base as a llama.cpp LoRA (the base GGUF with stacked experts) against
     PEFT's unmerged forward; LoRA on the experts is refused for gguf-lora (llama.cpp's adapter has no form

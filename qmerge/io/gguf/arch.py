@@ -166,6 +166,10 @@ class Architecture:
         """The hyperparameters as llama.cpp's architecture reads them, where it holds the model otherwise."""
         return hp
 
+    def hf_params(self, config: dict) -> dict:
+        """config.json with the keys read_hparams reads, where the model's config names them otherwise."""
+        return config
+
     def variant(self, config: dict) -> Architecture:
         """The record for this config where one model class is written as several llama.cpp architectures
         (Granite 4.0's class without Mamba layers is llama.cpp's granite)."""

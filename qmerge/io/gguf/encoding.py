@@ -30,8 +30,8 @@ def ggml_type(gguf_type: str, shape: tuple[int, ...], name: str = ""):
 
 def _kept_f32(name: str) -> bool:
     """The 2-D weights llama.cpp keeps in F32 whatever the file's type (its converter and its quantizer):
-    the MoE routers, the SSM convolution, Gemma 3n's AltUp coefficients. (Biases, 2-D for stacked experts,
-    stay F32 too.)"""
+    the MoE routers, the SSM convolution, Gemma 3n's AltUp coefficients, learned positions (GPT-2). (Biases,
+    2-D for stacked experts, stay F32 too.)"""
     import gguf
 
     routers = (
@@ -40,10 +40,12 @@ def _kept_f32(name: str) -> bool:
         gguf.MODEL_TENSOR.SSM_CONV1D,
         gguf.MODEL_TENSOR.ALTUP_CORRECT_COEF,
         gguf.MODEL_TENSOR.ALTUP_PREDICT_COEF,
+        gguf.MODEL_TENSOR.POS_EMBD,
+        gguf.MODEL_TENSOR.TOKEN_TYPES,
     )
     kinds = {gguf.TENSOR_NAMES[k].rsplit(".", 1)[-1] for k in routers}  # "ffn_gate_inp", ...
-    pieces = name.split(".")  # blk.N.KIND.weight
-    return len(pieces) > 2 and pieces[-2] in kinds
+    pieces = name.split(".")  # blk.N.KIND.weight, KIND.weight
+    return len(pieces) > 1 and pieces[-2] in kinds
 
 
 def torch_dtype_for(qtype) -> torch.dtype:

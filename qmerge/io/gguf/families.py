@@ -6,6 +6,7 @@ from ...errors import UnsupportedError
 from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Qwen2, Qwen3, read_hparams
 from .dense import Cohere2, Glm4, Granite, Ministral3, Olmo2, SmolLM3
 from .gemma3n import Gemma3n, Gemma3nVision
+from .gpt import GPT2, GPTNeoX
 from .granite_hybrid import Bamba, GraniteHybrid
 from .hybrid import FalconH1, Jamba, Qwen3Next
 from .moe import DeepseekV3, GptOss, Llama4, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
@@ -44,6 +45,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Jamba(),
         GraniteHybrid(),
         Bamba(),
+        GPTNeoX(),
+        GPT2(),
         Qwen3Next(),
         Mixtral(),
         Qwen2Moe(),
@@ -83,7 +86,7 @@ def architecture_of(config: dict) -> tuple[Architecture, HParams]:
             "GGUF with qmerge check ADAPTER --candidate FILE.gguf."
         )
     arch = ARCHITECTURES[hf_arch]
-    params = text_config(config, arch.model_type)
+    params = arch.hf_params(text_config(config, arch.model_type))
     arch = arch.variant(params)
     hp = arch.adjust(read_hparams(params, arch))
     arch.check(params, hp)

@@ -1,0 +1,88 @@
+"""GPT-2 and GPT-NeoX (Pythia) as llama.cpp's gpt2 and gptneox run them (convert_hf_to_gguf's GPT2Model and
+GPTNeoXModel): LayerNorm with bias, a fused Q/K/V projection with bias, GELU feed-forwards.
+
+Their configs name the sizes otherwise (GPT-2's n_embd, n_head, ...; both carry no key/value head count):
+hf_params states them as the other records read them, from the model's own keys only."""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import UnsupportedError
+from .arch import Architecture, HParams
+
+
+class GPTNeoX(Architecture):
+    """GPT-NeoX: Q/K/V fused per head ([heads, 3, head_dim] rows, regrouped as all Q, all K, all V), NEOX
+    RoPE on rotary_pct of each head (nothing permuted), attention and MLP in parallel or in sequence."""
+
+    hf_class, model_type, gguf_arch, permute_qk = "GPTNeoXForCausalLM", "gpt_neox", "gptneox", False
+    layer_norm = own_output = True
+
+    def hf_params(self, config: dict) -> dict:
+        return {**config, "num_key_value_heads": config.get("num_attention_heads")}  # multi-head attention
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        if config.get("hidden_act") not in ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+            raise UnsupportedError(
+                f"hidden_act is {config.get('hidden_act')!r}; llama.cpp's gptneox runs GELU only, so the GGUF "
+                "would not match."
+            )
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        w.add_parallel_residual(bool((hp.config or {}).get("use_parallel_residual", True)))
+
+    def transform(self, hf_name: str, t: torch.Tensor, hp: HParams) -> torch.Tensor:
+        if ".attention.query_key_value." not in hf_name:
+            return t
+        per_head = t.reshape(hp.n_head, 3, hp.head_dim, *t.shape[1:])
+        return per_head.transpose(0, 1).reshape(t.shape)
+
+
+class GPT2(Architecture):
+    """GPT-2: learned positions, Conv1D weights stored [in, out] (transposed here), the output layer the
+    embedding, Q/K/V fused as all Q, all K, all V."""
+
+    hf_class, model_type, gguf_arch, permute_qk = "GPT2LMHeadModel", "gpt2", "gpt2", False
+    layer_norm = True
+    CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+    def hf_params(self, config: dict) -> dict:
+        n_embd, n_head = config.get("n_embd"), config.get("n_head")
+        sizes = {
+            "hidden_size": n_embd,
+            "num_attention_heads": n_head,
+            "num_key_value_heads": n_head,
+            "num_hidden_layers": config.get("n_layer"),
+            "max_position_embeddings": config.get("n_positions"),
+            "layer_norm_eps": config.get("layer_norm_epsilon"),
+            "intermediate_size": config.get("n_inner") or (4 * n_embd if type(n_embd) is int else None),
+            "head_dim": None,
+            "rope_parameters": None,
+        }
+        return {**config, **sizes}
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        if config.get("activation_function") not in ("gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh"):
+            raise UnsupportedError(
+                f"activation_function is {config.get('activation_function')!r}; llama.cpp's gpt2 runs GELU "
+                "only, so the GGUF would not match."
+            )
+        if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
+            raise UnsupportedError(
+                "config.json sets scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn; llama.cpp's gpt2 "
+                "scales attention by head size only, so the GGUF would not match."
+            )
+
+    def text_name(self, hf_name: str) -> str | None:
+        return None if hf_name.endswith((".attn.bias", ".attn.masked_bias")) else hf_name  # (old buffers)
+
+    def split(
+        self, name: str, shape: tuple[int, ...], hp: HParams
+    ) -> list[tuple[str, tuple[int, ...]]] | None:
+        return [(name, (shape[1], shape[0]))] if name.endswith(self.CONV1D) else None
+
+    def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
+        return [t.transpose(0, 1)]
