@@ -34,7 +34,8 @@ WHOLE = [
     "ModulesToSaveWrapper",
     "TrainableTokensWrapper",
     "ParamWrapper",
-] + ["MultiheadAttention"]
+    "MultiheadAttention",
+]
 _READ_BLOCK = 32 * 2**20  # bytes of a stored tensor read at a time when it is widened to fp32
 
 

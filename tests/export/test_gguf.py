@@ -196,15 +196,15 @@ def test_check_accepts_gguf(tmp_path, fixtures, base16):
 def test_unsupported_type_and_architecture(tmp_path, fixtures, base16):
     with pytest.raises(UnsupportedError, match="q4_k_m"):
         export(fixtures / "adapter-qlora", "gguf", tmp_path / "x.gguf", base=base16, gguf_type="q9_z")
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OPTConfig, OPTForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(
-        str(tmp_path / "gpt2")
-    )
+    opt = OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=2, vocab_size=64)
+    OPTForCausalLM(opt).save_pretrained(str(tmp_path / "opt"))  # (llama.cpp has no OPT)
     with pytest.raises(
-        UnsupportedError, match="GPT2LMHeadModel, which qmerge does not write as GGUF.*llama, "
+        UnsupportedError,
+        match="OPTForCausalLM, which qmerge does not write as GGUF.*llama, .*convert_hf_to_gguf",
     ):
-        export(tmp_path / "gpt2", "gguf", tmp_path / "g.gguf")
+        export(tmp_path / "opt", "gguf", tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists() and not (tmp_path / "x.gguf").exists()
     # llama.cpp's gemma has no separate output layer: an untied Gemma would lose its lm_head
     untied = build_base(tmp_path / "gemma", TinySpec(arch="gemma", tie_word_embeddings=False))

@@ -164,6 +164,8 @@ def test_gpt_configs_llama_cpp_runs_otherwise_are_refused(tmp_path, family_model
         architecture_of({**neox, "tie_word_embeddings": True})
     with pytest.raises(UnsupportedError, match="GELU only"):
         architecture_of({**neox, "hidden_act": "relu"})
+    with pytest.raises(UnsupportedError, match="needs the Q/K/V and output biases"):
+        architecture_of({**neox, "attention_bias": False})
     gpt2 = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -173,8 +175,9 @@ def test_gpt_configs_llama_cpp_runs_otherwise_are_refused(tmp_path, family_model
     }
     _, hp = architecture_of({**gpt2, "vocab_size": 320})
     assert (hp.hidden, hp.n_ff, hp.n_head_kv, hp.rope_dims) == (64, 256, 4, 16)  # n_inner unset: 4 x n_embd
-    with pytest.raises(UnsupportedError, match="scales attention by head size only"):
-        architecture_of({**gpt2, "vocab_size": 320, "scale_attn_by_inverse_layer_idx": True})
+    for change in ({"scale_attn_by_inverse_layer_idx": True}, {"scale_attn_weights": False}):
+        with pytest.raises(UnsupportedError, match="by the head size only"):
+            architecture_of({**gpt2, "vocab_size": 320, **change})
     base, adapter = family_models["gpt2"]
     with pytest.raises(UnsupportedError, match="cannot carry fan_in_fan_out"):
         export(adapter, "gguf-lora", tmp_path / "lora", base=base)

@@ -24,10 +24,11 @@ class GPTNeoX(Architecture):
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
-        if config.get("hidden_act") not in ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+        _gelu_only(config, "hidden_act", self.gguf_arch)
+        if config.get("attention_bias") is False:
             raise UnsupportedError(
-                f"hidden_act is {config.get('hidden_act')!r}; llama.cpp's gptneox runs GELU only, so the GGUF "
-                "would not match."
+                "config.json unsets attention_bias; llama.cpp's gptneox needs the Q/K/V and output biases, so "
+                "it could not load the GGUF."
             )
 
     def add_metadata(self, w, hp: HParams) -> None:
@@ -65,15 +66,11 @@ class GPT2(Architecture):
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
-        if config.get("activation_function") not in ("gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh"):
+        _gelu_only(config, "activation_function", self.gguf_arch)
+        if config.get("scale_attn_by_inverse_layer_idx") or config.get("scale_attn_weights") is False:
             raise UnsupportedError(
-                f"activation_function is {config.get('activation_function')!r}; llama.cpp's gpt2 runs GELU "
-                "only, so the GGUF would not match."
-            )
-        if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
-            raise UnsupportedError(
-                "config.json sets scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn; llama.cpp's gpt2 "
-                "scales attention by head size only, so the GGUF would not match."
+                "config.json sets scale_attn_by_inverse_layer_idx or unsets scale_attn_weights; llama.cpp's "
+                "gpt2 scales attention by the head size only, so the GGUF would not match."
             )
 
     def text_name(self, hf_name: str) -> str | None:
@@ -86,3 +83,12 @@ class GPT2(Architecture):
 
     def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
         return [t.transpose(0, 1)]
+
+
+def _gelu_only(config: dict, key: str, arch: str) -> None:
+    """Refuse an activation other than GELU (exact or tanh-approximated: llama.cpp runs its table of the
+    approximation for both)."""
+    if config.get(key) not in ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+        raise UnsupportedError(
+            f"{key} is {config.get(key)!r}; llama.cpp's {arch} runs GELU only, so the GGUF would not match."
+        )
