@@ -416,7 +416,8 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     """GPT-2's Conv1D layers ([in, out] on disk, quantized transposed) with a fan_in_fan_out adapter,
     from the 16-bit base, from the 4-bit base transformers saves, and from the layout GPT-2's release stores
     (once refused as "config.json does not match the weights", then merged 0.05 off: its Conv1D weights,
-    under other names, were quantized untransposed), which the check also passes."""
+    under other names, were quantized untransposed), which the check also passes; that layout holds the
+    same weights as the base the adapter names (its values are compared under either name)."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -438,16 +439,15 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     ref = reference_unmerged(tmp_path / "adapter", tmp_path / "base")
     _as_released(tmp_path / "base", tmp_path / "released", n_positions=128)
     for base in ("base", "base4", "released"):
-        merge(
-            tmp_path / "adapter",
-            tmp_path / f"m-{base}",
-            base=tmp_path / base,
-            dtype="fp32",
-            allow_other_base=True,
-        )
+        merge(tmp_path / "adapter", tmp_path / f"m-{base}", base=tmp_path / base, dtype="fp32")
         assert (logits_of(tmp_path / f"m-{base}") - ref).abs().max() <= FP32_TOL, base
-    released = dict(base=tmp_path / "released", allow_other_base=True)  # (the adapter names "base")
-    assert check(tmp_path / "adapter", tmp_path / "m-released", max_seqs=1, **released).passed
+    # the same weights as the base the adapter names ("base"), in the other layout: not another model
+    assert check(tmp_path / "adapter", tmp_path / "m-released", tmp_path / "released", max_seqs=1).passed
+    tensors = load_file(tmp_path / "released" / "model.safetensors")
+    tensors["h.1.mlp.c_fc.weight"] = tensors["h.1.mlp.c_fc.weight"] * 1.5
+    save_file(tensors, tmp_path / "released" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MismatchError, match="another model .* weights of h.1.mlp.c_fc.weight differ"):
+        merge(tmp_path / "adapter", tmp_path / "m-other", base=tmp_path / "released")
 
 
 def _as_released(base, out, n_positions: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,26 +139,50 @@ def differences(given: ModelDir, named: ModelDir) -> tuple[list[str], list[str]]
             (minor if _MINOR.search(key) else config).append(
                 f"config {key}: {_short(a.get(key))} vs {_short(b.get(key))}"
             )
-    ours, theirs = set(given.weight_names()), set(named.weight_names())
-    for name, side in (
-        (sorted(ours - theirs), "only in the base given"),
-        (sorted(theirs - ours), "only in it"),
-    ):
+    pairs, ours, theirs = _paired(given, named)
+    for name, side in ((ours, "only in the base given"), (theirs, "only in it")):
         if name:
             decisive.append(
                 f"{len(name)} tensors {side} ({', '.join(name[:3])}{', ...' if len(name) > 3 else ''})"
             )
     conv1d = _conv1d(given) | _conv1d(named)
-    for name in sorted(ours & theirs):
-        a_shape, b_shape = _stored_shape(given, name, conv1d), _stored_shape(named, name, conv1d)
+    for a, b in pairs:
+        a_shape, b_shape = _stored_shape(given, a, conv1d), _stored_shape(named, b, conv1d)
         if a_shape != b_shape:
-            decisive.append(f"{name} is {list(a_shape)} vs {list(b_shape)}")
-    fingerprint = None if decisive else _fingerprint(given, named, sorted(ours & theirs))
+            decisive.append(f"{a} is {list(a_shape)} vs {list(b_shape)}")
+    fingerprint = None if decisive else _fingerprint(given, named, pairs)
     if fingerprint:
         return decisive + fingerprint + config, minor
     if fingerprint is None:
         return decisive + config, minor
     return decisive, config + minor  # the same weights: a config edit is said
+
+
+def _paired(given: ModelDir, named: ModelDir) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """([(its name in given, in named)] for the tensors both store, those only given stores, those only named
+    stores). Where the names differ, they are compared as transformers loads them: the same weights stored
+    in two layouts (a release's names and a re-save's, e.g. GPT-2's h.0.* and transformer.h.0.*) pair up, and
+    tensors transformers ignores at load (GPT-2's causal-mask buffers) do not count."""
+    ours = {n: n for n in given.weight_names()}
+    theirs = {n: n for n in named.weight_names()}
+    if ours.keys() != theirs.keys():
+        with suppress(QmergeError):  # (a config transformers cannot build: the names as stored)
+            ours, theirs = _as_loaded(given), _as_loaded(named)
+    pairs = [(ours[k], theirs[k]) for k in sorted(ours.keys() & theirs.keys())]
+    only = (
+        sorted(ours[k] for k in ours.keys() - theirs.keys()),
+        sorted(theirs[k] for k in theirs.keys() - ours.keys()),
+    )
+    return pairs, *only
+
+
+def _as_loaded(model: ModelDir) -> dict[str, str]:
+    """{the model's parameter name: the stored name}, less the tensors transformers ignores at load."""
+    from ..io.hf_meta import unexpected_ok
+
+    loaded = {stored: param for param, stored in model.stored_as().items()}
+    ignored = unexpected_ok(model.config)
+    return {loaded.get(n, n): n for n in model.weight_names() if n in loaded or not ignored(n)}
 
 
 def _conv1d(model: ModelDir) -> frozenset[str]:
@@ -171,24 +196,24 @@ def _stored_shape(model: ModelDir, name: str, conv1d: frozenset[str]) -> tuple[i
     return tuple(reversed(shape)) if name in model.quantized and name in conv1d else shape
 
 
-def _fingerprint(given: ModelDir, named: ModelDir, names: list[str]) -> list[str] | None:
+def _fingerprint(given: ModelDir, named: ModelDir, pairs: list[tuple[str, str]]) -> list[str] | None:
     """Differences in the first values of a few tensors both store unquantized (floating point); None when
-    there is no such tensor."""
+    there is no such tensor. `pairs`: each tensor's name in given and in named."""
     plain = [
-        n
-        for n in names
-        if n not in given.quantized
-        and n not in named.quantized
-        and given.store.dtype(n).is_floating_point
-        and named.store.dtype(n).is_floating_point
-        and given.store.shape(n)
+        (a, b)
+        for a, b in pairs
+        if a not in given.quantized
+        and b not in named.quantized
+        and given.store.dtype(a).is_floating_point
+        and named.store.dtype(b).is_floating_point
+        and given.store.shape(a)
     ]
     if not plain:
         return None
     step = max(1, len(plain) // FINGERPRINT_TENSORS)
     out = []
-    for name in plain[::step][:FINGERPRINT_TENSORS]:
-        x, y = _first_values(given, name), _first_values(named, name)
+    for name, theirs in plain[::step][:FINGERPRINT_TENSORS]:
+        x, y = _first_values(given, name), _first_values(named, theirs)
         dtype = _coarser(x.dtype, y.dtype)
         x, y = x.to(dtype).float(), y.to(dtype).float()
         differ = int((x != y).sum())
