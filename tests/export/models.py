@@ -182,6 +182,21 @@ MOE["granitemoehybrid"] = FAMILIES["granitemoehybrid"] = dict(
     tie_word_embeddings=False,
 )
 FAMILIES["bamba"] = dict(MAMBA2, num_hidden_layers=3, attn_layer_indices=[1], tie_word_embeddings=False)
+# Granite 3.x's MoE, experts stored as Granite 4.0-H's, with (granitemoeshared) and without a shared MLP
+GRANITE_SCALES = {
+    k: FAMILIES["granitemoehybrid"][k] for k in ("embedding_multiplier", "attention_multiplier")
+}
+GRANITE_SCALES |= {k: FAMILIES["granitemoehybrid"][k] for k in ("residual_multiplier", "logits_scaling")}
+MOE["granitemoe"] = FAMILIES["granitemoe"] = dict(
+    GRANITE_SCALES,
+    intermediate_size=64,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+)
+MOE["granitemoeshared"] = FAMILIES["granitemoeshared"] = dict(
+    FAMILIES["granitemoe"], shared_intermediate_size=128
+)
 # GPT-NeoX (Pythia) with RoPE on a quarter of each head, attention and MLP in parallel; GPT-2 as released
 FAMILIES["gpt_neox"] = dict(tie_word_embeddings=False)
 FAMILIES["gpt2"] = dict(tie_word_embeddings=True)
@@ -208,6 +223,8 @@ GGUF_ARCH = {
     "qwen3_next": "qwen3next",
     "granitemoehybrid": "granitehybrid",
     "bamba": "granitehybrid",
+    "granitemoe": "granitemoe",
+    "granitemoeshared": "granitemoe",
     "gpt_neox": "gptneox",
     "gpt2": "gpt2",
     "gemma3n_text": "gemma3n",
@@ -241,7 +258,9 @@ def tiny_family(root: Path, model_type: str, **config) -> tuple[Path, Path]:
     experts = {"target_parameters": EXPERTS} if model_type in ("qwen2_moe", "gpt_oss") else {}
     if model_type in ("llama4_text", "jamba"):
         experts = {"target_parameters": [e.replace("mlp.", "feed_forward.") for e in EXPERTS]}
-    if model_type == "granitemoehybrid" and cfg.num_local_experts:  # (stored as input_linear, output_linear)
+    if (
+        model_type.startswith("granitemoe") and cfg.num_local_experts
+    ):  # (stored as input_linear, output_linear)
         experts = {"target_parameters": [e.replace("mlp.", "block_sparse_moe.") for e in EXPERTS]}
     targets = TARGETS.get(model_type, "all-linear")
     adapter = random_adapter(

@@ -272,11 +272,14 @@ def test_lora_gguf_on_a_vision_language_base(tmp_path, vlm_models):
     assert (got - ref).abs().max() <= F32_TOL  # measured 1.8e-7
 
 
-@pytest.mark.parametrize("model_type", ["falcon_h1", "jamba", "qwen3_next", "granitemoehybrid", "bamba"])
+@pytest.mark.parametrize(
+    "model_type",
+    ["falcon_h1", "jamba", "qwen3_next", "granitemoehybrid", "bamba", "granitemoe", "granitemoeshared"],
+)
 def test_hybrid_merges_equal_pefts_unmerged_model(tmp_path, family_models, model_type):
-    """The hybrids' merges (Jamba's, Qwen3-Next's and Granite 4.0-H's experts adapted through
+    """The hybrids' and Granite's merges (Jamba's, Qwen3-Next's and Granite's fused experts adapted through
     target_parameters) against PEFT's unmerged forward over the NF4 base (measured 5.1e-6, 2.7e-7, 3.9e-6
-    on logits up to 0.42, 0.66, 1.19)."""
+    on logits up to 0.42, 0.66, 1.19; Granite 2e-7)."""
     from tests.helpers import reference_unmerged
 
     base, adapter = family_models[model_type]

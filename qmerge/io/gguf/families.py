@@ -7,7 +7,7 @@ from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Q
 from .dense import Cohere2, Glm4, Granite, Ministral3, Olmo2, SmolLM3
 from .gemma3n import Gemma3n, Gemma3nVision
 from .gpt import GPT2, GPTNeoX
-from .granite_hybrid import Bamba, GraniteHybrid
+from .granite_hybrid import Bamba, GraniteHybrid, GraniteMoe, GraniteMoeShared
 from .hybrid import FalconH1, Jamba, Qwen3Next
 from .moe import DeepseekV3, GptOss, Llama4, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
 from .vlm import (
@@ -45,6 +45,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Jamba(),
         GraniteHybrid(),
         Bamba(),
+        GraniteMoe(),
+        GraniteMoeShared(),
         GPTNeoX(),
         GPT2(),
         Qwen3Next(),

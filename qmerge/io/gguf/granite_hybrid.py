@@ -30,7 +30,8 @@ class GraniteHybrid(MoE):
     hf_class, model_type, gguf_arch = "GraniteMoeHybridForCausalLM", "granitemoehybrid", "granitehybrid"
     norm_key = None  # the router's softmax over the chosen experts' logits: renormalized, as llama.cpp's
     permute_qk = False  # (transform permutes the rotated rows)
-    rope = False
+    rope = False  # whether llama.cpp's architecture runs RoPE for it
+    rope_always = False  # whether transformers' class does, whatever position_embedding_type says
     SCALES = Granite.SCALES
 
     def attention_layers(self, hp: HParams) -> list[int]:
@@ -61,7 +62,7 @@ class GraniteHybrid(MoE):
             super().check(config, hp)
         else:
             Architecture.check(self, config, hp)
-        rope = config.get("position_embedding_type") == "rope" or self.model_type == "bamba"
+        rope = self.rope_always or config.get("position_embedding_type") == "rope"
         problems = {
             "hidden_act": (config.get("hidden_act") in (None, "silu"), "SiLU only"),
             "position_embedding_type": (
@@ -101,8 +102,8 @@ class GraniteHybrid(MoE):
     def split(
         self, name: str, shape: tuple[int, ...], hp: HParams
     ) -> list[tuple[str, tuple[int, ...]]] | None:
-        if pieces := mamba2_split(name, shape, ssm_int(hp.config or {}, "n_groups")):
-            return pieces
+        if ".mamba." in name:
+            return mamba2_split(name, shape, ssm_int(hp.config or {}, "n_groups"))
         layer, _, tail = name.partition(
             ".block_sparse_moe." if ".block_sparse_moe." in name else ".shared_mlp."
         )
@@ -126,7 +127,7 @@ class Bamba(GraniteHybrid):
     """Bamba: Granite 4.0-H's layout with a dense feed-forward and RoPE on half of each head."""
 
     hf_class, model_type = "BambaForCausalLM", "bamba"
-    rope = True
+    rope = rope_always = True
 
 
 class GraniteAttention(GraniteHybrid):
@@ -140,3 +141,25 @@ class GraniteMoeAttention(GraniteAttention):
     """The same with experts: llama.cpp's granitemoe."""
 
     gguf_arch = "granitemoe"
+
+
+class GraniteMoe(GraniteMoeAttention):
+    """Granite 3.x's mixture of experts (GraniteMoe; GraniteMoeShared adds the shared MLP): llama.cpp's
+    granitemoe, the experts fused as Granite 4.0 stores them, RoPE always, no SSM keys (as the converter's
+    GraniteMoeModel writes it)."""
+
+    hf_class, model_type, rope_always = "GraniteMoeForCausalLM", "granitemoe", True
+
+    def variant(self, config: dict) -> Architecture:
+        return self
+
+    def kv_heads(self, hp: HParams) -> int:
+        return hp.n_head_kv
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        MoE.add_metadata(self, w, hp)
+        Granite.add_metadata(self, w, hp)
+
+
+class GraniteMoeShared(GraniteMoe):
+    hf_class, model_type = "GraniteMoeSharedForCausalLM", "granitemoeshared"
