@@ -200,6 +200,8 @@ MOE["granitemoeshared"] = FAMILIES["granitemoeshared"] = dict(
 # GPT-NeoX (Pythia) with RoPE on a quarter of each head, attention and MLP in parallel; GPT-2 as released
 FAMILIES["gpt_neox"] = dict(tie_word_embeddings=False)
 FAMILIES["gpt2"] = dict(tie_word_embeddings=True)
+# Phi-2: RoPE on half of each head, attention and MLP in parallel, multi-head attention, 4 x hidden (as released)
+FAMILIES["phi"] = dict(num_key_value_heads=4, intermediate_size=256, tie_word_embeddings=False)
 # PEFT's all-linear takes Mamba's out_proj, which PEFT then refuses: the other linears named
 ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {
@@ -227,6 +229,7 @@ GGUF_ARCH = {
     "granitemoeshared": "granitemoe",
     "gpt_neox": "gptneox",
     "gpt2": "gpt2",
+    "phi": "phi2",
     "gemma3n_text": "gemma3n",
 }
 

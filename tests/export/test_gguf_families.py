@@ -155,6 +155,22 @@ def test_gpt_neox_in_sequence_and_as_a_llama_cpp_lora(tmp_path):
     assert (got - ref).abs().max() <= 2e-3 < (logits_of(base, SEQ) - ref).abs().max()
 
 
+def test_phi_with_grouped_query_attention(tmp_path):
+    """Phi with fewer key/value heads than query heads: written as config.json says (the converter writes as
+    many as the queries, a file llama.cpp could not load)."""
+    from qmerge.io.gguf.families import architecture_of
+
+    base, adapter = tiny_family(tmp_path, "phi", num_key_value_heads=2)
+    export(adapter, "fp32", tmp_path / "merged", base=base)
+    export(adapter, "gguf", tmp_path / "m.gguf", base=base, gguf_type="f32")
+    assert (
+        llama_cpp_logits(tmp_path / "m.gguf") - logits_of(tmp_path / "merged", SEQ)
+    ).abs().max() <= F32_TOL
+    phi = {**TINY_TEXT, "architectures": ["PhiForCausalLM"], **FAMILIES["phi"]}
+    with pytest.raises(UnsupportedError, match="no norm on the queries and keys"):
+        architecture_of({**phi, "qk_layernorm": True})
+
+
 def test_gpt_configs_llama_cpp_runs_otherwise_are_refused(tmp_path, family_models):
     from qmerge.io.gguf.families import architecture_of
 

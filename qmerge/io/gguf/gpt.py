@@ -1,5 +1,5 @@
-"""GPT-2 and GPT-NeoX (Pythia) as llama.cpp's gpt2 and gptneox run them (convert_hf_to_gguf's GPT2Model and
-GPTNeoXModel): LayerNorm with bias, a fused Q/K/V projection with bias, GELU feed-forwards.
+"""GPT-2, GPT-NeoX (Pythia) and Phi-2 as llama.cpp's gpt2, gptneox and phi2 run them (convert_hf_to_gguf's
+GPT2Model, GPTNeoXModel and Phi2Model): LayerNorm with bias, Q/K/V projections with bias, GELU feed-forwards.
 
 Their configs name the sizes otherwise (GPT-2's n_embd, n_head, ...; both carry no key/value head count):
 hf_params states them as the other records read them, from the model's own keys only."""
@@ -83,6 +83,25 @@ class GPT2(Architecture):
 
     def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
         return [t.transpose(0, 1)]
+
+
+class Phi2(Architecture):
+    """Phi-1/1.5/2 (`PhiForCausalLM`): attention and MLP in parallel off one LayerNorm, NEOX RoPE on
+    partial_rotary_factor of each head (nothing permuted), an output layer with bias. The converter writes the
+    key/value heads as the query heads and the feed-forward as 4 x hidden whatever config.json says; qmerge
+    writes the config's (the same for Phi-2's releases)."""
+
+    hf_class, model_type, gguf_arch, permute_qk = "PhiForCausalLM", "phi", "phi2", False
+    layer_norm = own_output = True
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        _gelu_only(config, "hidden_act", self.gguf_arch)
+        if config.get("qk_layernorm"):
+            raise UnsupportedError(
+                "config.json sets qk_layernorm; llama.cpp's phi2 has no norm on the queries and keys, so the "
+                "GGUF would not match."
+            )
 
 
 def _gelu_only(config: dict, key: str, arch: str) -> None:
