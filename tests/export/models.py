@@ -202,6 +202,9 @@ FAMILIES["gpt_neox"] = dict(tie_word_embeddings=False)
 FAMILIES["gpt2"] = dict(tie_word_embeddings=True)
 # Phi-2: RoPE on half of each head, attention and MLP in parallel, multi-head attention, 4 x hidden (as released)
 FAMILIES["phi"] = dict(num_key_value_heads=4, intermediate_size=256, tie_word_embeddings=False)
+# StableLM 2 1.6B's layout (Q/K/V biases; 12B's per-head Q/K norms: test_gguf_families); StarCoder 2's biases
+FAMILIES["stablelm"] = dict(use_qkv_bias=True, tie_word_embeddings=False)
+FAMILIES["starcoder2"] = dict(tie_word_embeddings=False)
 # PEFT's all-linear takes Mamba's out_proj, which PEFT then refuses: the other linears named
 ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {
@@ -230,6 +233,8 @@ GGUF_ARCH = {
     "gpt_neox": "gptneox",
     "gpt2": "gpt2",
     "phi": "phi2",
+    "stablelm": "stablelm",
+    "starcoder2": "starcoder2",
     "gemma3n_text": "gemma3n",
 }
 

@@ -171,6 +171,25 @@ def test_phi_with_grouped_query_attention(tmp_path):
         architecture_of({**phi, "qk_layernorm": True})
 
 
+def test_stablelm_2_12b_layout(tmp_path):
+    """StableLM 2 12B's layout: per-head Q/K LayerNorms (stacked into one tensor each, as the converter stacks
+    them: its own StableLM conversion of them fails in llama.cpp 0.3.36, "Unprocessed norms"), attention and
+    MLP in parallel off one norm."""
+    import gguf
+
+    base, adapter = tiny_family(tmp_path, "stablelm", qk_layernorm=True, use_parallel_residual=True)
+    export(adapter, "fp32", tmp_path / "merged", base=base)
+    export(adapter, "gguf", tmp_path / "m.gguf", base=base, gguf_type="q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert [int(d) for d in tensors["blk.0.attn_k_norm.weight"].shape] == [16, 2]  # {head_dim, kv heads}
+    assert (
+        tensors["blk.0.attn_q_norm.weight"].tensor_type.name == "F32"
+        and "blk.0.ffn_norm.weight" not in tensors
+    )
+    kl, _ = kl_top1(logits_of(tmp_path / "merged", SEQ), llama_cpp_logits(tmp_path / "m.gguf"))
+    assert kl <= 1e-3
+
+
 def test_gpt_configs_llama_cpp_runs_otherwise_are_refused(tmp_path, family_models):
     from qmerge.io.gguf.families import architecture_of
 
@@ -290,12 +309,13 @@ def test_lora_gguf_on_a_vision_language_base(tmp_path, vlm_models):
 
 @pytest.mark.parametrize(
     "model_type",
-    ["falcon_h1", "jamba", "qwen3_next", "granitemoehybrid", "bamba", "granitemoe", "granitemoeshared"],
+    ["falcon_h1", "jamba", "qwen3_next", "granitemoehybrid", "bamba", "granitemoe", "granitemoeshared"]
+    + ["gpt_neox", "gpt2", "phi", "stablelm", "starcoder2"],
 )
-def test_hybrid_merges_equal_pefts_unmerged_model(tmp_path, family_models, model_type):
-    """The hybrids' and Granite's merges (Jamba's, Qwen3-Next's and Granite's fused experts adapted through
-    target_parameters) against PEFT's unmerged forward over the NF4 base (measured 5.1e-6, 2.7e-7, 3.9e-6
-    on logits up to 0.42, 0.66, 1.19; Granite 2e-7)."""
+def test_merges_equal_pefts_unmerged_model(tmp_path, family_models, model_type):
+    """The merges of the families only these tests build (Jamba's, Qwen3-Next's and Granite's fused experts
+    adapted through target_parameters) against PEFT's unmerged forward over the NF4 base (measured 5.1e-6,
+    2.7e-7, 3.9e-6 on logits up to 0.42, 0.66, 1.19; the others 1.5e-7 to 3.6e-7)."""
     from tests.helpers import reference_unmerged
 
     base, adapter = family_models[model_type]

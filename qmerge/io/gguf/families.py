@@ -6,9 +6,9 @@ from ...errors import UnsupportedError
 from .arch import Architecture, Gemma, Gemma2, Gemma3, HParams, Mistral, Phi3, Qwen2, Qwen3, read_hparams
 from .dense import Cohere2, Glm4, Granite, Ministral3, Olmo2, SmolLM3
 from .gemma3n import Gemma3n, Gemma3nVision
-from .gpt import GPT2, GPTNeoX, Phi2
 from .granite_hybrid import Bamba, GraniteHybrid, GraniteMoe, GraniteMoeShared
 from .hybrid import FalconH1, Jamba, Qwen3Next
+from .layernorm import GPT2, GPTNeoX, Phi2, StableLM, Starcoder2
 from .moe import DeepseekV3, GptOss, Llama4, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
 from .vlm import (
     Gemma3Vision,
@@ -50,6 +50,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         GPTNeoX(),
         GPT2(),
         Phi2(),
+        StableLM(),
+        Starcoder2(),
         Qwen3Next(),
         Mixtral(),
         Qwen2Moe(),

@@ -1,10 +1,14 @@
-"""GPT-2, GPT-NeoX (Pythia) and Phi-2 as llama.cpp's gpt2, gptneox and phi2 run them (convert_hf_to_gguf's
-GPT2Model, GPTNeoXModel and Phi2Model): LayerNorm with bias, Q/K/V projections with bias, GELU feed-forwards.
+"""The decoders with LayerNorm (with bias) as llama.cpp runs them: GPT-2, GPT-NeoX (Pythia), Phi-1/1.5/2,
+StableLM and StarCoder 2 (convert_hf_to_gguf's GPT2Model, GPTNeoXModel, Phi2Model, StableLMModel and
+StarCoder2Model): RoPE on part of each head by NEOX pairs (nothing permuted), biases where the models have them.
 
-Their configs name the sizes otherwise (GPT-2's n_embd, n_head, ...; both carry no key/value head count):
-hf_params states them as the other records read them, from the model's own keys only."""
+Some configs name the sizes otherwise (GPT-2's n_embd, n_head, ...; StarCoder 2's norm_epsilon; GPT-NeoX
+carries no key/value head count): hf_params states them as the other records read them, from the model's own
+keys only."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -101,6 +105,52 @@ class Phi2(Architecture):
             raise UnsupportedError(
                 "config.json sets qk_layernorm; llama.cpp's phi2 has no norm on the queries and keys, so the "
                 "GGUF would not match."
+            )
+
+
+class StableLM(Architecture):
+    """StableLM (StableLM 2, 3B): partial RoPE, a gated SiLU MLP, attention and MLP in sequence or (no second
+    norm) in parallel, per-head Q/K LayerNorms (StableLM 2 12B) stacked into one tensor each, as the
+    converter stacks them."""
+
+    hf_class, model_type, gguf_arch, permute_qk = "StableLmForCausalLM", "stablelm", "stablelm", False
+    layer_norm = own_output = True
+    HEAD_NORM = re.compile(r"^(?P<norm>.+\.self_attn\.(?P<qk>[qk])_layernorm)\.norms\.(?P<head>\d+)\.weight$")
+
+    def stack_of(self, hf_name: str, hp: HParams) -> tuple[str, int, int] | None:
+        m = self.HEAD_NORM.match(hf_name)
+        heads = hp.n_head if m and m["qk"] == "q" else hp.n_head_kv
+        return (f"{m['norm']}.weight", int(m["head"]), heads) if m else None
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        if config.get("hidden_act") not in (None, "silu"):
+            raise UnsupportedError(
+                f"hidden_act is {config.get('hidden_act')!r}; llama.cpp's stablelm runs SiLU only, so the GGUF "
+                "would not match."
+            )
+
+    def add_metadata(self, w, hp: HParams) -> None:
+        w.add_parallel_residual(bool((hp.config or {}).get("use_parallel_residual")))
+
+
+class Starcoder2(Architecture):
+    """StarCoder 2: biases throughout, a GELU MLP (c_fc, c_proj). llama.cpp runs it without the sliding window
+    transformers applies past sliding_window tokens (4096 in the releases), as the converter writes it."""
+
+    hf_class, model_type, gguf_arch, permute_qk = "Starcoder2ForCausalLM", "starcoder2", "starcoder2", False
+    layer_norm = True
+
+    def hf_params(self, config: dict) -> dict:
+        return {**config, "layer_norm_eps": config.get("norm_epsilon")}
+
+    def check(self, config: dict, hp: HParams) -> None:
+        super().check(config, hp)
+        _gelu_only(config, "hidden_act", self.gguf_arch)
+        if config.get("use_bias") is False:
+            raise UnsupportedError(
+                "config.json unsets use_bias; llama.cpp's starcoder2 needs the attention and MLP biases, so it "
+                "could not load the GGUF."
             )
 
 
