@@ -59,6 +59,10 @@ def refuse_unsupported(source: Source, arch: Architecture, hp: HParams) -> None:
             f"LoRA on single experts or projections ({pieces[0]}, ...: llama.cpp holds each layer's experts, "
             "and Gemma 3n's AltUp projections, as one tensor)"
         )
+    if held := sorted(
+        m.weight for m in layout.lora.values() if any(p in m.weight for p in arch.no_lora_gguf)
+    ):
+        why.append(f"LoRA on {held[0]}, ... (llama.cpp's {arch.gguf_arch} holds those tensors reordered)")
     if why:
         raise UnsupportedError(
             f"{source.adapter.path}: a llama.cpp LoRA adapter cannot carry {'; '.join(why)}. Merge instead: "

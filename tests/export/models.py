@@ -205,6 +205,21 @@ FAMILIES["phi"] = dict(num_key_value_heads=4, intermediate_size=256, tie_word_em
 # StableLM 2 1.6B's layout (Q/K/V biases; 12B's per-head Q/K norms: test_gguf_families); StarCoder 2's biases
 FAMILIES["stablelm"] = dict(use_qkv_bias=True, tie_word_embeddings=False)
 FAMILIES["starcoder2"] = dict(tie_word_embeddings=False)
+# Qwen3.5's language model: delta-net layers 0-2, gated full attention in layer 3, twice the value heads
+MOE_FREE_QWEN35 = dict(
+    num_hidden_layers=4,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    head_dim=64,  # 16 rotated dimensions: 8 frequencies in M-RoPE sections of 3, 3, 2
+    rope_parameters=dict(
+        rope_type="default", rope_theta=1e4, partial_rotary_factor=0.25, mrope_section=[3, 3, 2]
+    ),
+    tie_word_embeddings=False,
+)
+FAMILIES["qwen3_5_text"] = MOE_FREE_QWEN35
 # PEFT's all-linear takes Mamba's out_proj, which PEFT then refuses: the other linears named
 ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {
@@ -234,6 +249,7 @@ GGUF_ARCH = {
     "gpt2": "gpt2",
     "phi": "phi2",
     "stablelm": "stablelm",
+    "qwen3_5_text": "qwen35",
     "starcoder2": "starcoder2",
     "gemma3n_text": "gemma3n",
 }
@@ -321,6 +337,7 @@ VLM = {
     "qwen3_vl": "qwen3_vl",
     "qwen3_vl_moe": "qwen3_vl_moe",
     "idefics3": "idefics3",
+    "qwen3_5_vlm": "qwen3_5",
 }
 VLM_GGUF_ARCH = {
     "gemma3_vlm": "gemma3",
@@ -332,6 +349,7 @@ VLM_GGUF_ARCH = {
     "qwen3_vl": "qwen3vl",
     "qwen3_vl_moe": "qwen3vlmoe",
     "idefics3": "llama",
+    "qwen3_5_vlm": "qwen35",
 }
 
 
@@ -370,6 +388,16 @@ VISION_LINEAR = (
 )
 
 
+def _qwen3_5_vlm():
+    """Qwen3.5 as released (Qwen3_5ForConditionalGeneration), its language model the text family's."""
+    import transformers as tf
+
+    text = dict(TINY_TEXT, **FAMILIES["qwen3_5_text"], max_position_embeddings=256)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+    vision |= dict(num_position_embeddings=64)
+    return tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=text, vision_config=vision))
+
+
 def _qwen3_vl_moe():
     """Qwen3-VL's tiny configuration (tests/test_vlm.py) with four experts in every layer."""
     import transformers as tf
@@ -397,7 +425,7 @@ def tiny_vlm(root: Path, name: str, vision: bool = False) -> tuple[Path, Path]:
     # Pixtral's tokenizers have the token its images break rows with (llama.cpp's converter asks for it)
     build_tokenizer(base, 320, extra_special=("[IMG_BREAK]",) if vision and name == "mistral3_vlm" else ())
     torch.manual_seed(0)
-    builders = {"llama4_vlm": _llama4_vlm, "qwen3_vl_moe": _qwen3_vl_moe}
+    builders = {"llama4_vlm": _llama4_vlm, "qwen3_vl_moe": _qwen3_vl_moe, "qwen3_5_vlm": _qwen3_5_vlm}
     model = builders[name]() if name in builders else _model(VLM[name])
     if vision:
         _vision_shape(model.config.vision_config, name)

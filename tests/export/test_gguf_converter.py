@@ -36,7 +36,8 @@ def converted(llama_cpp_source, arch_adapters, family_models, vlm_models, tmp_pa
         export(adapter, "bf16", root / name / "merged", base=base)
         for t in TYPES:
             export(root / name / "merged", "gguf", root / name / f"qmerge-{t}.gguf", gguf_type=t)
-            flag = ":no-mtp" if name == "qwen3_next" else ""  # qmerge leaves out Qwen3-Next's MTP layers
+            mtp = name in ("qwen3_next", "qwen3_5_text", "qwen3_5_vlm")  # (qmerge leaves out MTP layers)
+            flag = ":no-mtp" if mtp else ""
             jobs += [str(root / name / "merged"), t + flag, str(root / name / f"llama.cpp-{t}.gguf")]
     converter = str(llama_cpp_source / "convert_hf_to_gguf.py")
     done = subprocess.run(

@@ -190,6 +190,20 @@ def test_stablelm_2_12b_layout(tmp_path):
     assert kl <= 1e-3
 
 
+def test_qwen3_5_refusals(tmp_path, family_models):
+    """Qwen3.5: M-RoPE sections wider than the rotated dimensions (llama.cpp aborts on them) and a llama.cpp
+    LoRA on the delta-net's projections (reordered along their inputs) are refused, naming the route."""
+    from qmerge.io.gguf.families import architecture_of
+
+    cfg = {**TINY_TEXT, "architectures": ["Qwen3_5ForCausalLM"], **FAMILIES["qwen3_5_text"]}
+    assert architecture_of(cfg)[0].gguf_arch == "qwen35"
+    with pytest.raises(UnsupportedError, match="M-RoPE sections"):
+        architecture_of({**cfg, "rope_parameters": {**cfg["rope_parameters"], "mrope_section": [11, 11, 10]}})
+    base, adapter = family_models["qwen3_5_text"]
+    with pytest.raises(UnsupportedError, match="LoRA on .*linear_attn.* holds those tensors reordered"):
+        export(adapter, "gguf-lora", tmp_path / "lora", base=base)
+
+
 def test_gpt_configs_llama_cpp_runs_otherwise_are_refused(tmp_path, family_models):
     from qmerge.io.gguf.families import architecture_of
 
@@ -310,7 +324,7 @@ def test_lora_gguf_on_a_vision_language_base(tmp_path, vlm_models):
 @pytest.mark.parametrize(
     "model_type",
     ["falcon_h1", "jamba", "qwen3_next", "granitemoehybrid", "bamba", "granitemoe", "granitemoeshared"]
-    + ["gpt_neox", "gpt2", "phi", "stablelm", "starcoder2"],
+    + ["gpt_neox", "gpt2", "phi", "stablelm", "starcoder2", "qwen3_5_text"],
 )
 def test_merges_equal_pefts_unmerged_model(tmp_path, family_models, model_type):
     """The merges of the families only these tests build (Jamba's, Qwen3-Next's and Granite's fused experts

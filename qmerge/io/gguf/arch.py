@@ -152,6 +152,7 @@ class Architecture:
     merge_fp32 = False  # transform() scales values: merged in fp32 and cast to the file's type after it
     ff_key = "intermediate_size"  # the dense feed-forward size's config key
     ff_exp_key = "moe_intermediate_size"  # one routed expert's
+    no_lora_gguf: tuple[str, ...] = ()  # name parts of tensors a llama.cpp LoRA cannot carry as stored
 
     def text_name(self, hf_name: str) -> str | None:
         """The tensor's name as a text-only checkpoint has it (None: a tensor the GGUF leaves out)."""

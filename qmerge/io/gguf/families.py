@@ -10,6 +10,7 @@ from .granite_hybrid import Bamba, GraniteHybrid, GraniteMoe, GraniteMoeShared
 from .hybrid import FalconH1, Jamba, Qwen3Next
 from .layernorm import GPT2, GPTNeoX, Phi2, StableLM, Starcoder2
 from .moe import DeepseekV3, GptOss, Llama4, Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
+from .qwen35 import Qwen35, Qwen35Vision
 from .vlm import (
     Gemma3Vision,
     Idefics3Vision,
@@ -53,6 +54,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         StableLM(),
         Starcoder2(),
         Qwen3Next(),
+        Qwen35(),
+        Qwen35Vision(),
         Mixtral(),
         Qwen2Moe(),
         Qwen3Moe(),
