@@ -143,17 +143,13 @@ class Qwen3Next(Qwen2Moe):
         w.add_full_attention_interval(int(c.get("full_attention_interval", 4)))
 
     def transform(self, hf_name: str, t: torch.Tensor, hp: HParams) -> torch.Tensor:
-        if hf_name.endswith("norm.weight") and not hf_name.endswith("linear_attn.norm.weight"):
-            return t + 1  # (1 + weight), llama.cpp's by weight; the gated delta-net's own norm is plain
-        return t
+        return t + 1 if one_plus_norm(hf_name) else t
 
     def split(
         self, name: str, shape: tuple[int, ...], hp: HParams
     ) -> list[tuple[str, tuple[int, ...]]] | None:
-        if name.endswith(".linear_attn.dt_bias"):
-            return [(name.replace(".dt_bias", ".dt_proj.bias"), shape)]
-        if name.endswith((".linear_attn.A_log", ".linear_attn.conv1d.weight")):
-            return [(name, tuple(d for d in shape if d != 1))]
+        if pieces := delta_net_split(name, shape):
+            return pieces
         if name.endswith(".linear_attn.in_proj_qkvz.weight"):
             block = name.split(".")[2]
             qkv, z = self._qkvz(hp)
@@ -186,6 +182,22 @@ class Qwen3Next(Qwen2Moe):
         nk, nv = int(c["linear_num_key_heads"]), int(c["linear_num_value_heads"])
         hk, hv = int(c["linear_key_head_dim"]), int(c["linear_value_head_dim"])
         return 2 * nk * hk + nv * hv, nv * hv
+
+
+def delta_net_split(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+    """A gated delta-net's dt_bias (as the time step's bias), A_log and convolution (squeezed) as llama.cpp
+    holds them (Qwen3-Next, Qwen3.5), or None."""
+    if name.endswith(".linear_attn.dt_bias"):
+        return [(name.replace(".dt_bias", ".dt_proj.bias"), shape)]
+    if name.endswith((".linear_attn.A_log", ".linear_attn.conv1d.weight")):
+        return [(name, tuple(d for d in shape if d != 1))]
+    return None
+
+
+def one_plus_norm(hf_name: str) -> bool:
+    """An RMSNorm weight Qwen3-Next and Qwen3.5 scale by (1 + weight), which llama.cpp stores as weight + 1
+    (not the gated delta-net's own norm, which is plain)."""
+    return hf_name.endswith("norm.weight") and not hf_name.endswith("linear_attn.norm.weight")
 
 
 def mamba2_split(name: str, shape: tuple[int, ...], groups: int) -> list[tuple[str, tuple[int, ...]]] | None:

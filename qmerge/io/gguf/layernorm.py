@@ -29,11 +29,7 @@ class GPTNeoX(Architecture):
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
         _gelu_only(config, "hidden_act", self.gguf_arch)
-        if config.get("attention_bias") is False:
-            raise UnsupportedError(
-                "config.json unsets attention_bias; llama.cpp's gptneox needs the Q/K/V and output biases, so "
-                "it could not load the GGUF."
-            )
+        _biases_needed(config, "attention_bias", self.gguf_arch)
 
     def add_metadata(self, w, hp: HParams) -> None:
         w.add_parallel_residual(bool((hp.config or {}).get("use_parallel_residual", True)))
@@ -147,11 +143,7 @@ class Starcoder2(Architecture):
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
         _gelu_only(config, "hidden_act", self.gguf_arch)
-        if config.get("use_bias") is False:
-            raise UnsupportedError(
-                "config.json unsets use_bias; llama.cpp's starcoder2 needs the attention and MLP biases, so it "
-                "could not load the GGUF."
-            )
+        _biases_needed(config, "use_bias", self.gguf_arch)
 
 
 def _gelu_only(config: dict, key: str, arch: str) -> None:
@@ -160,4 +152,12 @@ def _gelu_only(config: dict, key: str, arch: str) -> None:
     if config.get(key) not in ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
         raise UnsupportedError(
             f"{key} is {config.get(key)!r}; llama.cpp's {arch} runs GELU only, so the GGUF would not match."
+        )
+
+
+def _biases_needed(config: dict, key: str, arch: str) -> None:
+    """Refuse a model without the biases llama.cpp's architecture loads as required."""
+    if config.get(key) is False:
+        raise UnsupportedError(
+            f"config.json unsets {key}; llama.cpp's {arch} needs the model's biases, so it could not load the GGUF."
         )

@@ -13,6 +13,7 @@ import torch
 
 from ...errors import UnsupportedError
 from .arch import Architecture, HParams
+from .hybrid import delta_net_split, one_plus_norm
 from .vlm import VisionLanguage
 
 DEFAULT_SECTIONS = [11, 11, 10, 0]  # transformers' default mrope_section, which llama.cpp needs written
@@ -59,18 +60,14 @@ class Qwen35(Architecture):
     def split(
         self, name: str, shape: tuple[int, ...], hp: HParams
     ) -> list[tuple[str, tuple[int, ...]]] | None:
-        if name.endswith(".linear_attn.dt_bias"):
-            return [(name.replace(".dt_bias", ".dt_proj.bias"), shape)]
-        if name.endswith((".linear_attn.A_log", ".linear_attn.conv1d.weight")):
-            return [(name, tuple(d for d in shape if d != 1))]
-        return None
+        return delta_net_split(name, shape)
 
     def cut(self, name: str, t: torch.Tensor, hp: HParams) -> list[torch.Tensor]:
         return [-torch.exp(t.float()) if name.endswith(".A_log") else t.squeeze()]
 
     def transform(self, hf_name: str, t: torch.Tensor, hp: HParams) -> torch.Tensor:
-        if hf_name.endswith("norm.weight") and not hf_name.endswith("linear_attn.norm.weight"):
-            return t + 1  # (1 + weight), llama.cpp's by weight; the delta-net's own norm is plain
+        if one_plus_norm(hf_name):
+            return t + 1
         if ".linear_attn." not in hf_name:
             return t
         c = hp.config or {}
