@@ -20,6 +20,8 @@ DEFAULT_SECTIONS = [11, 11, 10, 0]  # transformers' default mrope_section, which
 
 
 class Qwen35(Architecture):
+    """Qwen3.5's text model (`Qwen3_5ForCausalLM`)."""
+
     hf_class, model_type, gguf_arch, permute_qk = "Qwen3_5ForCausalLM", "qwen3_5_text", "qwen35", False
     partial_rotary = 0.25
     no_lora_gguf = (".linear_attn.",)  # reordered along their inputs too: a LoRA's A would need it
@@ -35,7 +37,6 @@ class Qwen35(Architecture):
                 f"config.json's layer_types ({types}) do not name each of the {hp.n_layers} layers as "
                 "linear_attention or full_attention, as llama.cpp's qwen35 reads them."
             )
-
         if 2 * sum(_sections(config)) > hp.rope_dims:
             raise UnsupportedError(
                 f"the M-RoPE sections ({_sections(config)}) cover more than the {hp.rope_dims} rotated dimensions "
