@@ -206,7 +206,7 @@ FAMILIES["phi"] = dict(num_key_value_heads=4, intermediate_size=256, tie_word_em
 FAMILIES["stablelm"] = dict(use_qkv_bias=True, tie_word_embeddings=False)
 FAMILIES["starcoder2"] = dict(tie_word_embeddings=False)
 # Qwen3.5's language model: delta-net layers 0-2, gated full attention in layer 3, twice the value heads
-MOE_FREE_QWEN35 = dict(
+FAMILIES["qwen3_5_text"] = dict(
     num_hidden_layers=4,
     linear_num_key_heads=2,
     linear_num_value_heads=4,
@@ -219,7 +219,6 @@ MOE_FREE_QWEN35 = dict(
     ),
     tie_word_embeddings=False,
 )
-FAMILIES["qwen3_5_text"] = MOE_FREE_QWEN35
 # PEFT's all-linear takes Mamba's out_proj, which PEFT then refuses: the other linears named
 ATTENTION_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {

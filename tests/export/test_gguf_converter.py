@@ -98,11 +98,12 @@ def test_same_file_as_llama_cpps_converter(converted, name, gtype):
 
 def _partial_rows(rows: int, n_head: int, rope_dims: int) -> np.ndarray:
     """The converter permutes each head's rows whole for llama.cpp's RoPE; Bamba rotates the first rope_dims
-    of each head only, so only those rows are permuted (arch.permute_rotary): the converter's rows in
+    of each head only, so only those rows are permuted (granite_hybrid.permute_rotary): the converter's rows in
     qmerge's order."""
     import torch
 
-    from qmerge.io.gguf.arch import permute_qk, permute_rotary
+    from qmerge.io.gguf.arch import permute_qk
+    from qmerge.io.gguf.granite_hybrid import permute_rotary
 
     index = torch.arange(rows).reshape(rows, 1)
     whole = permute_qk(index, n_head).flatten()

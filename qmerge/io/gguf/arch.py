@@ -47,17 +47,6 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_rotary(w: torch.Tensor, n_head: int, rope_dims: int) -> torch.Tensor:
-    """permute_qk on the dimensions RoPE rotates (the first `rope_dims` of each head), the rest kept: partial
-    RoPE rotates pairs (i, i + rope_dims / 2) in transformers, adjacent pairs of the first rope_dims in
-    llama.cpp."""
-    heads = w.reshape(n_head, w.shape[0] // n_head, *w.shape[1:])
-    rotated = permute_qk(heads[:, :rope_dims].reshape(n_head * rope_dims, *w.shape[1:]), n_head)
-    return torch.cat([rotated.reshape(n_head, rope_dims, *w.shape[1:]), heads[:, rope_dims:]], 1).reshape(
-        w.shape
-    )
-
-
 def every_nth(n_layers: int, every: int, nth: object, other: object) -> list:
     """A per-layer pattern llama.cpp fixes for an architecture: `nth` in every `every`-th layer, `other` in
     the rest (global attention among sliding-window layers, layers without RoPE)."""
@@ -129,6 +118,23 @@ def expert_of(hf_name: str) -> tuple[str, int] | None:
     `model.layers.0.mlp.experts.3.up_proj.weight` -> (`model.layers.0.mlp.experts.up_proj.weight`, 3)."""
     m = _EXPERT.match(hf_name)
     return (f"{m['head']}.{m['tail']}", int(m["index"])) if m else None
+
+
+GELU = (
+    "gelu",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+)  # exact or tanh: llama.cpp runs its table of both
+SILU = (None, "silu")
+
+
+def activation_only(config: dict, key: str, allowed: tuple, arch: str, name: str) -> None:
+    """Refuse a model whose activation (config.json's `key`) llama.cpp's `arch` does not run."""
+    if config.get(key) not in allowed:
+        raise UnsupportedError(
+            f"{key} is {config.get(key)!r}; llama.cpp's {arch} runs {name} only, so the GGUF would not match."
+        )
 
 
 def _first(config: dict, *keys: str) -> object:

@@ -15,10 +15,22 @@ import dataclasses
 import torch
 
 from ...errors import UnsupportedError
-from .arch import Architecture, HParams, permute_rotary
+from .arch import SILU, Architecture, HParams, activation_only, permute_qk
 from .dense import Granite
 from .hybrid import mamba2_cut, mamba2_split, ssm_int
 from .moe import MoE
+
+
+def permute_rotary(w: torch.Tensor, n_head: int, rope_dims: int) -> torch.Tensor:
+    """permute_qk on the dimensions RoPE rotates (the first `rope_dims` of each head), the rest kept: partial
+    RoPE rotates pairs (i, i + rope_dims / 2) in transformers, adjacent pairs of the first rope_dims in
+    llama.cpp."""
+    heads = w.reshape(n_head, w.shape[0] // n_head, *w.shape[1:])
+    rotated = permute_qk(heads[:, :rope_dims].reshape(n_head * rope_dims, *w.shape[1:]), n_head)
+    return torch.cat([rotated.reshape(n_head, rope_dims, *w.shape[1:]), heads[:, rope_dims:]], 1).reshape(
+        w.shape
+    )
+
 
 ATTENTION = ("attention", "full_attention")  # (config.json's name, and transformers 5's)
 
@@ -62,9 +74,9 @@ class GraniteHybrid(MoE):
             super().check(config, hp)
         else:
             Architecture.check(self, config, hp)
+        activation_only(config, "hidden_act", SILU, self.gguf_arch, "SiLU")
         rope = self.rope_always or config.get("position_embedding_type") == "rope"
         problems = {
-            "hidden_act": (config.get("hidden_act") in (None, "silu"), "SiLU only"),
             "position_embedding_type": (
                 rope == self.rope,
                 f"{'' if self.rope else 'no '}RoPE in such a model",

@@ -9,7 +9,7 @@ import itertools
 import torch
 
 from ...errors import UnsupportedError
-from .arch import Architecture, HParams
+from .arch import SILU, Architecture, HParams, activation_only
 from .moe import MoE, Qwen2Moe
 
 
@@ -24,11 +24,7 @@ class FalconH1(Architecture):
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
-        if config.get("hidden_act") not in (None, "silu"):
-            raise UnsupportedError(
-                f"hidden_act is {config.get('hidden_act')!r}; llama.cpp's falcon-h1 runs SiLU only, so the GGUF "
-                "would not match."
-            )
+        activation_only(config, "hidden_act", SILU, self.gguf_arch, "SiLU")
         d_ssm, d_head = ssm_int(config, "d_ssm"), ssm_int(config, "d_head")
         if d_ssm % d_head:
             raise UnsupportedError(f"mamba_d_ssm ({d_ssm}) is not a multiple of mamba_d_head ({d_head}).")

@@ -13,7 +13,7 @@ import re
 import torch
 
 from ...errors import UnsupportedError
-from .arch import Architecture, HParams
+from .arch import GELU, SILU, Architecture, HParams, activation_only
 
 
 class GPTNeoX(Architecture):
@@ -28,7 +28,7 @@ class GPTNeoX(Architecture):
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
-        _gelu_only(config, "hidden_act", self.gguf_arch)
+        activation_only(config, "hidden_act", GELU, self.gguf_arch, "GELU")
         _biases_needed(config, "attention_bias", self.gguf_arch)
 
     def add_metadata(self, w, hp: HParams) -> None:
@@ -66,7 +66,7 @@ class GPT2(Architecture):
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
-        _gelu_only(config, "activation_function", self.gguf_arch)
+        activation_only(config, "activation_function", GELU, self.gguf_arch, "GELU")
         if config.get("scale_attn_by_inverse_layer_idx") or config.get("scale_attn_weights") is False:
             raise UnsupportedError(
                 "config.json sets scale_attn_by_inverse_layer_idx or unsets scale_attn_weights; llama.cpp's "
@@ -96,7 +96,7 @@ class Phi2(Architecture):
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
-        _gelu_only(config, "hidden_act", self.gguf_arch)
+        activation_only(config, "hidden_act", GELU, self.gguf_arch, "GELU")
         if config.get("qk_layernorm"):
             raise UnsupportedError(
                 "config.json sets qk_layernorm; llama.cpp's phi2 has no norm on the queries and keys, so the "
@@ -120,11 +120,7 @@ class StableLM(Architecture):
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
-        if config.get("hidden_act") not in (None, "silu"):
-            raise UnsupportedError(
-                f"hidden_act is {config.get('hidden_act')!r}; llama.cpp's stablelm runs SiLU only, so the GGUF "
-                "would not match."
-            )
+        activation_only(config, "hidden_act", SILU, self.gguf_arch, "SiLU")
 
     def add_metadata(self, w, hp: HParams) -> None:
         w.add_parallel_residual(bool((hp.config or {}).get("use_parallel_residual")))
@@ -142,17 +138,8 @@ class Starcoder2(Architecture):
 
     def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
-        _gelu_only(config, "hidden_act", self.gguf_arch)
+        activation_only(config, "hidden_act", GELU, self.gguf_arch, "GELU")
         _biases_needed(config, "use_bias", self.gguf_arch)
-
-
-def _gelu_only(config: dict, key: str, arch: str) -> None:
-    """Refuse an activation other than GELU (exact or tanh-approximated: llama.cpp runs its table of the
-    approximation for both)."""
-    if config.get(key) not in ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
-        raise UnsupportedError(
-            f"{key} is {config.get(key)!r}; llama.cpp's {arch} runs GELU only, so the GGUF would not match."
-        )
 
 
 def _biases_needed(config: dict, key: str, arch: str) -> None:
